@@ -1,0 +1,100 @@
+"""Argument checks of the distillation loss, shared by the fused op and the reference.
+
+Every check runs on the host before any kernel is launched, so bad input is reported by name
+instead of surfacing as a wrong number or an out-of-bounds read.
+"""
+
+import math
+
+import torch
+
+MAX_TOPK = 16  # the largest K whose top-K the fused kernels select on chip
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_positive(name, value):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_weight(name, value):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_labels_in_range(target, classes, ignore_index):
+    """Raise if a label is outside [0, classes) and is not ignore_index.
+
+    This reads the labels on the host: a synchronisation for CUDA tensors, so a training loop
+    whose labels were validated by its data pipeline can skip it (``check_labels=False``).
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0]) if target.dim() == 1 else bad.nonzero()[0].tolist()
+        value = int(target[first] if target.dim() == 1 else target[tuple(first)])
+        raise ValueError(f"target holds label {value} at index {first}, outside [0, {classes}) "
+                         f"and not ignore_index ({ignore_index}): labels must be class indices "
+                         f"of the logits' last dimension")
+
+
+def check_distill_args(logits, target, teacher_logits, *, temperature, student_temperature,
+                       ce_weight, kd_weight, tolerance_weight, topk, ignore_index, reduction,
+                       check_labels):
+    """Validate the loss arguments; return the shape of the rows (``logits.shape[:-1]``)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point (float32, bfloat16, float16 or float64), "
+                         f"got {logits.dtype}: pass the network's raw scores, not class indices")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape [batch, classes] (or [..., classes]), got a "
+                         f"{logits.dim()}-D tensor of shape {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"logits is empty (shape {tuple(logits.shape)}): the loss needs at least "
+                         f"one row and one class")
+    classes = logits.shape[-1]
+    rows_shape = logits.shape[:-1]
+    if teacher_logits is not None:
+        if not isinstance(teacher_logits, torch.Tensor) or not teacher_logits.is_floating_point():
+            raise ValueError("teacher_logits must be a floating-point tensor of the same shape as "
+                             "logits")
+        if teacher_logits.shape != logits.shape:
+            raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)} but logits "
+                             f"have {tuple(logits.shape)}: the teacher must score the same rows "
+                             f"and classes")
+        if teacher_logits.device != logits.device:
+            raise ValueError(f"teacher_logits are on {teacher_logits.device} but logits on "
+                             f"{logits.device}: move both to one device")
+        if teacher_logits.requires_grad:
+            raise ValueError("teacher_logits require grad, but the teacher is a constant of the "
+                             "loss: compute it under torch.no_grad() or pass "
+                             "teacher_logits.detach()")
+    if target is not None:
+        if not isinstance(target, torch.Tensor) or target.is_floating_point() \
+                or target.is_complex() or target.dtype == torch.bool:
+            raise ValueError(f"target must be an integer tensor of class indices, got "
+                             f"{getattr(target, 'dtype', type(target).__name__)}")
+        if target.shape != rows_shape:
+            raise ValueError(f"target has shape {tuple(target.shape)} but logits of shape "
+                             f"{tuple(logits.shape)} need one label per row, shape "
+                             f"{tuple(rows_shape)}")
+        if target.device != logits.device:
+            raise ValueError(f"target is on {target.device} but logits on {logits.device}: move "
+                             f"both to one device")
+    _check_positive("temperature", temperature)
+    _check_positive("student_temperature", student_temperature)
+    _check_weight("ce_weight", ce_weight)
+    _check_weight("kd_weight", kd_weight)
+    _check_weight("tolerance_weight", tolerance_weight)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if tolerance_weight > 0:
+        if not isinstance(topk, int) or isinstance(topk, bool) or not 2 <= topk <= MAX_TOPK:
+            raise ValueError(f"topk must be an integer in [2, {MAX_TOPK}] while the tolerance "
+                             f"penalty is on (tolerance_weight={tolerance_weight}), got {topk!r}")
+        if topk > classes:
+            raise ValueError(f"topk={topk} is larger than the number of classes ({classes}): "
+                             f"the penalty compares the top-{topk} scores of each row")
+    if target is not None and check_labels:
+        check_labels_in_range(target, classes, ignore_index)
+    return rows_shape

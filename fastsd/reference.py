@@ -1,0 +1,108 @@
+"""Plain-PyTorch definitions of fastsd's ops: the oracle of the tests and the baseline of the benchmarks.
+
+Everything here is written for clarity, from the definitions in DESIGN.md section 2, with autograd
+providing the gradient. It shares no code with the kernels it checks, except the argument checks
+(:mod:`fastsd.ops.checks`), so that both reject bad input the same way.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastsd.ops.checks import check_distill_args
+
+
+class LossTerms(NamedTuple):
+    """The unweighted terms of the distillation loss, each a float32 tensor.
+
+    For a reduced loss ("mean"/"sum") each field is a 0-d tensor reduced the same way as the loss;
+    for ``reduction="none"`` each has the shape of the rows. A term that is absent (no target, no
+    teacher, no penalty) is zero.
+    """
+
+    ce: torch.Tensor
+    kl: torch.Tensor
+    tolerance: torch.Tensor
+
+
+def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperature=1.0,
+                          student_temperature=1.0, topk=5, ignore_index=-100,
+                          with_tolerance=False):
+    """Per-row CE, KL and tolerant-teacher penalty, unweighted, and the mask of rows that count.
+
+    Shapes: logits [N, C], target [N] or None, teacher_logits [N, C] or None. Returns
+    ``(ce, kl, tol, counted)``, each [N]; rows that do not count are zero. Arithmetic in float32,
+    or float64 for float64 input.
+    """
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(compute_dtype)
+    rows = z.shape[0]
+    zero = z.new_zeros(rows)
+    if target is not None:
+        counted = target != ignore_index
+        safe_target = torch.where(counted, target, torch.zeros_like(target))
+        log_f = F.log_softmax(z, dim=-1)
+        ce = -log_f.gather(-1, safe_target[:, None]).squeeze(-1)
+    else:
+        counted = torch.ones(rows, dtype=torch.bool, device=z.device)
+        ce = zero
+    if teacher_logits is not None:
+        t = teacher_logits.to(compute_dtype)
+        log_p = F.log_softmax(t / temperature, dim=-1)
+        p = log_p.exp()
+        log_q = F.log_softmax(z / student_temperature, dim=-1)
+        # 0 · log 0 = 0: a teacher logit of -inf contributes nothing (and no NaN gradient).
+        kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    else:
+        kl = zero
+    if with_tolerance:
+        f = F.softmax(z, dim=-1)
+        # The K largest scores are constants of the penalty; ties go to the lower class index.
+        order = torch.sort(z.detach(), dim=-1, descending=True, stable=True).indices[:, :topk]
+        top = f.gather(-1, order)
+        tol = top[:, 0] - top[:, 1:].sum(-1) / (topk - 1)
+    else:
+        tol = zero
+    keep = counted.to(compute_dtype)
+    return ce * keep, kl * keep, tol * keep, counted
+
+
+def distill_loss_ref(logits, target=None, teacher_logits=None, *, temperature=1.0,
+                     student_temperature=1.0, ce_weight=1.0, kd_weight=1.0, t2_scaling=False,
+                     tolerance_weight=0.0, topk=5, ignore_index=-100, reduction="mean",
+                     return_terms=False):
+    """The fused distillation loss of DESIGN.md section 2, in plain PyTorch.
+
+    ``loss = ce_weight·CE(y, softmax(z)) + kd_weight·s·KL(softmax(t/T) ‖ softmax(z/T_s))
+    + tolerance_weight·TOL``, with ``s = T²`` when ``t2_scaling``. Shapes: logits [..., C], target
+    [...] (integer) or None, teacher_logits [..., C] or None. Returns a float32 (float64 for float64
+    input) scalar for "mean"/"sum", or the per-row losses for "none"; with ``return_terms`` a pair
+    ``(loss, LossTerms)``. "mean" divides by the number of rows whose label is not ignore_index
+    (all rows without a target); with no such row the mean is 0.
+    """
+    rows_shape = check_distill_args(logits, target, teacher_logits, temperature=temperature,
+                                    student_temperature=student_temperature, ce_weight=ce_weight,
+                                    kd_weight=kd_weight, tolerance_weight=tolerance_weight,
+                                    topk=topk, ignore_index=ignore_index, reduction=reduction,
+                                    check_labels=True)
+    classes = logits.shape[-1]
+    ce, kl, tol, counted = distill_loss_rows_ref(
+        logits.reshape(-1, classes),
+        None if target is None else target.reshape(-1),
+        None if teacher_logits is None else teacher_logits.reshape(-1, classes),
+        temperature=temperature, student_temperature=student_temperature, topk=topk,
+        ignore_index=ignore_index, with_tolerance=tolerance_weight > 0)
+    kd_scale = kd_weight * (temperature ** 2 if t2_scaling else 1.0)
+    rows = ce_weight * ce + kd_scale * kl + tolerance_weight * tol
+    terms = torch.stack([ce, kl, tol]).detach()
+    if reduction == "none":
+        loss, terms = rows.reshape(rows_shape), terms.reshape(3, *rows_shape)
+    else:
+        loss, terms = rows.sum(), terms.sum(-1)
+        if reduction == "mean":
+            count = counted.sum().clamp_min(1)
+            loss, terms = loss / count, terms / count
+    if return_terms:
+        return loss, LossTerms(*terms.unbind(0))
+    return loss
