@@ -2,28 +2,13 @@
 
 Everything here is written for clarity, from the definitions in DESIGN.md section 2, with autograd
 providing the gradient. It shares no code with the kernels it checks, except the argument checks
-(:mod:`fastsd.ops.checks`), so that both reject bad input the same way.
+(:mod:`fastsd.ops.loss_api`), so that both reject bad input the same way.
 """
-
-from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastsd.ops.checks import check_distill_args
-
-
-class LossTerms(NamedTuple):
-    """The unweighted terms of the distillation loss, each a float32 tensor.
-
-    For a reduced loss ("mean"/"sum") each field is a 0-d tensor reduced the same way as the loss;
-    for ``reduction="none"`` each has the shape of the rows. A term that is absent (no target, no
-    teacher, no penalty) is zero.
-    """
-
-    ce: torch.Tensor
-    kl: torch.Tensor
-    tolerance: torch.Tensor
+from fastsd.ops.loss_api import LossTerms, check_distill_args
 
 
 def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperature=1.0,

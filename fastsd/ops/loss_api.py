@@ -1,15 +1,29 @@
-"""Argument checks of the distillation loss, shared by the fused op and the reference.
+"""The distillation loss's argument checks and result type, shared by the fused op and the reference.
 
 Every check runs on the host before any kernel is launched, so bad input is reported by name
 instead of surfacing as a wrong number or an out-of-bounds read.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 
 MAX_TOPK = 16  # the largest K whose top-K the fused kernels select on chip
 REDUCTIONS = ("mean", "sum", "none")
+
+
+class LossTerms(NamedTuple):
+    """The unweighted terms of the distillation loss, detached, float32 (float64 for float64 logits).
+
+    For a reduced loss ("mean"/"sum") each field is a 0-d tensor reduced the same way as the loss;
+    for ``reduction="none"`` each has the shape of the rows. A term that is absent (no target, no
+    teacher, no penalty) is zero.
+    """
+
+    ce: torch.Tensor
+    kl: torch.Tensor
+    tolerance: torch.Tensor
 
 
 def _check_positive(name, value):

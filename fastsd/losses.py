@@ -1,0 +1,168 @@
+"""The fused distillation loss: functional, ``nn.Module`` and ``torch.autograd.Function`` faces.
+
+Per row (logits z, teacher logits t, label y; DESIGN.md section 2)::
+
+    loss = ce_weight * CE(y, softmax(z))
+         + kd_weight * s * KL(softmax(t / T) || softmax(z / T_s))      s = T**2 if t2_scaling else 1
+         + tolerance_weight * (f[a1] - mean(f[a2..aK]))               f = softmax(z), a = top-K of f
+
+The forward pass also produces d(loss)/d(logits); backward only scales it by the incoming
+gradient. Snapshot Distillation's asymmetric setting is the default (student temperature 1).
+"""
+
+import torch
+from torch import nn
+
+from fastsd.ops import distill as _distill_ops  # noqa: F401  (registers torch.ops.fastsd.*)
+from fastsd.ops.loss_api import LossTerms, check_distill_args
+
+__all__ = ["distill_loss", "DistillLoss", "DistillLossFunction", "LossTerms"]
+
+
+class DistillLossFunction(torch.autograd.Function):
+    """The loss as an autograd Function, for code that wants it without argument checks.
+
+    ``DistillLossFunction.apply(logits, target, teacher_logits, temperature, student_temperature,
+    ce_weight, kd_weight, t2_scaling, tolerance_weight, topk, ignore_index, reduction)``, every
+    argument positional, in that order, with the meanings of :func:`distill_loss`; ``target`` and
+    ``teacher_logits`` may be None, ``target`` must be int64. Returns ``(loss, terms)``: the loss
+    (0-d, or the rows' shape for ``"none"``) and the detached unweighted terms stacked as
+    [3] or [3, *rows] (CE, KL, TOL). Gradients flow to ``logits`` only. :func:`distill_loss`
+    validates its arguments and calls this.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, teacher_logits, temperature, student_temperature, ce_weight,
+                kd_weight, t2_scaling, tolerance_weight, topk, ignore_index, reduction):
+        classes = logits.shape[-1]
+        rows_shape = logits.shape[:-1]
+        z = logits.reshape(-1, classes)
+        if z.stride(-1) != 1:
+            z = z.contiguous()
+        t = None
+        if teacher_logits is not None:
+            t = teacher_logits.reshape(-1, classes)
+            if t.stride(-1) != 1:
+                t = t.contiguous()
+        y = None if target is None else target.reshape(-1)
+        kd_scale = kd_weight * (temperature * temperature if t2_scaling else 1.0)
+        write_grad = bool(ctx.needs_input_grad[0])
+        terms, grad = torch.ops.fastsd.distill_loss_fwd(
+            z, y, t, float(temperature), float(student_temperature), float(ce_weight),
+            float(kd_scale), float(tolerance_weight), int(topk), int(ignore_index), write_grad)
+        if reduction == "none":
+            loss = terms[0].reshape(rows_shape)
+            parts = terms[1:].reshape(3, *rows_shape)
+            scale_by = None
+        else:
+            sums = terms.sum(dim=1)
+            if reduction == "mean":
+                count = z.shape[0] if y is None else (y != ignore_index).sum().clamp_min(1)
+                sums = sums / count
+                scale_by = count
+            else:
+                scale_by = None
+            loss, parts = sums[0], sums[1:]
+        ctx.mark_non_differentiable(parts)
+        ctx.reduction = reduction
+        ctx.logits_shape = logits.shape
+        if write_grad:
+            if isinstance(scale_by, torch.Tensor):
+                ctx.save_for_backward(grad, scale_by)
+            else:
+                ctx.save_for_backward(grad)
+                ctx.count = scale_by
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_parts):
+        grad, *count = ctx.saved_tensors
+        count = count[0] if count else ctx.count
+        if ctx.reduction == "none":
+            scale = grad_loss.reshape(-1, 1)
+        elif ctx.reduction == "mean":
+            scale = grad_loss / count
+        else:
+            scale = grad_loss
+        # In place: the stored gradient is needed by nothing else, and a second copy of [N, C]
+        # is what the fused loss exists to avoid. (A second backward through the same graph is
+        # refused by autograd's saved-tensor version check instead of returning wrong numbers.)
+        grad_logits = grad.mul_(scale).reshape(ctx.logits_shape)
+        return (grad_logits,) + (None,) * 11
+
+
+def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
+                 student_temperature=1.0, ce_weight=1.0, kd_weight=1.0, t2_scaling=False,
+                 tolerance_weight=0.0, topk=5, ignore_index=-100, reduction="mean",
+                 return_terms=False, check_labels=True):
+    """Cross-entropy + distillation KL + tolerant-teacher penalty, fused in one pass.
+
+    Args:
+        logits: student scores [..., C], float32/bfloat16/float16 (float64 on the CPU).
+        target: class indices [...] (any integer dtype), or None for no cross-entropy.
+        teacher_logits: teacher scores [..., C] (any float dtype, e.g. half while logits are
+            bf16), or None for no KL. A constant of the loss: it must not require grad.
+        temperature: T, divides the teacher logits. student_temperature: T_s, divides the
+            student's in the KL term only (1 = SD's asymmetric distillation; T = classic KD).
+        ce_weight, kd_weight, tolerance_weight: λ_S, λ_T and μ (all ≥ 0); tolerance_weight 0
+            switches the penalty off. t2_scaling: multiply the KL term by T² (classic KD).
+        topk: K of the tolerant-teacher penalty, 2..16 (used when tolerance_weight > 0).
+        ignore_index: rows with this label contribute nothing, to any term.
+        reduction: "mean" (over the rows that count; 0 if none does), "sum" or "none".
+        return_terms: also return :class:`LossTerms` (unweighted CE, KL, penalty, reduced like the
+            loss) from the same pass, for logging.
+        check_labels: check that every label lies in [0, C) (or is ignore_index) first. On CUDA
+            this reads the labels on the host (a synchronisation): training loops whose data
+            pipeline guarantees valid labels pass False. Unchecked out-of-range labels are never
+            read out of bounds: their rows' loss is NaN. Skipped under torch.compile.
+
+    Returns:
+        float32 loss (float64 for float64 logits): 0-d for "mean"/"sum", rows' shape for "none";
+        with ``return_terms``, ``(loss, LossTerms)``.
+    """
+    check_distill_args(logits, target, teacher_logits, temperature=temperature,
+                       student_temperature=student_temperature, ce_weight=ce_weight,
+                       kd_weight=kd_weight, tolerance_weight=tolerance_weight, topk=topk,
+                       ignore_index=ignore_index, reduction=reduction,
+                       check_labels=check_labels and not torch.compiler.is_compiling())
+    if logits.dtype == torch.float64 and logits.device.type != "cpu":
+        raise ValueError("float64 logits run on the CPU path only: cast them to float32 on the "
+                         "GPU (the kernels compute in float32 anyway)")
+    if target is not None and target.dtype != torch.int64:
+        target = target.long()
+    loss, parts = DistillLossFunction.apply(
+        logits, target, teacher_logits, temperature, student_temperature, ce_weight, kd_weight,
+        t2_scaling, tolerance_weight, topk, ignore_index, reduction)
+    if return_terms:
+        return loss, LossTerms(*parts.unbind(0))
+    return loss
+
+
+class DistillLoss(nn.Module):
+    """:func:`distill_loss` with its keywords fixed at construction (and checked there).
+
+    ``forward(logits, target=None, teacher_logits=None)`` returns the loss, or
+    ``(loss, LossTerms)`` when built with ``return_terms=True``.
+    """
+
+    def __init__(self, *, temperature=1.0, student_temperature=1.0, ce_weight=1.0, kd_weight=1.0,
+                 t2_scaling=False, tolerance_weight=0.0, topk=5, ignore_index=-100,
+                 reduction="mean", return_terms=False, check_labels=True):
+        super().__init__()
+        self.options = dict(temperature=temperature, student_temperature=student_temperature,
+                            ce_weight=ce_weight, kd_weight=kd_weight, t2_scaling=t2_scaling,
+                            tolerance_weight=tolerance_weight, topk=topk,
+                            ignore_index=ignore_index, reduction=reduction,
+                            return_terms=return_terms, check_labels=check_labels)
+        # Fail at construction, not at the first batch: check the scalars on a dummy row.
+        probe_classes = max(2, topk if isinstance(topk, int) else 2)
+        check_distill_args(torch.zeros(1, probe_classes), None, None, temperature=temperature,
+                           student_temperature=student_temperature, ce_weight=ce_weight,
+                           kd_weight=kd_weight, tolerance_weight=tolerance_weight, topk=topk,
+                           ignore_index=ignore_index, reduction=reduction, check_labels=False)
+
+    def forward(self, logits, target=None, teacher_logits=None):
+        return distill_loss(logits, target, teacher_logits, **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

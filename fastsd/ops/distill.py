@@ -1,0 +1,109 @@
+"""The fused distillation loss as torch.library custom ops, and which kernel runs where.
+
+``fastsd::distill_loss_fwd`` is the one op every device goes through. Its implementation picks:
+
+* CUDA tensors: the Triton kernels of :mod:`fastsd.kernels.distill_loss`.
+* CPU tensors with ``TRITON_INTERPRET=1`` (set before fastsd is imported): the same Triton kernels
+  under Triton's interpreter, which is how the tests check the real kernel code without a GPU.
+* other CPU tensors, and float64 on the CPU: ``fastsd::distill_loss_fwd_cpu``, the C++ kernel of
+  the extension (csrc/distill_loss_cpu.cpp), vectorised and parallel over rows.
+
+:func:`cpu_backend` overrides the CPU choice for a block of code (tests compare both).
+"""
+
+import contextlib
+import functools
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastsd._extension import load_extension
+
+CPU_BACKENDS = ("auto", "native", "triton")
+_cpu_backend = "auto"
+
+
+def triton_interpreting() -> bool:
+    """True when Triton's kernels were compiled for its CPU interpreter (TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastsd.kernels import distill_loss as kernels
+    return isinstance(kernels._rows_kernel, InterpretedFunction)
+
+
+@contextlib.contextmanager
+def cpu_backend(name: str):
+    """Run the loss on CPU tensors with ``"native"`` (C++), ``"triton"`` (interpreter) or ``"auto"``."""
+    global _cpu_backend
+    if name not in CPU_BACKENDS:
+        raise ValueError(f"cpu_backend must be one of {CPU_BACKENDS}, got {name!r}")
+    if name == "triton" and not triton_interpreting():
+        raise RuntimeError("the Triton kernels run on CPU tensors only under Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before importing fastsd")
+    previous, _cpu_backend = _cpu_backend, name
+    try:
+        yield
+    finally:
+        _cpu_backend = previous
+
+
+def _runs_triton(logits: Tensor) -> bool:
+    if logits.device.type != "cpu":
+        return True
+    if logits.dtype == torch.float64:
+        return False
+    return _cpu_backend == "triton" or (_cpu_backend == "auto" and triton_interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _native_cpu_op():
+    load_extension()
+    op = torch.ops.fastsd.distill_loss_fwd_cpu
+
+    @torch.library.register_fake("fastsd::distill_loss_fwd_cpu")
+    def _(logits, target, teacher_logits, temperature, student_temperature, ce_weight, kd_scale,
+          tolerance_weight, topk, ignore_index, write_grad):
+        return _fake_outputs(logits, write_grad)
+
+    return op
+
+
+def _fake_outputs(logits, write_grad):
+    rows, classes = logits.shape
+    terms = logits.new_empty((4, rows), dtype=torch.promote_types(logits.dtype, torch.float32))
+    return terms, logits.new_empty((rows if write_grad else 0, classes))
+
+
+@torch.library.custom_op("fastsd::distill_loss_fwd", mutates_args=())
+def distill_loss_fwd(logits: Tensor, target: Optional[Tensor], teacher_logits: Optional[Tensor],
+                     temperature: float, student_temperature: float, ce_weight: float,
+                     kd_scale: float, tolerance_weight: float, topk: int, ignore_index: int,
+                     write_grad: bool) -> Tuple[Tensor, Tensor]:
+    """One fused pass over the rows: per-row loss and terms, and the per-row gradient.
+
+    Shapes: logits [N, C] with unit stride along C; target [N] int64 or None; teacher_logits
+    [N, C] or None. ``kd_scale`` multiplies KL in the loss (``kd_weight * s``). Returns
+    ``(terms, grad)``: terms [4, N] float32 (float64 for float64 logits) holding each row's loss
+    ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL`` and its CE, KL and TOL (zero for ignored
+    rows), and grad [N, C] in logits' dtype, d(row loss)/d(logits) (an empty [0, C] tensor when
+    ``write_grad`` is False).
+    """
+    if _runs_triton(logits):
+        if logits.dtype == torch.float64:
+            raise ValueError("float64 logits run on the CPU path only: cast them to float32 on "
+                             "the GPU (the kernels compute in float32 anyway)")
+        from fastsd.kernels.distill_loss import distill_loss_forward
+        return distill_loss_forward(
+            logits, target, teacher_logits, temperature=temperature,
+            student_temperature=student_temperature, ce_weight=ce_weight, kd_scale=kd_scale,
+            tolerance_weight=tolerance_weight, topk=topk, ignore_index=ignore_index,
+            write_grad=write_grad)
+    return _native_cpu_op()(logits, target, teacher_logits, temperature, student_temperature,
+                            ce_weight, kd_scale, tolerance_weight, topk, ignore_index, write_grad)
+
+
+@distill_loss_fwd.register_fake
+def _(logits, target, teacher_logits, temperature, student_temperature, ce_weight, kd_scale,
+      tolerance_weight, topk, ignore_index, write_grad):
+    return _fake_outputs(logits, write_grad)
