@@ -1,0 +1,219 @@
+// The row kernel of the CPU distillation loss. Included twice by distill_loss_cpu.cpp, inside
+// two namespaces: once compiled for the baseline ISA and once for AVX2+FMA, chosen at run time,
+// so that one binary is both portable and fast. Not a standalone header: it relies on the
+// includes and the Options struct of distill_loss_cpu.cpp.
+
+// exp(x) for float: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n by building
+// the exponent bits. Relative error about 2e-7 (a couple of ulp). Results below the smallest
+// normal float flush to 0 (exp(-inf) = 0 exactly); NaN stays NaN. No branches, so loops over it
+// vectorise.
+inline float fast_exp(float x) {
+  const float lo = -87.3f, hi = 88.7f;
+  float xc = x < lo ? lo : x;  // NaN fails both comparisons and passes through
+  xc = xc > hi ? hi : xc;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float shifted = xc * 1.44269504088896341f + round_magic;
+  float n = shifted - round_magic;
+  int32_t n_int;
+  std::memcpy(&n_int, &shifted, sizeof(n_int));
+  n_int -= 0x4B400000;  // the bits of round_magic: what is left is n as an integer
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (n_int + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float result = p * scale;
+  return x < lo ? 0.0f : result;
+}
+
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename acc_t>
+acc_t row_max(const acc_t* x, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < n; ++c) m = x[c] > m ? x[c] : m;
+  return m;
+}
+
+// Sums of long rows are taken in blocks of this many elements, each block in vector lanes, and
+// the block sums added up: the rounding error grows with the block length plus the number of
+// blocks, not with the row length (a plain running sum of 131 072 floats loses about 1e-4).
+constexpr int64_t kSumBlock = 512;
+
+// out[c] = exp(x[c] - shift); returns the sum.
+template <typename acc_t>
+acc_t exp_shifted(const acc_t* x, acc_t shift, acc_t* out, int64_t n) {
+  acc_t total = 0;
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t stop = std::min(n, start + kSumBlock);
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = start; c < stop; ++c) {
+      out[c] = fast_exp(x[c] - shift);
+      sum += out[c];
+    }
+    total += sum;
+  }
+  return total;
+}
+
+template <typename acc_t, typename in_t>
+void load_scaled(const in_t* src, acc_t scale, acc_t* dst, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<acc_t>(src[c]) * scale;
+}
+
+// Shift applied before exp: the max, or 0 for a row of -inf (whose terms are exp(-inf) = 0).
+template <typename acc_t>
+acc_t safe_shift(acc_t m) {
+  return m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m;
+}
+
+
+// Indices of the K largest values, largest first; ties go to the lower index. Returns how many
+// were found (fewer than K only when NaNs are involved).
+template <typename acc_t>
+int64_t top_k(const acc_t* z, int64_t n, int64_t k, int64_t* index, acc_t* value) {
+  int64_t found = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    acc_t v = z[c];
+    if (found == k && !(v > value[k - 1])) continue;  // the common case: not in the top K
+    if (!(v == v)) continue;                           // NaN: the loss is NaN anyway
+    int64_t pos = found < k ? found++ : k - 1;
+    while (pos > 0 && v > value[pos - 1]) {  // strict: an equal earlier index stays ahead
+      value[pos] = value[pos - 1];
+      index[pos] = index[pos - 1];
+      --pos;
+    }
+    value[pos] = v;
+    index[pos] = c;
+  }
+  return found;
+}
+
+template <typename scalar_t, typename teacher_t, typename acc_t>
+void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_t* target,
+                  acc_t* terms, scalar_t* grad, int64_t rows, int64_t cols, const Options& o) {
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const acc_t inv_t = static_cast<acc_t>(o.inv_temperature);
+  const acc_t inv_ts = static_cast<acc_t>(o.inv_student_temperature);
+  const acc_t ce_w = static_cast<acc_t>(o.ce_weight), kd_scale = static_cast<acc_t>(o.kd_scale);
+  const acc_t tol_w = static_cast<acc_t>(o.tol_weight);
+  const acc_t kd_grad = kd_scale * inv_ts;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> z(cols), f(cols), t, p, q, log_q;
+    if (o.has_teacher) {
+      t.resize(cols);
+      p.resize(cols);
+      if (!o.student_t_is_one) q.resize(cols);
+    }
+    std::vector<int64_t> top_index(o.topk);
+    std::vector<acc_t> top_value(o.topk);
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* z_row = logits + row * cols;
+      load_scaled(z_row, acc_t(1), z.data(), cols);
+      const acc_t z_max = row_max(z.data(), cols);
+      const acc_t z_sum = exp_shifted(z.data(), safe_shift(z_max), f.data(), cols);
+      const acc_t z_lse = z_max + std::log(z_sum);
+      const acc_t inv_z_sum = acc_t(1) / z_sum;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) f[c] *= inv_z_sum;
+
+      bool counted = true;
+      int64_t label = -1;
+      acc_t ce = 0, kl = 0, tol = 0;
+      if (o.has_target) {
+        label = target[row];
+        counted = label != o.ignore_index;
+        const bool label_ok = label >= 0 && label < cols;
+        ce = label_ok ? z_lse - z[label] : nan;  // never read out of bounds
+        if (!label_ok) label = -1;
+      }
+      const acc_t* q_row = f.data();
+      if (o.has_teacher) {
+        load_scaled(teacher + row * cols, inv_t, t.data(), cols);
+        const acc_t t_max = row_max(t.data(), cols);
+        const acc_t t_sum = exp_shifted(t.data(), safe_shift(t_max), p.data(), cols);
+        const acc_t t_lse = t_max + std::log(t_sum);
+        const acc_t inv_t_sum = acc_t(1) / t_sum;
+        acc_t q_lse = z_lse;
+        acc_t zq_scale = acc_t(1);
+        if (!o.student_t_is_one) {
+          zq_scale = inv_ts;
+          // q = softmax(z / T_s): exp into q, from the scaled logits, then normalise.
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) q[c] = z[c] * inv_ts;
+          const acc_t q_max = z_max * inv_ts;
+          const acc_t q_sum = exp_shifted(q.data(), safe_shift(q_max), q.data(), cols);
+          q_lse = q_max + std::log(q_sum);
+          const acc_t inv_q_sum = acc_t(1) / q_sum;
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) q[c] *= inv_q_sum;
+          q_row = q.data();
+        }
+        for (int64_t start = 0; start < cols; start += kSumBlock) {
+          const int64_t stop = std::min(cols, start + kSumBlock);
+          acc_t kl_sum = 0;
+#pragma omp simd reduction(+ : kl_sum)
+          for (int64_t c = start; c < stop; ++c) {
+            const acc_t p_c = p[c] * inv_t_sum;
+            p[c] = p_c;
+            // 0 * log 0 = 0: classes the teacher rules out add nothing.
+            const acc_t term = p_c * ((t[c] - t_lse) - (z[c] * zq_scale - q_lse));
+            kl_sum += p_c > 0 ? term : acc_t(0);
+          }
+          kl += kl_sum;
+        }
+      }
+      int64_t found = 0;
+      if (o.has_tol) {
+        found = top_k(z.data(), cols, o.topk, top_index.data(), top_value.data());
+        acc_t others = 0;
+        for (int64_t k = 1; k < found; ++k) others += f[top_index[k]];
+        tol = found > 0 ? f[top_index[0]] - others / acc_t(o.topk - 1) : nan;
+      }
+
+      acc_t* row_terms = terms + row;
+      row_terms[0] = counted ? ce_w * ce + kd_scale * kl + tol_w * tol : acc_t(0);
+      row_terms[rows] = counted ? ce : acc_t(0);
+      row_terms[2 * rows] = counted ? kl : acc_t(0);
+      row_terms[3 * rows] = counted ? tol : acc_t(0);
+      if (!o.write_grad) continue;
+
+      scalar_t* g_row = grad + row * cols;
+      if (!counted) {
+        std::fill(g_row, g_row + cols, scalar_t(0));
+        continue;
+      }
+      // Dense part: ce_w f + kd_grad (q - p) - tol_w TOL f; then the few sparse corrections
+      // (-ce_w at the label, tol_w f w at the top-K) on the float row before the one write.
+      const acc_t f_coef = (o.has_target ? ce_w : acc_t(0)) - (o.has_tol ? tol_w * tol : acc_t(0));
+      acc_t* g = z.data();  // z is no longer needed: reuse its buffer for the float gradient
+      if (o.has_teacher) {
+        const acc_t* p_row = p.data();
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c)
+          g[c] = f_coef * f[c] + kd_grad * (q_row[c] - p_row[c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) g[c] = f_coef * f[c];
+      }
+      if (label >= 0) g[label] -= ce_w;
+      if (o.has_tol) {
+        const acc_t other_w = acc_t(-1) / acc_t(o.topk - 1);
+        for (int64_t k = 0; k < found; ++k)
+          g[top_index[k]] += tol_w * f[top_index[k]] * (k == 0 ? acc_t(1) : other_w);
+      }
+      for (int64_t c = 0; c < cols; ++c) g_row[c] = static_cast<scalar_t>(g[c]);
+    }
+  });
+}

@@ -1,0 +1,303 @@
+"""The fused distillation loss against the plain-PyTorch reference, on every backend.
+
+Backends: "native" (the C++ CPU kernel), "triton" (the real Triton kernels under
+TRITON_INTERPRET=1, on CPU tensors) and "cuda" (the Triton kernels on a GPU, when there is one).
+"""
+
+import math
+
+import pytest
+import torch
+
+from fastsd import DistillLoss, DistillLossFunction, LossTerms, distill_loss
+from fastsd.kernels import distill_loss as kernels
+from fastsd.ops.distill import cpu_backend, triton_interpreting
+from fastsd.reference import distill_loss_ref
+
+BACKENDS = [
+    "native",
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not triton_interpreting(), reason="Triton's interpreter is off (TRITON_INTERPRET unset)")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+# Gradient tolerances: the kernels round the row gradient to the logits' dtype once and scale it
+# once more in backward; the reference rounds once. Loss values are float32 in both.
+GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 4e-3), torch.float16: (3e-3, 5e-4),
+            torch.float64: (1e-10, 1e-12)}
+
+
+def on_backend(backend, *tensors):
+    device = "cuda" if backend == "cuda" else "cpu"
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def run_both(backend, logits, target=None, teacher=None, upstream=None, **kw):
+    """Loss, terms and gradient of the fused loss on ``backend`` and of the reference.
+
+    The reference runs in float64 on the same input values, so it stands for the exact result:
+    the fused kernels, which compute in float32, must come within float32 rounding of it.
+    """
+    ref_logits = logits.detach().double().requires_grad_()
+    ref_loss, ref_terms = distill_loss_ref(ref_logits, target,
+                                           None if teacher is None else teacher.double(),
+                                           return_terms=True, **kw)
+    if upstream is None:
+        upstream = torch.randn(ref_loss.shape, dtype=ref_loss.dtype, generator=torch.Generator()
+                               .manual_seed(7))
+    (ref_loss * upstream).sum().backward()
+
+    x, y, t = on_backend(backend, logits, target, teacher)
+    x = x.detach().clone().requires_grad_()
+    backend_ctx = cpu_backend(backend if backend != "cuda" else "auto")
+    with backend_ctx:
+        loss, terms = distill_loss(x, y, t, return_terms=True, **kw)
+        (loss * upstream.to(loss.device)).sum().backward()
+    return (loss.cpu(), LossTerms(*(v.cpu() for v in terms)), x.grad.cpu(),
+            ref_loss.detach(), ref_terms, ref_logits.grad)
+
+
+def assert_matches(backend, logits, target=None, teacher=None, **kw):
+    loss, terms, grad, ref_loss, ref_terms, ref_grad = run_both(backend, logits, target, teacher,
+                                                                **kw)
+    expected_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype and loss.shape == ref_loss.shape
+    value_tol = dict(rtol=1e-5, atol=1e-5) if logits.dtype != torch.float64 else dict(
+        rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss.double(), ref_loss, **value_tol)
+    for name, got, want in zip(LossTerms._fields, terms, ref_terms):
+        torch.testing.assert_close(got.double(), want, **value_tol,
+                                   msg=lambda m: f"term {name}: {m}")
+    rtol, atol = GRAD_TOL[logits.dtype]
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    scale = max(ref_grad.abs().max().item(), 1e-30)
+    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=rtol, atol=atol * scale)
+
+
+def make_inputs(rows, classes, dtype=torch.float32, seed=0, teacher_dtype=None, spread=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, classes, generator=g) * spread).to(dtype)
+    teacher = (torch.randn(rows, classes, generator=g) * spread).to(teacher_dtype or dtype)
+    target = torch.randint(0, classes, (rows,), generator=g)
+    return logits, target, teacher
+
+
+TERM_SETS = {
+    "ce": dict(with_target=True, with_teacher=False, kw={}),
+    "kl": dict(with_target=False, with_teacher=True, kw=dict(temperature=2.0)),
+    "tol": dict(with_target=False, with_teacher=False, kw=dict(tolerance_weight=0.7, topk=4)),
+    "sd": dict(with_target=True, with_teacher=True,
+               kw=dict(temperature=3.0, ce_weight=1 + 1 / 3, kd_weight=1.0)),
+    "kd": dict(with_target=True, with_teacher=True,
+               kw=dict(temperature=4.0, student_temperature=4.0, t2_scaling=True,
+                       ce_weight=0.1, kd_weight=0.9)),
+    "all": dict(with_target=True, with_teacher=True,
+                kw=dict(temperature=2.5, student_temperature=1.5, t2_scaling=True, ce_weight=0.6,
+                        kd_weight=0.8, tolerance_weight=0.4, topk=5)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("terms", list(TERM_SETS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("rows,classes", [(1, 2), (7, 10), (5, 100), (3, 1000), (4, 1271)])
+def test_terms_reductions_shapes(backend, terms, reduction, rows, classes):
+    spec = TERM_SETS[terms]
+    if spec["kw"].get("topk", 0) > classes:
+        pytest.skip("topk above the class count")
+    logits, target, teacher = make_inputs(rows, classes, seed=rows * classes)
+    if rows > 2 and spec["with_target"]:
+        target[1] = -100  # an ignored row
+    assert_matches(backend, logits, target if spec["with_target"] else None,
+                   teacher if spec["with_teacher"] else None, reduction=reduction, **spec["kw"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("teacher_dtype", [None, torch.float16, torch.float32])
+def test_dtypes_and_mixed_teacher(backend, dtype, teacher_dtype):
+    logits, target, teacher = make_inputs(6, 333, dtype=dtype, teacher_dtype=teacher_dtype)
+    target[0] = -100
+    assert_matches(backend, logits, target, teacher, **TERM_SETS["all"]["kw"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("classes", [9000, 131072])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_rows_chunked(backend, classes, dtype):
+    """Rows longer than the register tile take the chunked online-softmax path."""
+    assert classes > kernels.MAX_REGISTER_COLUMNS
+    rows = 3 if classes < 100_000 else 2
+    logits, target, teacher = make_inputs(rows, classes, dtype=dtype, seed=classes)
+    # The largest logits sit in different chunks, and a tie across chunks must go to the
+    # lower index, as in the reference.
+    logits[0, 5] = logits[0, classes - 3] = logits[0].max() + 1
+    target[-1] = -100
+    for kw in (TERM_SETS["all"]["kw"], dict(tolerance_weight=0.3, topk=16), {}):
+        assert_matches(backend, logits, target, teacher, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_b_equals_one_and_leading_dims(backend):
+    logits, target, teacher = make_inputs(1, 50)
+    assert_matches(backend, logits, target, teacher, reduction="mean", **TERM_SETS["sd"]["kw"])
+    logits, target, teacher = make_inputs(12, 37)
+    assert_matches(backend, logits.reshape(3, 4, 37), target.reshape(3, 4),
+                   teacher.reshape(3, 4, 37), reduction="none", **TERM_SETS["all"]["kw"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_rows_contribute_nothing(backend):
+    logits, target, teacher = make_inputs(6, 20)
+    target[[0, 3, 4]] = -1
+    kw = dict(ignore_index=-1, **TERM_SETS["all"]["kw"])
+    assert_matches(backend, logits, target, teacher, **kw)
+    _, _, grad, *_ = run_both(backend, logits, target, teacher, **kw)
+    assert torch.all(grad[[0, 3, 4]] == 0) and torch.all(grad[[1, 2, 5]].abs().sum(-1) > 0)
+    # "mean" divides by the three rows that count: equal to the mean over those rows alone.
+    keep = target != -1
+    with cpu_backend(backend if backend != "cuda" else "auto"):
+        whole = distill_loss(*on_backend(backend, logits, target, teacher), **kw)
+        part = distill_loss(*on_backend(backend, logits[keep], target[keep], teacher[keep]), **kw)
+    torch.testing.assert_close(whole, part)
+    # All rows ignored: the mean is 0, not NaN.
+    target[:] = -1
+    assert_matches(backend, logits, target, teacher, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["fp16_extremes", "teacher_neg_inf", "equal_logits", "tiny_T",
+                                  "huge_T", "student_neg_inf"])
+def test_edge_cases(backend, case):
+    logits, target, teacher = make_inputs(5, 64, seed=3)
+    dtype = torch.float32
+    kw = dict(TERM_SETS["all"]["kw"])
+    if case == "fp16_extremes":
+        dtype = torch.float16
+        logits = logits.to(dtype)
+        teacher = teacher.to(dtype)
+        logits[0, :2] = torch.tensor([65504.0, -65504.0], dtype=dtype)
+        logits[1, 10] = -65504.0
+        target[1] = 10
+        teacher[2, :3] = torch.tensor([65504.0, -65504.0, 65504.0], dtype=dtype)
+    elif case == "teacher_neg_inf":
+        teacher[0, 3] = -math.inf
+        teacher[1, :60] = -math.inf
+    elif case == "student_neg_inf":
+        logits[0, 7] = -math.inf  # the teacher gives it no mass either: 0 * log 0 = 0
+        teacher[0, 7] = -math.inf
+        target[0] = 2
+    elif case == "equal_logits":
+        logits[0] = 1.5
+        teacher[1] = -2.0
+        logits[2, :10] = 4.0  # a tie inside the top-K
+    elif case == "tiny_T":
+        kw.update(temperature=0.02, student_temperature=0.05)
+    elif case == "huge_T":
+        # Both softmaxes are nearly uniform, so KL (about 1e-5 here) is a difference of nearly
+        # equal logs: float32 gets it to about 3e-7 absolute, fine on its own but not once
+        # multiplied by T² = 1e6. Hence no T² scaling in this check.
+        kw.update(temperature=1000.0, student_temperature=300.0, t2_scaling=False)
+    assert_matches(backend, logits, target, teacher, **kw)
+    loss, *_ = run_both(backend, logits, target, teacher, **kw)
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["logits", "teacher"])
+def test_nan_input_gives_nan_loss(backend, where):
+    logits, target, teacher = make_inputs(3, 40)
+    (logits if where == "logits" else teacher)[1, 5] = math.nan
+    with cpu_backend(backend if backend != "cuda" else "auto"):
+        loss = distill_loss(*on_backend(backend, logits, target, teacher), temperature=2.0)
+    assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_function_module_and_functional_agree(backend):
+    logits, target, teacher = make_inputs(7, 30)
+    kw = TERM_SETS["all"]["kw"]
+    x, y, t = on_backend(backend, logits, target, teacher)
+    with cpu_backend(backend if backend != "cuda" else "auto"):
+        functional = distill_loss(x, y, t, **kw)
+        module = DistillLoss(**kw)(x, y, t)
+        loss, parts = DistillLossFunction.apply(
+            x, y, t, kw["temperature"], kw["student_temperature"], kw["ce_weight"],
+            kw["kd_weight"], kw["t2_scaling"], kw["tolerance_weight"], kw["topk"], -100, "mean")
+        module_terms = DistillLoss(return_terms=True, **kw)(x, y, t)
+    ref = distill_loss_ref(logits, target, teacher, **kw)
+    for value in (functional, module, loss, module_terms[0]):
+        torch.testing.assert_close(value.cpu(), ref)
+    assert parts.shape == (3,)
+    assert isinstance(module_terms[1], LossTerms)
+
+
+@pytest.mark.parametrize("backend", ["native", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_logged_terms_recombine_to_the_loss(backend):
+    """The logged terms are the unweighted means, and their weighted sum is the loss."""
+    logits, target, teacher = make_inputs(9, 12)
+    kw = TERM_SETS["all"]["kw"]
+    with cpu_backend(backend if backend != "cuda" else "auto"):
+        loss, terms = distill_loss(*on_backend(backend, logits, target, teacher),
+                                   return_terms=True, **kw)
+    kd_scale = kw["kd_weight"] * kw["temperature"] ** 2
+    combined = kw["ce_weight"] * terms.ce + kd_scale * terms.kl + kw["tolerance_weight"] * \
+        terms.tolerance
+    torch.testing.assert_close(loss, combined)
+    assert not any(term.requires_grad for term in terms)
+
+
+def test_gradcheck_float64_native():
+    """float64 runs the C++ kernel in float64: its analytic gradient against finite differences."""
+    logits, target, teacher = make_inputs(3, 7, dtype=torch.float64, spread=1.0)
+    target[2] = -100
+    for kw in (TERM_SETS["all"]["kw"], dict(tolerance_weight=0.5, topk=3), {}):
+        for reduction in ("mean", "sum", "none"):
+            x = logits.clone().requires_grad_()
+            assert torch.autograd.gradcheck(
+                lambda z: distill_loss(z, target, teacher, reduction=reduction, **kw), (x,))
+
+
+def test_gradcheck_float64_reference():
+    """The oracle itself: its autograd gradient against finite differences."""
+    logits, target, teacher = make_inputs(3, 7, dtype=torch.float64, spread=1.0)
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z: distill_loss_ref(z, target, teacher, **TERM_SETS["all"]["kw"]), (x,))
+
+
+def test_gradient_matches_design_formula():
+    """d loss / dz = λS (f − e_y) + (λT s / Ts)(q − p) + μ f ⊙ (w − TOL), written out by hand."""
+    logits, target, teacher = make_inputs(4, 9, dtype=torch.float64, spread=1.0)
+    T, Ts, lam_s, lam_t, mu, k = 2.0, 1.5, 0.7, 0.9, 0.3, 3
+    x = logits.clone().requires_grad_()
+    distill_loss(x, target, teacher, temperature=T, student_temperature=Ts, ce_weight=lam_s,
+                 kd_weight=lam_t, t2_scaling=True, tolerance_weight=mu, topk=k,
+                 reduction="sum").backward()
+    f = torch.softmax(logits, -1)
+    q = torch.softmax(logits / Ts, -1)
+    p = torch.softmax(teacher / T, -1)
+    order = torch.sort(logits, -1, descending=True, stable=True).indices[:, :k]
+    w = torch.zeros_like(f).scatter_(1, order[:, 1:], -1 / (k - 1)).scatter_(1, order[:, :1], 1.0)
+    tol = (w * f).sum(-1, keepdim=True)
+    expected = lam_s * (f - torch.nn.functional.one_hot(target, 9)) \
+        + lam_t * T * T / Ts * (q - p) + mu * f * (w - tol)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_no_gradient_written_without_requires_grad():
+    logits, target, teacher = make_inputs(3, 10)
+    terms, grad = torch.ops.fastsd.distill_loss_fwd(logits, target, teacher, 1.0, 1.0, 1.0, 1.0,
+                                                    0.0, 5, -100, False)
+    assert grad.numel() == 0 and terms.shape == (4, 3)
+    loss = distill_loss(logits, target, teacher)
+    torch.testing.assert_close(loss, distill_loss_ref(logits, target, teacher))
+
+
+def test_second_backward_is_refused_not_wrong():
+    logits, target, _ = make_inputs(3, 10)
+    x = logits.clone().requires_grad_()
+    loss = distill_loss(x, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

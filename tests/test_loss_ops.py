@@ -1,0 +1,196 @@
+"""The loss as torch.library ops: opcheck, torch.compile, bad input, and the GPU kernels' compilation."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from fastsd import DistillLoss, distill_loss
+from fastsd.ops.distill import cpu_backend, triton_interpreting
+from fastsd.reference import distill_loss_ref
+
+CPU_BACKENDS = ["native", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_interpreting(), reason="Triton's interpreter is off"))]
+
+
+def inputs(rows=5, classes=12, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(rows, classes, generator=g).to(dtype),
+            torch.randint(0, classes, (rows,), generator=g),
+            torch.randn(rows, classes, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("with_teacher,with_target,tol", [(True, True, 0.3), (False, True, 0.0),
+                                                          (True, False, 0.0), (False, False, 0.5)])
+@pytest.mark.parametrize("write_grad", [True, False])
+def test_opcheck_distill_loss_fwd(backend, with_teacher, with_target, tol, write_grad):
+    z, y, t = inputs()
+    args = (z, y if with_target else None, t if with_teacher else None, 2.0, 1.5, 0.7, 0.9, tol,
+            3, -100, write_grad)
+    with cpu_backend(backend):
+        torch.library.opcheck(torch.ops.fastsd.distill_loss_fwd.default, args)
+
+
+def test_opcheck_native_cpu_op():
+    from fastsd.ops.distill import _native_cpu_op
+    op = _native_cpu_op()
+    z, y, t = inputs(dtype=torch.float64)
+    torch.library.opcheck(op.default, (z, y, t, 2.0, 1.0, 1.0, 1.0, 0.2, 4, -100, True))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph_model_and_loss_matches_eager(backend):
+    torch.manual_seed(0)
+    student, teacher = TinyNet(), TinyNet().eval()
+    x = torch.randn(6, 3, 8, 8)
+    y = torch.randint(0, 10, (6,))
+    kw = dict(temperature=3.0, ce_weight=4 / 3, tolerance_weight=0.2, topk=3)
+
+    def forward(model, images, labels):
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        return distill_loss(model(images), labels, teacher_logits, return_terms=True,
+                            check_labels=False, **kw)
+
+    eager_model = TinyNet()
+    eager_model.load_state_dict(student.state_dict())
+    with cpu_backend(backend):
+        eager_loss, eager_terms = forward(eager_model, x, y)
+        eager_loss.backward()
+        torch._dynamo.reset()
+        compiled = torch.compile(forward, fullgraph=True, backend="inductor")
+        loss, terms = compiled(student, x, y)
+        loss.backward()  # the backward graph AOTAutograd compiled with the forward
+    torch.testing.assert_close(loss.detach(), eager_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(terms), torch.stack(eager_terms), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(student.named_parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_module_face():
+    x, y, t = inputs(rows=4, classes=9)
+    criterion = DistillLoss(temperature=2.0, reduction="none")
+    compiled = torch.compile(criterion, fullgraph=True)
+    torch.testing.assert_close(compiled(x, y, t), distill_loss_ref(x, y, t, temperature=2.0,
+                                                                   reduction="none"))
+
+
+BAD_INPUTS = [
+    (dict(logits=torch.arange(10).reshape(2, 5)), "floating point"),
+    (dict(logits=torch.randn(5)), "shape \\[batch, classes\\]"),
+    (dict(logits=torch.randn(0, 5)), "empty"),
+    (dict(logits=torch.randn(3, 0)), "empty"),
+    (dict(target=torch.tensor([0, 1, 5])), "label 5 at index 2, outside \\[0, 5\\)"),
+    (dict(target=torch.tensor([0, -3, 1])), "label -3"),
+    (dict(target=torch.tensor([0, 1])), "target has shape"),
+    (dict(target=torch.tensor([0.0, 1.0, 2.0])), "integer tensor"),
+    (dict(teacher_logits=torch.randn(3, 4)), "teacher_logits has shape"),
+    (dict(teacher_logits=torch.randn(3, 5, requires_grad=True)), "constant of the loss"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(student_temperature=math.inf), "student_temperature must be"),
+    (dict(ce_weight=-0.5), "ce_weight must be a finite number >= 0"),
+    (dict(kd_weight=math.nan), "kd_weight must be"),
+    (dict(tolerance_weight=-1.0), "tolerance_weight must be"),
+    (dict(tolerance_weight=0.5, topk=1), "topk must be an integer in \\[2, 16\\]"),
+    (dict(tolerance_weight=0.5, topk=17), "topk must be an integer in \\[2, 16\\]"),
+    (dict(tolerance_weight=0.5, topk=6), "topk=6 is larger than the number of classes \\(5\\)"),
+    (dict(reduction="avg"), "reduction must be one of"),
+]
+
+
+@pytest.mark.parametrize("fn", ["fused", "reference"])
+@pytest.mark.parametrize("override,message", BAD_INPUTS)
+def test_bad_input_is_named(fn, override, message):
+    args = dict(logits=torch.randn(3, 5), target=torch.tensor([0, 1, 2]),
+                teacher_logits=torch.randn(3, 5))
+    kwargs = {k: v for k, v in override.items() if k not in args}
+    args.update({k: v for k, v in override.items() if k in args})
+    loss_fn = distill_loss if fn == "fused" else distill_loss_ref
+    with pytest.raises(ValueError, match=message):
+        loss_fn(args["logits"], args["target"], args["teacher_logits"], **kwargs)
+
+
+def test_module_rejects_bad_options_at_construction():
+    with pytest.raises(ValueError, match="temperature"):
+        DistillLoss(temperature=0)
+    with pytest.raises(ValueError, match="topk"):
+        DistillLoss(tolerance_weight=0.1, topk=40)
+
+
+def test_unchecked_out_of_range_label_gives_nan_not_a_wild_read():
+    z, y, t = inputs(rows=3, classes=6)
+    y[1] = 1_000_000
+    loss = distill_loss(z, y, t, check_labels=False, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+# Compiling the Triton kernels for the GPUs needs no GPU: this catches code that runs under the
+# interpreter but would not compile (types, shapes, unsupported ops) on every CI run.
+AOT_SCRIPT = textwrap.dedent("""
+    import itertools, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastsd.kernels import distill_loss as K
+
+    def signature(fn, dtype, constexprs):
+        sig = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name == "y_ptr":
+                sig[name] = "*i64"
+            elif name == "terms_ptr":
+                sig[name] = "*fp32"
+            elif name.endswith("_ptr"):
+                sig[name] = "*" + dtype
+            elif name in ("z_stride", "t_stride", "grad_stride", "n_rows", "n_cols",
+                          "ignore_index"):
+                sig[name] = "i32"
+            else:
+                sig[name] = "fp32"
+        return sig
+
+    shapes = {K._rows_kernel: dict(BLOCK_R=4, BLOCK_C=1024),
+              K._chunked_kernel: dict(CHUNK=K.CHUNK_COLUMNS, TOPK_PAD=16)}
+    count = 0
+    for fn, extra in shapes.items():
+        for dtype, flags in itertools.product(("fp32", "bf16", "fp16"), ((1, 1, 1, 0, 1),
+                                                                        (1, 0, 0, 1, 0),
+                                                                        (0, 1, 1, 1, 1))):
+            target, teacher, tol, t_one, write = flags
+            constexprs = dict(HAS_TARGET=target, HAS_TEACHER=teacher, HAS_TOL=tol,
+                              STUDENT_T_IS_ONE=t_one, TOPK=16 if tol else 2, WRITE_GRAD=write,
+                              **extra)
+            for arch in (80, 90):
+                triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, constexprs),
+                                         constexprs=constexprs),
+                               target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8))
+                count += 1
+    print("compiled", count)
+""")
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled 36" in result.stdout
