@@ -1,0 +1,128 @@
+"""Benchmarks of the fused distillation loss: fastsd vs the eager reference vs torch.compile of it.
+
+    pytest bench/bench_loss.py --benchmark-only
+
+Every case runs the SD loss (cross-entropy + KL to a teacher at T = 3, student temperature 1) on
+random logits, forward only or forward + backward, on CUDA when present and otherwise on the CPU.
+``extra_info`` holds the provider, shape, dtype, device, GB/s (bytes = logits read + teacher read,
++ gradient written for forward+backward) and, on CUDA, the peak memory beyond the inputs. Compare
+providers within a group (one shape, one mode): bench/report.py turns a JSON run into ratios.
+Liger-Kernel's cross-entropy and KL divergence join as a reference point where it is installed.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from fastsd import distill_loss
+from fastsd.reference import distill_loss_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(128, 100), (256, 1000), (1024, 1000), (4096, 32000),
+          pytest.param((8192, 131072), marks=pytest.mark.gpu)]
+SD = dict(temperature=3.0, ce_weight=1 + 1 / 3, kd_weight=1.0)
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    return torch.compile(functools.partial(distill_loss_ref, **SD))
+
+
+def _liger_loss():
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+    except ImportError:
+        return None
+    ce, kl = LigerCrossEntropyLoss(), LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+    def loss(logits, target, teacher):
+        log_q = torch.log_softmax(logits.float(), -1)
+        log_p = torch.log_softmax(teacher.float() / SD["temperature"], -1)
+        return SD["ce_weight"] * ce(logits, target) + SD["kd_weight"] * kl(log_q, log_p)
+    return loss
+
+
+PROVIDERS = {
+    "fastsd": lambda z, y, t: distill_loss(z, y, t, check_labels=False, **SD),
+    "eager_reference": lambda z, y, t: distill_loss_ref(z, y, t, **SD),
+    "compiled_reference": lambda z, y, t: _compiled_reference()(z, y, t),
+    "liger": _liger_loss(),
+}
+
+
+def _case(shape, dtype):
+    rows, classes = shape
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = torch.randn(rows, classes, device=DEVICE, dtype=dtype, generator=g)
+    teacher = torch.randn(rows, classes, device=DEVICE, dtype=dtype, generator=g)
+    target = torch.randint(0, classes, (rows,), device=DEVICE, generator=g)
+    return logits, target, teacher
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_distill_loss(benchmark, provider, shape, mode):
+    loss_fn = PROVIDERS[provider]
+    if loss_fn is None:
+        pytest.skip(f"{provider} is not installed")
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    logits, target, teacher = _case(shape, dtype)
+    backward = mode == "forward_backward"
+    if backward:
+        logits.requires_grad_()
+
+    def run():
+        if backward:
+            logits.grad = None
+            loss_fn(logits, target, teacher).backward()
+        else:
+            with torch.no_grad():
+                loss_fn(logits, target, teacher)
+        _sync()
+
+    benchmark.group = f"distill_loss {shape[0]}x{shape[1]} {mode}"
+    run()  # warm-up: compilation, autotuning, allocator
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        benchmark.extra_info["peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    elements = logits.numel()
+    big = elements >= 2**26
+    if big:
+        benchmark.pedantic(run, rounds=3 if DEVICE == "cpu" else 20, iterations=1)
+    else:
+        benchmark(run)
+    moved = elements * logits.element_size() * (3 if backward else 2)
+    benchmark.extra_info.update(
+        provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        threads=torch.get_num_threads(), bytes=moved,
+        GBps=moved / benchmark.stats.stats.min / 1e9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1024, 1000), (8192, 131072)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_device_copy_bandwidth(benchmark, shape):
+    """The yardstick of the GB/s above: a device-to-device copy of the same bytes."""
+    src = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+
+    def run():
+        dst.copy_(src)
+        _sync()
+
+    benchmark.group = "copy bandwidth"
+    run()
+    benchmark(run)
+    moved = 2 * src.numel() * src.element_size()
+    benchmark.extra_info.update(provider="torch copy_", shape=list(shape), bytes=moved,
+                                device=torch.cuda.get_device_name(),
+                                GBps=moved / benchmark.stats.stats.min / 1e9)

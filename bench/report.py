@@ -1,0 +1,55 @@
+"""Turn a pytest-benchmark JSON file into markdown tables with ratios measured in the same run.
+
+    python bench/report.py RESULTS.json > RESULTS.md
+
+One table per benchmark group (one shape and mode); each row is a provider with its best time,
+its GB/s or images/s where the benchmark recorded them, and its speed relative to the group's
+baseline (the eager reference where there is one, else the group's slowest entry).
+"""
+
+import json
+import sys
+
+BASELINES = ("eager_reference", "torch_dataloader", "bl", "per_tensor_loop", "fp32")
+
+
+def _fmt_time(seconds):
+    for unit, scale in (("s", 1), ("ms", 1e3), ("us", 1e6)):
+        if seconds * scale >= 1:
+            return f"{seconds * scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+def render(report):
+    machine = report.get("machine_info", {})
+    lines = [f"# Benchmarks: {report.get('datetime', '')}", "",
+             f"machine: {machine.get('node', '?')}, {machine.get('cpu', {}).get('brand_raw', '?')}",
+             ""]
+    groups = {}
+    for bench in report["benchmarks"]:
+        groups.setdefault(bench.get("group") or bench["name"], []).append(bench)
+    for group, benches in groups.items():
+        info0 = benches[0].get("extra_info", {})
+        lines += [f"## {group}", "", f"device: {info0.get('device', '?')}", ""]
+        by_provider = {b.get("extra_info", {}).get("provider", b["name"]): b for b in benches}
+        base_name = next((p for p in BASELINES if p in by_provider), None)
+        base = by_provider[base_name] if base_name else max(benches,
+                                                           key=lambda b: b["stats"]["min"])
+        lines += ["| provider | best time | throughput | speed vs " +
+                  (base_name or "slowest") + " |", "|---|---|---|---|"]
+        for provider, bench in by_provider.items():
+            info = bench.get("extra_info", {})
+            throughput = (f"{info['GBps']:.1f} GB/s" if "GBps" in info else
+                          f"{info['images_per_s']:.0f} img/s" if "images_per_s" in info else "")
+            ratio = base["stats"]["min"] / bench["stats"]["min"]
+            lines.append(f"| {provider} | {_fmt_time(bench['stats']['min'])} | {throughput} | "
+                         f"{ratio:.2f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python bench/report.py RESULTS.json")
+    with open(sys.argv[1]) as handle:
+        print(render(json.load(handle)))
