@@ -1,0 +1,593 @@
+"""NVIDIA DALI input pipelines (``--dali``): the same data sets and epoch semantics as the torch path.
+
+DALI decodes and augments the images, on the GPU (``device="mixed"`` JPEG decoding, GPU crop,
+resize, flip, normalisation) or, without a GPU, with its CPU operators in ``num_threads`` threads.
+DALI itself is imported only when :func:`build_dali_loaders` is called; without it that call raises
+an ImportError that says how to install it (``pip install "fastsd[dali]"``).
+
+What is fed, what is computed
+=============================
+DALI's file reader shuffles internally, and its random operators keep their own generator state,
+which advances with every batch: the order and augmentation of an epoch would depend on everything
+run before it, and ``set_epoch(e)`` could not reproduce epoch ``e`` (after a resume, say) short of
+rebuilding the pipeline every epoch. So the pipelines here hold no random operator and no reader.
+A numpy "sampler" in this process decides everything that is random, and ``fn.external_source``
+feeds it in, one batch per call:
+
+* the order: the torch path's permutation of the training split (``torch.randperm`` seeded with
+  ``derive_seed(seed, epoch)``, :mod:`fastsd.data.torch_data`), the same in every process, cut into
+  ``world_size`` disjoint shards of ``N // world_size`` samples; batches of ``batch_size``, the last
+  partial one dropped. So a run with and without ``--dali`` sees the same samples in the same batches;
+* the augmentation of each batch: pad-crop offsets and flips (CIFAR), or the candidate areas,
+  aspect ratios and corner positions of torchvision's RandomResizedCrop plus flips (ImageNet),
+  from a generator seeded with ``(derive_seed(seed, epoch, stream), rank, batch)``, so any batch of
+  any epoch is a pure function of its coordinates.
+
+The files are still read and decoded by DALI, in its threads: the feed passes file *paths*
+(``fn.io.file.read`` reads them), or, for CIFAR held in memory, the uint8 images themselves. The
+crop window of RandomResizedCrop needs the image size, which only the encoded file knows; it is
+computed inside the graph (``fn.peek_image_shape`` + DALI arithmetic, the same rule as torchvision,
+see :mod:`fastsd.data.dali_graph`) and the decoder decodes only that region.
+
+Epoch semantics (as :mod:`fastsd.data.torch_data`): iterating again without ``set_epoch`` repeats
+the same epoch; evaluation yields this process's contiguous part of the split (parts are disjoint,
+cover it, and have no padding or duplicates; sizes may differ by one), the last batch partial.
+
+Errors: a file that cannot be read or decoded stops the pipeline (DALI does not skip samples, and its
+message does not say which sample). The loader then decodes the files of the batches in flight one
+by one, on the CPU, and raises :class:`~fastsd.data.folders.UnreadableImageError` naming the file.
+"""
+
+import math
+import os
+import weakref
+from collections import deque
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .base import DataLoaders, DatasetInfo
+from .folders import ImageFolderSplit, UnreadableImageError, scan_train_and_eval
+from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
+from .torch_data import (_ALIASES, _CIFAR, CIFAR_PAD, DATASETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN,
+                         IMAGENET_STD, SMALL_IMAGE_MAX, _check_int, _check_shard, _eval_range,
+                         _load_cifar, _synthetic_sizes, derive_seed)
+
+__all__ = ["build_dali_loaders", "DaliEpochLoader", "dali_available", "require_dali",
+           "resolve_dali_device", "DALI_INSTALL"]
+
+#: how to get DALI (the ``dali`` extra of fastsd pulls the CUDA 13 wheel)
+DALI_INSTALL = 'pip install "fastsd[dali]"'
+
+DALI_DEVICES = ("auto", "gpu", "cpu")
+_ORDER_STREAM = 1          # derive_seed stream of the sample order: the torch path's training stream
+_AUG_STREAM = 2            # derive_seed stream of the DALI augmentation parameters
+_LOG_RATIO = (math.log(3.0 / 4.0), math.log(4.0 / 3.0))
+_AREA = (0.08, 1.0)
+
+
+def require_dali():
+    """Import NVIDIA DALI, or raise an ImportError that says how to install it."""
+    try:
+        import nvidia.dali
+    except ImportError as e:
+        raise ImportError(
+            f"the DALI input pipeline (--dali) needs NVIDIA DALI, which is not installed: "
+            f"install it with  {DALI_INSTALL}  (the CUDA 13 wheel, nvidia-dali-cuda130; on CUDA 12 "
+            f"pip install nvidia-dali-cuda120), or drop --dali to use the torch DataLoader") from e
+    return nvidia.dali
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported."""
+    try:
+        require_dali()
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_dali_device(dali_device: str, device: torch.device) -> str:
+    """"gpu" or "cpu": where DALI runs. "auto" is the GPU iff the batches go to a CUDA device."""
+    if not isinstance(dali_device, str) or dali_device.strip().lower() not in DALI_DEVICES:
+        raise ValueError(f"dali_device must be one of {', '.join(DALI_DEVICES)}, got {dali_device!r}")
+    choice = dali_device.strip().lower()
+    if choice == "auto":
+        return "gpu" if device.type == "cuda" and torch.cuda.is_available() else "cpu"
+    if choice == "gpu":
+        if not torch.cuda.is_available():
+            raise ValueError("dali_device is gpu but no CUDA GPU is available: pass "
+                             "--dali-device cpu (or auto)")
+        if device.type != "cuda":
+            raise ValueError(f"dali_device is gpu but the batches go to {device}: DALI's GPU output "
+                             f"stays on the GPU; pass --device cuda, or --dali-device cpu")
+    return choice
+
+
+def _half(dtype) -> bool:
+    names = {"float32": False, "fp32": False, "float": False, "float16": True, "fp16": True,
+             "half": True}
+    if dtype in (torch.float32, torch.float16):
+        return dtype == torch.float16
+    if isinstance(dtype, str) and dtype.strip().lower() in names:
+        return names[dtype.strip().lower()]
+    raise ValueError(f"dtype must be torch.float32 or torch.float16 (or 'fp32' / 'fp16'), got {dtype!r}")
+
+
+class _PathTable:
+    """Many file paths as one padded uint8 matrix: ``batch(idx)`` is what the graph's feed needs.
+
+    A batch is fed as one [B, L] array plus lengths, trimmed back to paths inside the graph: a list of
+    B small arrays costs DALI's external_source ~10 us of Python per sample (measured: a third of
+    the throughput on the CIFAR JPEGs with 2 cores). The common leading folder is stored once and
+    put back in the graph, so the matrix holds only the part that differs (ImageNet: ~30 bytes a file).
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [os.fsencode(p) for p in paths]
+        prefix = os.path.commonprefix(encoded) if len(encoded) > 1 else b""
+        prefix = prefix[:prefix.rfind(os.sep.encode()) + 1]      # a whole folder, never part of a name
+        self.prefix = prefix
+        cut = len(prefix)
+        self.lengths = np.fromiter((len(b) - cut for b in encoded), dtype=np.int32,
+                                   count=len(encoded))
+        width = int(self.lengths.max()) if len(encoded) else 1
+        self.matrix = np.zeros((len(encoded), width), dtype=np.uint8)
+        for i, b in enumerate(encoded):
+            self.matrix[i, :len(b) - cut] = np.frombuffer(b, dtype=np.uint8, offset=cut)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def path(self, i: int) -> str:
+        return os.fsdecode(self.prefix + self.matrix[i, :self.lengths[i]].tobytes())
+
+    def batch(self, idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(uint8 [B, L] zero-padded path tails, int32 [B, 1] their lengths)."""
+        return self.matrix[idx], self.lengths[idx].reshape(-1, 1)
+
+
+class _Feed:
+    """The ``fn.external_source`` callback: batch ``k`` of the current plan per call, then StopIteration.
+
+    DALI calls it in this thread, from ``pipeline.run()``, up to ``prefetch`` batches ahead of the
+    output; ``in_flight`` remembers which batches were fed and not yet returned, oldest first.
+    """
+
+    def __init__(self, make_batch):
+        # weakly: the pipeline holds this feed, and a strong reference back to the loader would
+        # keep loader, pipeline and DALI's threads alive until a cycle collection
+        self.make_batch = weakref.WeakMethod(make_batch)
+        self.batches: Sequence[np.ndarray] = ()
+        self.next = 0
+        self.in_flight: deque = deque()
+        self.stopped = True
+
+    def start(self, batches: Sequence[np.ndarray]) -> None:
+        self.batches, self.next, self.stopped = batches, 0, False
+        self.in_flight.clear()
+
+    def __call__(self):
+        if self.stopped or self.next >= len(self.batches):
+            raise StopIteration
+        k = self.next
+        self.next += 1
+        self.in_flight.append(k)
+        return self.make_batch()(k, self.batches[k])
+
+
+class DaliEpochLoader:
+    """One split through one DALI pipeline; an :class:`~fastsd.data.base.EpochLoader`.
+
+    Yields ``(images, labels)``: images float32 or float16 [B, 3, S, S], normalised, on ``device``
+    (a channels_last view of DALI's NHWC output when ``channels_last``); labels int64 [B].
+
+    Args:
+        images: uint8 [N, H, W, 3] held in memory (CIFAR), or None when ``paths`` are given.
+        paths: image files decoded by DALI, or None.
+        labels: int [N].
+        train: training (shuffled, augmented, last partial batch dropped) or evaluation.
+        augment: "cifar" (pad crop + flip), "imagenet" (random-resized crop + flip); evaluation:
+            "none" (normalise only) or "center" (resize the shorter side, centre crop).
+        image_size: output side. resize_size: evaluation "center": the shorter side before the crop.
+        native_size: "cifar"/"none": the side of the images as stored; != image_size resizes after
+            the crop (in-memory CIFAR at another size). pre_resize: resize every decoded image to
+            image_size first (small-image folders, as the torch path does).
+        dali_device: "cpu" or "gpu" (already resolved, see :func:`resolve_dali_device`).
+        num_threads: DALI CPU threads. prefetch: batches DALI prepares ahead.
+    """
+
+    def __init__(self, *, images: Optional[np.ndarray] = None, paths: Optional[Sequence[str]] = None,
+                 labels, train: bool, augment: str, batch_size: int, seed: int, image_size: int,
+                 mean, std, device: torch.device, dali_device: str, half: bool = False,
+                 channels_last: bool = False, resize_size: int = 256, native_size: int = 0,
+                 pre_resize: bool = False, pad: int = CIFAR_PAD, num_threads: int = 2,
+                 prefetch: int = 2, rank: int = 0, world_size: int = 1):
+        if (images is None) == (paths is None):
+            raise ValueError("give exactly one of images (in memory) and paths (files)")
+        self.train = bool(train)
+        ok = ("cifar", "imagenet") if self.train else ("none", "center")
+        if augment not in ok:
+            raise ValueError(f"augment for {'training' if train else 'evaluation'} must be one of "
+                             f"{ok}, got {augment!r}")
+        if images is not None:
+            images = np.ascontiguousarray(images)
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} "
+                                 f"{images.shape}")
+            if augment not in ("cifar", "none"):
+                raise ValueError(f"in-memory images take augment 'cifar' or 'none', not {augment!r}")
+            native_size = images.shape[1]
+        self.images = images
+        self.paths = _PathTable(paths) if paths is not None else None
+        self.labels = np.asarray(labels, dtype=np.int64)
+        n = len(self.labels)
+        if n != (len(images) if images is not None else len(self.paths)):
+            raise ValueError(f"{n} labels for {len(images) if images is not None else len(self.paths)} images")
+        self.num_samples = n
+        self.augment = augment
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.device = torch.device(device)
+        self.dali_device = dali_device
+        self.num_threads = max(1, int(num_threads))
+        self.prefetch = max(1, int(prefetch))
+        self.pad = int(pad)
+        self.epoch = 0
+        self._dtype = torch.float16 if half else torch.float32
+        self._channels_last = bool(channels_last)
+        self._spec_args = dict(
+            source="memory" if images is not None else "files", augment=augment,
+            image_size=int(image_size), resize_size=int(resize_size),
+            native_size=int(native_size or image_size), pre_resize=bool(pre_resize),
+            mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+            device=dali_device, half=bool(half), channels_last=bool(channels_last), pad=self.pad)
+        if self.train:
+            self.shard_size = n // self.world_size
+            self._len = self.shard_size // self.batch_size
+        else:
+            self._range = _eval_range(n, self.rank, self.world_size)
+            self.shard_size = self._range[1] - self._range[0]
+            self._len = math.ceil(self.shard_size / self.batch_size)
+        self._pipe = None
+        self._feed = _Feed(self._make_batch)
+        self._active = None      # the generator of the pass in progress, if any
+        self._aug_key = (-1, 0)  # (epoch, its augmentation seed): derived once per epoch
+
+    # ------------------------------------------------------------------ the sampler (numpy only)
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def epoch_batches(self, epoch: Optional[int] = None) -> List[np.ndarray]:
+        """The sample indices of each batch this process yields in ``epoch`` (default: the current)."""
+        B = self.batch_size
+        if not self.train:
+            lo, hi = self._range
+            return [np.arange(s, min(s + B, hi), dtype=np.int64) for s in range(lo, hi, B)]
+        epoch = self.epoch if epoch is None else epoch
+        # the torch path's permutation, drawn the same way: the same samples in the same batches
+        # with or without --dali (only the augmentation draws differ)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _ORDER_STREAM))
+        perm = torch.randperm(self.num_samples, generator=g).numpy()
+        lo = self.rank * self.shard_size
+        return list(perm[lo:lo + self._len * B].reshape(self._len, B))
+
+    def augmentation(self, epoch: int, k: int, n: int) -> Tuple[np.ndarray, ...]:
+        """The random parameters of batch ``k`` of ``epoch`` (n samples): see fastsd.data.dali_graph."""
+        if not self.train:
+            return ()
+        if self._aug_key[0] != epoch:
+            self._aug_key = (epoch, derive_seed(self.seed, epoch, _AUG_STREAM))
+        rng = np.random.default_rng([self._aug_key[1], self.rank, k])
+        if self.augment == "cifar":
+            # torchvision RandomCrop(padding=p): the corner in the padded image is uniform in [0, 2p]
+            anchor = rng.integers(-self.pad, self.pad + 1, size=(n, 2), dtype=np.int32)
+            flip = rng.integers(0, 2, size=n, dtype=np.int32)
+            return anchor, flip
+        from .dali_graph import RRC_ATTEMPTS
+
+        area = rng.uniform(*_AREA, size=(n, RRC_ATTEMPTS)).astype(np.float32)
+        ratio = np.exp(rng.uniform(*_LOG_RATIO, size=(n, RRC_ATTEMPTS))).astype(np.float32)
+        uv = rng.random((n, 2), dtype=np.float32)
+        flip = rng.integers(0, 2, size=n, dtype=np.int32)
+        return area, ratio, uv, flip
+
+    def _make_batch(self, k: int, idx: np.ndarray):
+        if self.images is not None:
+            data = (self.images[idx[0]:idx[-1] + 1] if not self.train else self.images[idx],)
+        else:
+            data = self.paths.batch(idx)
+        return data + self.augmentation(self._pass_epoch, k, len(idx))
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def _device_id(self):
+        if self.dali_device != "gpu":
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _build(self):
+        from .dali_graph import GraphSpec, build_pipeline
+
+        spec = GraphSpec(**self._spec_args,
+                         path_prefix=self.paths.prefix if self.paths is not None else b"")
+        self._pipe = build_pipeline(
+            spec, self._feed, batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=self._device_id(), prefetch=self.prefetch,
+            seed=derive_seed(self.seed, 0, _AUG_STREAM) % (1 << 31))
+        self._fresh = True
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        previous = self._active() if self._active is not None else None
+        if previous is not None:
+            previous.close()          # a pass abandoned half-way: drain it first
+        batches = self.epoch_batches()
+        self._pass_epoch = self.epoch
+        gen = self._run_pass(batches)
+        # a weak reference: a pass the caller drops is closed (and drained) at once, not by the
+        # cycle collector at some point when the pipeline may be half torn down
+        self._active = weakref.ref(gen)
+        return gen
+
+    def _run_pass(self, batches):
+        if not batches:
+            return
+        if self._pipe is None:
+            self._build()
+        elif not self._fresh:
+            self._pipe.reset()        # the previous pass ended in StopIteration: start a new one
+        self._fresh = False
+        feed = self._feed
+        feed.start(batches)
+        try:
+            for _ in range(len(batches)):
+                try:
+                    (out,) = self._pipe.run()
+                except StopIteration:
+                    raise RuntimeError("DALI pipeline ended the epoch early (internal error)") from None
+                except RuntimeError as e:
+                    self._fail(e)
+                k = feed.in_flight.popleft()
+                labels = torch.from_numpy(self.labels[batches[k]])
+                yield self._images(out), labels.to(self.device, non_blocking=True)
+        finally:
+            self._finish()
+
+    def _finish(self):
+        """Make the pipeline ready for the next pass: consume what it still has, up to StopIteration."""
+        self._active = None
+        if self._pipe is None:
+            return
+        self._feed.stopped = True
+        try:
+            for _ in range(self.prefetch + 2):
+                self._pipe.run()
+        except StopIteration:
+            return
+        except Exception:             # noqa: BLE001 - e.g. a pipeline shut down at exit
+            pass
+        self._pipe = None             # not in a known state: build a new one next pass
+
+    def _images(self, out) -> torch.Tensor:
+        t = out.as_tensor()
+        if self._pipe.exec_dynamic:
+            # The dynamic executor hands over its output buffers: zero copy, and dlpack makes the
+            # consumer's stream wait for DALI's.
+            with torch.cuda.device(self.device) if self.dali_device == "gpu" else nullcontext():
+                x = torch.from_dlpack(t)
+        else:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            on_gpu = self.dali_device == "gpu"
+            x = torch.empty(t.shape(), dtype=self._dtype, device=self.device if on_gpu else "cpu")
+            feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
+        if x.device != self.device:
+            if self.device.type == "cuda":
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+        if self._channels_last:
+            x = x.permute(0, 3, 1, 2)   # NHWC bytes seen as NCHW: channels_last memory format
+        return x
+
+    # ------------------------------------------------------------------ errors
+
+    def _fail(self, error: RuntimeError):
+        """Raise an error naming the file that broke the pipeline (DALI's message does not)."""
+        in_flight = [self._feed.batches[k] for k in self._feed.in_flight]
+        self._pipe = None             # DALI pipelines are unusable after an error
+        self._active = None
+        self._feed.stopped = True
+        first = str(error).strip().splitlines()
+        reason = next((line for line in reversed(first) if "no longer valid" not in line and line),
+                      "decoding failed")
+        if self.paths is not None:
+            bad = _find_bad_file([self.paths.path(i) for idx in in_flight for i in idx],
+                                 peek=self.augment in ("imagenet", "center"))
+            if bad is not None:
+                path, why = bad
+                raise UnreadableImageError(
+                    f"cannot read image file {path!r} ({why or reason}): replace or delete the "
+                    f"file") from error
+            files = [self.paths.path(i) for idx in in_flight[:1] for i in idx[:3]]
+            raise RuntimeError(f"DALI pipeline failed on a batch of files such as {files} and no "
+                               f"single file fails to decode on the CPU: {reason}") from error
+        raise RuntimeError(f"DALI pipeline failed: {error}") from error
+
+
+def _find_bad_file(paths: Sequence[str], peek: bool) -> Optional[Tuple[str, str]]:
+    """The first of ``paths`` that cannot be read or decoded by DALI on the CPU, and why."""
+    from .dali_graph import build_probe_pipeline
+
+    current: List[np.ndarray] = []
+    pipe = build_probe_pipeline(lambda: current, peek)
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return path, f"{type(e).__name__}: {e.strerror or e}"
+        if not data:
+            return path, "empty file"
+        current[:] = [np.frombuffer(data, dtype=np.uint8)]
+        try:
+            pipe.run()
+        except RuntimeError as e:
+            lines = [line for line in str(e).splitlines()
+                     if line.strip() and "no longer valid" not in line]
+            return path, f"DALI: {lines[-1].strip() if lines else 'cannot decode'}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Data sets.
+
+def _cifar_source(name: str, data_dir) -> str:
+    """"binary" (torchvision's layout, held in memory) or "folder" (JPEGs decoded by DALI)."""
+    folder = _CIFAR[name][1]
+    if data_dir is None or str(data_dir) == "":
+        return "binary"               # _load_cifar raises the error that says what to pass
+    root = Path(data_dir).expanduser()
+    if (root.name == folder and root.is_dir()) or (root / folder).is_dir():
+        return "binary"
+    if any((root / s).is_dir() for s in ("train", "test", "val")):
+        return "folder"
+    return "binary"
+
+
+def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.PathLike]] = None,
+                       *, batch_size: int, eval_batch_size: Optional[int] = None, workers: int = 2,
+                       device: Union[str, torch.device] = "cpu", seed: int = 0,
+                       channels_last: bool = False, download: bool = False,
+                       num_classes: Optional[int] = None, image_size: Optional[int] = None,
+                       synthetic_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       rank: int = 0, world_size: int = 1, dali_device: str = "auto",
+                       dtype: Union[str, torch.dtype] = torch.float32,
+                       prefetch: int = 2) -> DataLoaders:
+    """The DALI counterpart of :func:`fastsd.data.build_loaders`: same arguments, same data sets.
+
+    Args (those of build_loaders, see there, plus):
+        workers: DALI CPU threads per pipeline (decoding on the CPU, or the CPU part of the GPU
+            pipeline); at least 1.
+        dali_device: "auto" (GPU when ``device`` is CUDA and a GPU is present, else CPU), "gpu"
+            ("mixed" JPEG decoding and GPU operators) or "cpu" (CPU operators, ``device_id=None``;
+            the batches are then copied to ``device``).
+        dtype: images as torch.float32 or torch.float16 (also "fp32" / "fp16").
+        prefetch: batches each pipeline prepares ahead (DALI's prefetch_queue_depth).
+
+    Data sets: cifar10 / cifar100 from torchvision's binary layout (held in memory, fed to DALI) or
+    from ``train/`` + ``test/`` JPEG folders (decoded by DALI every epoch); imagefolder (ImageNet
+    layout: random-resized crop + flip, evaluation resize to size/0.875 + centre crop; folders of
+    images <= 64 pixels get the CIFAR treatment, as in the torch path); synthetic (in memory).
+
+    Raises:
+        ImportError: DALI is not installed (the message gives the install command).
+        ValueError, FileNotFoundError: as build_loaders, checked before any pipeline is built.
+        fastsd.data.UnreadableImageError: during iteration, naming a file DALI cannot decode.
+    """
+    require_dali()
+    if not isinstance(dataset, str):
+        raise ValueError(f"dataset must be a string, one of {', '.join(DATASETS)}; got {dataset!r}")
+    name = _ALIASES.get(dataset.strip().lower(), dataset.strip().lower())
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    eval_batch_size = _check_int("eval_batch_size", eval_batch_size, 1, optional=True) or batch_size
+    workers = _check_int("workers", workers, 0)
+    prefetch = _check_int("prefetch", prefetch, 1)
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, world_size = {world_size}), got {rank}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    num_classes = _check_int("num_classes", num_classes, 1, optional=True)
+    image_size = _check_int("image_size", image_size, 8, optional=True)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is cuda but no CUDA GPU is available: pass --device cpu")
+    if download and name not in _CIFAR:
+        raise ValueError(f"download is only possible for cifar10 and cifar100, not {name}")
+    if synthetic_size is not None and name != "synthetic":
+        raise ValueError(f"synthetic_size only applies to the synthetic dataset, not {name}")
+    where = resolve_dali_device(dali_device, device)
+    common = dict(seed=int(seed), device=device, dali_device=where, half=_half(dtype),
+                  channels_last=bool(channels_last), num_threads=max(1, workers),
+                  prefetch=prefetch, rank=rank, world_size=world_size)
+
+    def loaders(train_kw, test_kw, info):
+        train = DaliEpochLoader(train=True, batch_size=batch_size, **train_kw, **common)
+        test = DaliEpochLoader(train=False, batch_size=eval_batch_size, **test_kw, **common)
+        return DataLoaders(train, test, info)
+
+    def folder_loaders(train_split: ImageFolderSplit, eval_split: ImageFolderSplit, size: int,
+                       small: bool, mean, std, info_name: str, pre_resize: bool):
+        """small: CIFAR-style (pad crop + flip; evaluation as is), else ImageNet-style. pre_resize:
+        resize every image to size x size first (small-image folders); else they are 32 x 32."""
+        _check_shard(len(train_split), batch_size, world_size, info_name)
+        shared = dict(image_size=size, mean=mean, std=std,
+                      resize_size=int(round(size / IMAGENET_CROP_RATIO)),
+                      native_size=size if pre_resize else 32, pre_resize=pre_resize)
+        train_kw = dict(shared, paths=[p for p, _ in train_split.samples],
+                        labels=[y for _, y in train_split.samples],
+                        augment="cifar" if small else "imagenet")
+        test_kw = dict(shared, paths=[p for p, _ in eval_split.samples],
+                       labels=[y for _, y in eval_split.samples],
+                       augment="none" if small else "center")
+        info = DatasetInfo(info_name, len(train_split.classes), size, tuple(mean), tuple(std),
+                           len(train_split), len(eval_split), train_split.classes)
+        return loaders(train_kw, test_kw, info)
+
+    if name == "imagefolder":
+        size = image_size or 224
+        train_split, eval_split = scan_train_and_eval(data_dir, num_classes, name)
+        small = size <= SMALL_IMAGE_MAX
+        return folder_loaders(train_split, eval_split, size, small, IMAGENET_MEAN, IMAGENET_STD,
+                              name, pre_resize=small)
+
+    if name in _CIFAR and _cifar_source(name, data_dir) == "folder" and not download:
+        classes, _, _, mean, std = _CIFAR[name]
+        if num_classes is not None and num_classes != classes:
+            raise ValueError(f"{name} has {classes} classes but num_classes is {num_classes}: drop "
+                             f"--num-classes or pass {classes}")
+        train_split, eval_split = scan_train_and_eval(Path(data_dir).expanduser(), classes, name)
+        return folder_loaders(train_split, eval_split, image_size or 32, True, mean, std, name,
+                              pre_resize=False)
+
+    if name == "synthetic":
+        k = num_classes if num_classes is not None else SYNTHETIC_DEFAULTS[0]
+        if k < 2:
+            raise ValueError(f"the synthetic dataset needs num_classes >= 2, got {k}")
+        size = image_size or SYNTHETIC_DEFAULTS[1]
+        n_train, n_test = _synthetic_sizes(synthetic_size)
+        _check_shard(n_train, batch_size, world_size, name)
+        x_train, y_train, x_test, y_test = make_synthetic(k, size, n_train, n_test)
+        # the torch path's normalisation of the synthetic set: its own pixel statistics
+        pixels = x_train.reshape(-1, 3).to(torch.float64) / 255.0
+        mean = tuple(float(v) for v in pixels.mean(0))
+        std = tuple(float(v) for v in pixels.std(0).clamp_min(1e-3))
+        classes = tuple(f"class_{i}" for i in range(k))
+    else:
+        x_train, y_train, x_test, y_test, classes = _load_cifar(name, data_dir, num_classes,
+                                                                 download, workers)
+        _check_shard(len(y_train), batch_size, world_size, name)
+        mean, std = _CIFAR[name][3], _CIFAR[name][4]
+        size = image_size or 32
+    shared = dict(image_size=size, mean=mean, std=std)
+    train_kw = dict(shared, images=x_train.numpy(), labels=y_train.numpy(), augment="cifar")
+    test_kw = dict(shared, images=x_test.numpy(), labels=y_test.numpy(), augment="none")
+    info = DatasetInfo(name, len(classes), size, tuple(mean), tuple(std), len(y_train),
+                       len(y_test), tuple(classes))
+    return loaders(train_kw, test_kw, info)

@@ -1,0 +1,141 @@
+"""Finding and checking image folders (the ImageFolder / ImageNet layout), shared by the input pipelines.
+
+Layout: ``root/train/<class>/**/<image>`` and ``root/val/<class>/...`` (or ``root/test/...``).
+Classes are the sorted names of the sub-folders, exactly as ``torchvision.datasets.ImageFolder``
+orders them, so label ``i`` means the same class in fastsd, torchvision and DALI.
+
+Every problem a user can fix is raised here, before training, with the path and the fix:
+:class:`FileNotFoundError` for a missing folder, :class:`ValueError` for a wrong layout.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "ImageFolderSplit", "find_split_dirs",
+           "scan_image_folder", "scan_train_and_eval", "read_rgb_image"]
+
+#: the extensions torchvision's ImageFolder accepts (compared case-insensitively)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+EVAL_SPLIT_NAMES = ("val", "test")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class UnreadableImageError(ValueError):
+    """An image file could not be opened or decoded; the message names the file.
+
+    Takes one message argument so a DataLoader worker can re-raise it in the main process.
+    """
+
+
+@dataclass(frozen=True)
+class ImageFolderSplit:
+    """One split of an image folder: files in a fixed order and their labels."""
+
+    root: Path
+    classes: Tuple[str, ...]
+    samples: Tuple[Tuple[str, int], ...]   #: (path, label), sorted by class then path
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _check_dir(path: Path, what: str, fix: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist: {fix}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {str(path)!r} is not a directory (archives must be "
+                                f"extracted first): {fix}")
+
+
+def find_split_dirs(data_dir: Optional[PathLike], dataset: str = "imagefolder") -> Tuple[Path, Path]:
+    """``(data_dir/train, data_dir/val or data_dir/test)``, or a clear error saying what is missing."""
+    layout = (f"{dataset} expects DIR/train/<class>/<images> and DIR/val/<class>/<images> "
+              f"(or DIR/test/...)")
+    if data_dir is None or str(data_dir) == "":
+        raise FileNotFoundError(f"no data directory given for dataset {dataset!r}: pass one "
+                                f"(--data DIR); {layout}")
+    root = Path(data_dir).expanduser()
+    _check_dir(root, "data directory", f"pass the folder that holds train/ and val/; {layout}")
+    train = root / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"no train/ folder in {str(root)!r}: {layout}")
+    for name in EVAL_SPLIT_NAMES:
+        if (root / name).is_dir():
+            return train, root / name
+    raise FileNotFoundError(f"no val/ or test/ folder in {str(root)!r}: {layout}")
+
+
+def _walk_images(class_dir: Path) -> List[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames.sort()
+        for f in sorted(filenames):
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                found.append(os.path.join(dirpath, f))
+    return found
+
+
+def scan_image_folder(split_dir: PathLike, num_classes: Optional[int] = None) -> ImageFolderSplit:
+    """List the images of one split folder (``<split_dir>/<class>/**/<image>``), checked.
+
+    Raises FileNotFoundError if the folder is missing, ValueError if it holds no class folders,
+    a class folder holds no image, or the class count differs from ``num_classes`` (when given).
+    """
+    root = Path(split_dir).expanduser()
+    _check_dir(root, "image folder", "create it with one sub-folder per class")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder {str(root)!r} holds no class folders: put each class's "
+                         f"images in its own sub-folder ({root}/<class>/<image>.jpg)")
+    if num_classes is not None and len(classes) != num_classes:
+        raise ValueError(f"image folder {str(root)!r} has {len(classes)} class folders but "
+                         f"num_classes is {num_classes}: fix the folder layout or pass "
+                         f"--num-classes {len(classes)}")
+    samples: List[Tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        files = _walk_images(root / name)
+        if not files:
+            raise ValueError(f"class folder {str(root / name)!r} holds no images (extensions "
+                             f"{', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder")
+        samples.extend((f, label) for f in files)
+    return ImageFolderSplit(root, tuple(classes), tuple(samples))
+
+
+def scan_train_and_eval(data_dir: Optional[PathLike], num_classes: Optional[int] = None,
+                        dataset: str = "imagefolder") -> Tuple[ImageFolderSplit, ImageFolderSplit]:
+    """Scan ``data_dir/train`` and ``data_dir/val`` (or ``test``) and check their classes agree."""
+    train_dir, eval_dir = find_split_dirs(data_dir, dataset)
+    train = scan_image_folder(train_dir, num_classes)
+    evaluation = scan_image_folder(eval_dir, num_classes)
+    if train.classes != evaluation.classes:
+        only_train = sorted(set(train.classes) - set(evaluation.classes))
+        only_eval = sorted(set(evaluation.classes) - set(train.classes))
+        raise ValueError(f"the class folders of {str(train.root)!r} and {str(evaluation.root)!r} "
+                         f"differ (only in train: {_short(only_train)}; only in "
+                         f"{evaluation.root.name}: {_short(only_eval)}): both splits need the "
+                         f"same class folders, or the labels would not mean the same classes")
+    return train, evaluation
+
+
+def _short(names: Sequence[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def read_rgb_image(path: str):
+    """Open and fully decode an image as an RGB PIL image; UnreadableImageError names the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()                  # decode now, while the file is open: errors surface here
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UnreadableImageError(f"cannot read image file {path!r} ({type(e).__name__}: {e}): "
+                                   f"replace or delete the file") from e

@@ -1,0 +1,134 @@
+"""Models by name: the CIFAR ResNets and DenseNet-BC of fastsd, and every torchvision classifier.
+
+>>> from fastsd.models import create_model, list_models, get_model_info
+>>> model = create_model("resnet56", num_classes=100)        # CIFAR ResNet-56 (He et al. 2016)
+>>> model = create_model("resnet50", num_classes=1000)       # torchvision's, randomly initialised
+>>> get_model_info("resnet56").input_size, get_model_info("resnet50").input_size
+(32, 224)
+
+Names are case-insensitive and may use "-" (``"ResNet-20"``, ``"DenseNet-BC-100"`` work). torchvision
+models are always built with ``weights=None``: nothing is ever downloaded. Every model maps
+[B, 3, H, W] float images to [B, num_classes] logits, in train and eval mode (the auxiliary heads
+of inception_v3 and googlenet are off by default so that training also returns one tensor; pass
+``aux_logits=True`` to get them back), and runs in channels_last memory format.
+"""
+
+import difflib
+import numbers
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Dict, List, Optional
+
+import torch.nn as nn
+
+from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet
+from .densenet import DenseNetBC, densenet_bc
+
+__all__ = ["create_model", "list_models", "get_model_info", "model_input_size", "ModelInfo",
+           "CifarResNet", "DenseNetBC"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the trainer needs to know about a model name before building it."""
+
+    name: str               #: canonical name, as listed by :func:`list_models`
+    family: str             #: "cifar" (32x32 inputs, built here) or "imagenet" (torchvision)
+    input_size: int         #: side of the square training / evaluation crop the design expects
+    eval_resize_size: int   #: shorter side images are resized to before the centre crop (eval)
+    source: str             #: "fastsd" or "torchvision"
+
+
+_CIFAR_BUILDERS: Dict[str, Callable[..., nn.Module]] = {}
+for _depth in CIFAR_RESNET_DEPTHS:
+    _CIFAR_BUILDERS[f"resnet{_depth}"] = (lambda d: (lambda num_classes, **kw: cifar_resnet(d, num_classes, **kw)))(_depth)
+_CIFAR_BUILDERS["densenet_bc_100"] = lambda num_classes, **kw: densenet_bc(100, kw.pop("growth_rate", 12), num_classes, **kw)
+_CIFAR_BUILDERS["densenet_bc_190"] = lambda num_classes, **kw: densenet_bc(190, kw.pop("growth_rate", 40), num_classes, **kw)
+
+# torchvision models whose canonical input differs from 224 (the default of the others).
+_TORCHVISION_INPUT_SIZE = {"inception_v3": 299}
+# Off by default so train() mode returns a tensor, not a namedtuple; init_weights=True silences
+# torchvision's FutureWarning about their default initialisation (the behaviour is the same).
+_TORCHVISION_DEFAULT_KWARGS = {
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+    "googlenet": {"aux_logits": False, "init_weights": True},
+}
+
+
+@lru_cache(maxsize=1)
+def _torchvision_names() -> tuple:
+    import torchvision.models
+
+    # module=torchvision.models lists the classification models only (no detection/segmentation).
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+def list_models(family: Optional[str] = None) -> List[str]:
+    """All model names ``create_model`` accepts, sorted; ``family`` = "cifar" or "imagenet" filters."""
+    if family not in (None, "cifar", "imagenet"):
+        raise ValueError(f"family must be None, 'cifar' or 'imagenet', got {family!r}")
+    names: List[str] = []
+    if family in (None, "cifar"):
+        names += sorted(_CIFAR_BUILDERS)
+    if family in (None, "imagenet"):
+        names += list(_torchvision_names())
+    return sorted(names)
+
+
+def _canonical(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    for candidate in (key, key.replace("-", "_"), key.replace("-", "")):
+        if candidate in _CIFAR_BUILDERS or candidate in _torchvision_names():
+            return candidate
+    key = key.replace("-", "_")
+    close = difflib.get_close_matches(key, list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}.{hint} CIFAR models: {', '.join(list_models('cifar'))}; "
+                     f"ImageNet models: every torchvision classification model by its name "
+                     f"(resnet18 ... resnet152, ...). fastsd.models.list_models() lists all "
+                     f"{len(list_models())}.")
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """Family and expected input size of a model name (raises ValueError if unknown)."""
+    key = _canonical(name)
+    if key in _CIFAR_BUILDERS:
+        return ModelInfo(key, "cifar", 32, 32, "fastsd")
+    size = _TORCHVISION_INPUT_SIZE.get(key, 224)
+    # The usual 0.875 crop ratio: 224 <- 256, 299 <- 342.
+    return ModelInfo(key, "imagenet", size, int(round(size / 0.875)), "torchvision")
+
+
+def model_input_size(name: str) -> int:
+    """Side of the square input the model family expects: 32 for CIFAR models, 224 (or 299) else."""
+    return get_model_info(name).input_size
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build a freshly initialised model: [B, 3, H, W] float images -> [B, num_classes] logits.
+
+    ``kwargs`` go to the model's constructor: for the CIFAR ResNets ``shortcut`` ("A" or "B"),
+    ``zero_init_residual``, ``width``; for DenseNet-BC ``growth_rate``, ``compression``,
+    ``drop_rate``, ``memory_efficient``; for torchvision models their own keywords (``dropout``,
+    ``aux_logits``, ...). Pretrained weights are never downloaded (``weights`` is refused).
+    """
+    key = _canonical(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if kwargs.get("weights") is not None:
+        raise ValueError("fastsd never downloads pretrained weights (weights must be None): build "
+                         "the model and load a checkpoint or state_dict into it instead")
+    kwargs.pop("weights", None)
+    try:
+        if key in _CIFAR_BUILDERS:
+            return _CIFAR_BUILDERS[key](num_classes, **kwargs)
+        import torchvision.models
+
+        kwargs = {**_TORCHVISION_DEFAULT_KWARGS.get(key, {}), **kwargs}
+        return torchvision.models.get_model(key, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise TypeError(f"model {key!r} does not accept {e}: check the model options") from e
+        raise

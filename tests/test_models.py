@@ -1,0 +1,149 @@
+"""Models by name: published parameter counts, output shapes, channels_last, names and errors."""
+
+import pytest
+import torch
+import torchvision
+
+from fastsd.models import DenseNetBC, create_model, get_model_info, list_models, model_input_size
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# Published counts: He et al. 2016 Table 6 (ResNets, CIFAR-10), Huang et al. 2017 Table 2
+# (DenseNet-BC), torchvision / He et al. (ResNet-152, 1000 classes). The papers round to 2-3
+# digits (DenseNet-BC-100 is 0.769 M, quoted as 0.8 M), hence 5 %.
+PUBLISHED = [
+    ("resnet20", 10, 0.27e6),
+    ("resnet32", 10, 0.46e6),
+    ("resnet44", 10, 0.66e6),
+    ("resnet56", 10, 0.85e6),
+    ("resnet110", 10, 1.7e6),
+    ("densenet_bc_100", 10, 0.8e6),
+    ("densenet_bc_190", 10, 25.6e6),
+    ("resnet152", 1000, 60.2e6),
+]
+
+
+@pytest.mark.parametrize("name,classes,published", PUBLISHED, ids=[p[0] for p in PUBLISHED])
+def test_parameter_count_matches_paper(name, classes, published):
+    assert n_params(create_model(name, classes)) == pytest.approx(published, rel=0.05)
+
+
+def test_exact_counts_of_the_cifar_designs():
+    # Option-A shortcuts are parameter-free: 269,722 is the count of the paper's ResNet-20;
+    # option B adds the two 1x1 projections (+BN). DenseNet-BC-100 (k=12): 769,162.
+    assert n_params(create_model("resnet20", 10)) == 269_722
+    assert n_params(create_model("resnet20", 10, shortcut="B")) == 272_474
+    assert n_params(create_model("densenet_bc_100", 10)) == 769_162
+    # The classifier is the only part that depends on the class count.
+    assert n_params(create_model("resnet20", 100)) - n_params(create_model("resnet20", 10)) == 90 * 65
+
+
+CIFAR_FORWARD = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "densenet_bc_100"]
+
+
+@pytest.mark.parametrize("name", CIFAR_FORWARD)
+def test_cifar_forward_shape(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)                      # train mode
+    assert out.shape == (2, 7) and out.dtype == torch.float32
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 64), ("mobilenet_v3_small", 64),
+                                       ("googlenet", 64), ("inception_v3", 75)])
+def test_torchvision_forward_is_one_tensor_in_train_mode(name, size):
+    # inception_v3 and googlenet return namedtuples with aux heads by default in torchvision.
+    model = create_model(name, num_classes=5)
+    out = model(torch.randn(2, 3, size, size))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5)
+
+
+def test_torchvision_state_dict_matches_torchvision_model():
+    ours = create_model("resnet18", 10)
+    theirs = torchvision.models.resnet18(weights=None, num_classes=10)
+    theirs.load_state_dict(ours.state_dict())  # strict: same keys and shapes
+
+
+def _small_densenet(**kw):
+    # Depth 40 instead of 100: the same layer types, a fraction of the CPU time.
+    return DenseNetBC(depth=40, growth_rate=12, num_classes=10, **kw)
+
+
+@pytest.mark.parametrize("name,batch,size", [("resnet20", 2, 32), ("densenet_bc", 2, 32),
+                                             ("resnet18", 4, 64)])
+def test_channels_last_gives_the_same_output_and_gradients(name, batch, size):
+    torch.manual_seed(0)
+    model = _small_densenet() if name == "densenet_bc" else create_model(name, num_classes=10)
+    x = torch.randn(batch, 3, size, size)
+    upstream = torch.randn(batch, 10)
+    ref = model(x)
+    (ref * upstream).sum().backward()
+    ref_grad = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model = model.to(memory_format=torch.channels_last)
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    for p, g in zip(model.parameters(), ref_grad):
+        # Summation order differs between the layouts: compare against the gradient's scale.
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-4 * (1 + g.abs().max().item()))
+
+
+def test_option_a_shortcut_keeps_channels_last():
+    model = create_model("resnet20", 10).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = model.layer2[0].shortcut(x)
+    assert y.shape == (2, 32, 16, 16)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y[:, :16], x[:, :, ::2, ::2]) and not y[:, 16:].any()
+
+
+def test_densenet_memory_efficient_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = _small_densenet()
+    b = _small_densenet(memory_efficient=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    a(x).square().sum().backward()
+    b(x).square().sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_list_models_and_input_sizes():
+    names = list_models()
+    for name in ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "densenet_bc_100",
+                 "densenet_bc_190"]:
+        assert name in list_models("cifar")
+        assert get_model_info(name).family == "cifar" and model_input_size(name) == 32
+    tv = torchvision.models.list_models(module=torchvision.models)
+    assert set(tv) <= set(names) and set(tv) == set(list_models("imagenet"))
+    assert model_input_size("resnet50") == 224 and get_model_info("resnet50").eval_resize_size == 256
+    assert model_input_size("inception_v3") == 299
+    assert get_model_info("ResNet-20").name == "resnet20"
+    assert get_model_info("DenseNet-BC-100").name == "densenet_bc_100"
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(ValueError, match=r"unknown model 'resnet21'.*resnet20.*list_models"):
+        create_model("resnet21", 10)
+    with pytest.raises(ValueError, match="densenet_bc_100"):
+        get_model_info("densenet_bc100")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("resnet20", 0)
+    with pytest.raises(ValueError, match="never downloads"):
+        create_model("resnet18", 1000, weights="DEFAULT")
+    with pytest.raises(ValueError, match="shortcut"):
+        create_model("resnet20", 10, shortcut="C")
+    with pytest.raises(TypeError, match="resnet20"):
+        create_model("resnet20", 10, no_such_option=1)
