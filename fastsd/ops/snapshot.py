@@ -1,0 +1,68 @@
+"""The snapshot ops of the C++/CUDA extension: ``torch.ops.fastsd.pack_tensors``.
+
+Importing this module loads ``fastsd._C`` (which registers the op's schema and its CPU and CUDA
+kernels) and registers the op's fake kernel, so that ``torch.compile(fullgraph=True)`` traces it.
+
+``pack_tensors(srcs, dst, offsets=None)`` copies every tensor of ``srcs`` into the flat buffer
+``dst``, converting on the way:
+
+- ``srcs``: float32, float16, bfloat16 or float64 tensors of any shape and strides (transposed,
+  sliced, channels_last, expanded views are fine), on ``dst``'s device.
+- ``dst``: a contiguous 1-D float16, bfloat16 or float32 tensor; mutated in place.
+- ``offsets``: where each source starts in ``dst``; without it the sources are laid out back to
+  back from 0. Ranges must fit in ``dst`` and must not overlap; elements of ``dst`` outside them
+  are left untouched.
+
+Source ``i`` lands in ``dst[offsets[i] : offsets[i] + srcs[i].numel()]`` in its logical row-major
+order, each value equal bit for bit to ``srcs[i].to(dst.dtype)`` (round to nearest even; NaNs
+stay NaN). On CUDA the whole list is one kernel launch on the current stream; on the CPU the work
+is split into equal pieces over ATen's thread pool.
+"""
+
+import torch
+
+from fastsd._extension import REBUILD_HINT, load_extension
+
+load_extension()
+if not hasattr(torch.ops.fastsd, "pack_tensors"):
+    raise ImportError("fastsd's compiled extension fastsd._C has no op fastsd::pack_tensors: it "
+                      f"was built from older sources. {REBUILD_HINT}")
+
+PACK_DST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PACK_SRC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@torch.library.register_fake("fastsd::pack_tensors")
+def _pack_tensors_fake(srcs, dst, offsets=None):
+    # The same checks as the C++ kernels, on shapes only, so a traced program fails at trace time.
+    torch._check(dst.dim() == 1, lambda: f"fastsd::pack_tensors: dst must be 1-D, got {dst.shape}")
+    torch._check(dst.dtype in PACK_DST_DTYPES,
+                 lambda: f"fastsd::pack_tensors: dst must be float16, bfloat16 or float32, "
+                         f"got {dst.dtype}")
+    if offsets is not None:
+        torch._check(len(offsets) == len(srcs),
+                     lambda: f"fastsd::pack_tensors: got {len(offsets)} offsets for "
+                             f"{len(srcs)} sources")
+    start = 0
+    for i, src in enumerate(srcs):
+        torch._check(src.dtype in PACK_SRC_DTYPES,
+                     lambda: f"fastsd::pack_tensors: srcs[{i}] has dtype {src.dtype}")
+        torch._check(src.device == dst.device,
+                     lambda: f"fastsd::pack_tensors: srcs[{i}] is on {src.device}, dst on "
+                             f"{dst.device}")
+        if offsets is not None:
+            start = offsets[i]
+        torch._check(start >= 0, lambda: f"fastsd::pack_tensors: offsets[{i}] is negative")
+        torch._check(start + src.numel() <= dst.numel(),
+                     lambda: f"fastsd::pack_tensors: srcs[{i}] does not fit in dst")
+        start = start + src.numel()
+    return None
+
+
+def pack_tensors(srcs, dst, offsets=None):
+    """Copy ``srcs`` into the flat buffer ``dst`` (in place), converting to ``dst.dtype``.
+
+    See the module docstring for the exact semantics. ``srcs`` may require grad: the copy is not
+    differentiable and is recorded by no autograd graph, so call it under ``torch.no_grad()``.
+    """
+    torch.ops.fastsd.pack_tensors(list(srcs), dst, None if offsets is None else list(offsets))
