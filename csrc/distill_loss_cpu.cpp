@@ -27,6 +27,7 @@ struct Options {
   double inv_temperature, inv_student_temperature, ce_weight, kd_scale, tol_weight;
   int64_t topk, ignore_index;
   bool has_target, has_teacher, has_tol, student_t_is_one, write_grad;
+  double label_smoothing;  // ε: the CE target is (1 - ε) one-hot + ε/C
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -61,14 +62,15 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_fwd_cpu(
     const at::Tensor& logits, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& teacher_logits, double temperature,
     double student_temperature, double ce_weight, double kd_scale, double tolerance_weight,
-    int64_t topk, int64_t ignore_index, bool write_grad) {
+    int64_t topk, int64_t ignore_index, bool write_grad, double label_smoothing) {
   TORCH_CHECK(logits.dim() == 2, "fastsd::distill_loss_fwd_cpu: logits must be [N, C], got ",
               logits.sizes());
   TORCH_CHECK(logits.device().is_cpu(), "fastsd::distill_loss_fwd_cpu: logits must be on the CPU");
   const int64_t rows = logits.size(0), cols = logits.size(1);
   Options o{1.0 / temperature, 1.0 / student_temperature, ce_weight, kd_scale, tolerance_weight,
             topk, ignore_index, target.has_value(), teacher_logits.has_value(),
-            tolerance_weight > 0, student_temperature == 1.0, write_grad};
+            tolerance_weight > 0, student_temperature == 1.0, write_grad,
+            target.has_value() ? label_smoothing : 0.0};
   TORCH_CHECK(!o.has_tol || (topk >= 2 && topk <= cols),
               "fastsd::distill_loss_fwd_cpu: topk must be in [2, C] while the penalty is on");
   const at::Tensor z = logits.contiguous();
@@ -108,7 +110,8 @@ TORCH_LIBRARY_FRAGMENT(fastsd, m) {
   m.def(
       "distill_loss_fwd_cpu(Tensor logits, Tensor? target, Tensor? teacher_logits, "
       "float temperature, float student_temperature, float ce_weight, float kd_scale, "
-      "float tolerance_weight, int topk, int ignore_index, bool write_grad) -> (Tensor, Tensor)");
+      "float tolerance_weight, int topk, int ignore_index, bool write_grad, "
+      "float label_smoothing=0.0) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastsd, CPU, m) {

@@ -107,6 +107,7 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
   const acc_t ce_w = static_cast<acc_t>(o.ce_weight), kd_scale = static_cast<acc_t>(o.kd_scale);
   const acc_t tol_w = static_cast<acc_t>(o.tol_weight);
   const acc_t kd_grad = kd_scale * inv_ts;
+  const acc_t smoothing = static_cast<acc_t>(o.label_smoothing);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -137,6 +138,17 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
         const bool label_ok = label >= 0 && label < cols;
         ce = label_ok ? z_lse - z[label] : nan;  // never read out of bounds
         if (!label_ok) label = -1;
+        if (smoothing > 0) {  // CE to (1 - ε) one-hot + ε/C gains ε (lse - mean z)
+          acc_t z_total = 0;
+          for (int64_t start = 0; start < cols; start += kSumBlock) {
+            const int64_t stop = std::min(cols, start + kSumBlock);
+            acc_t block = 0;
+#pragma omp simd reduction(+ : block)
+            for (int64_t c = start; c < stop; ++c) block += z[c];
+            z_total += block;
+          }
+          ce = (1 - smoothing) * ce + smoothing * (z_lse - z_total / acc_t(cols));
+        }
       }
       const acc_t* q_row = f.data();
       if (o.has_teacher) {
@@ -167,9 +179,9 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
           for (int64_t c = start; c < stop; ++c) {
             const acc_t p_c = p[c] * inv_t_sum;
             p[c] = p_c;
-            // 0 * log 0 = 0: classes the teacher rules out add nothing.
+            // 0 * log 0 = 0: classes the teacher rules out add nothing; NaN propagates.
             const acc_t term = p_c * ((t[c] - t_lse) - (z[c] * zq_scale - q_lse));
-            kl_sum += p_c > 0 ? term : acc_t(0);
+            kl_sum += p_c == 0 ? acc_t(0) : term;
           }
           kl += kl_sum;
         }
@@ -194,20 +206,22 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
         std::fill(g_row, g_row + cols, scalar_t(0));
         continue;
       }
-      // Dense part: ce_w f + kd_grad (q - p) - tol_w TOL f; then the few sparse corrections
-      // (-ce_w at the label, tol_w f w at the top-K) on the float row before the one write.
+      // Dense part: ce_w (f - ε/C) + kd_grad (q - p) - tol_w TOL f; then the few sparse
+      // corrections (-ce_w (1 - ε) at the label, tol_w f w at the top-K) on the float row before
+      // the one write.
       const acc_t f_coef = (o.has_target ? ce_w : acc_t(0)) - (o.has_tol ? tol_w * tol : acc_t(0));
+      const acc_t uniform = o.has_target ? -ce_w * smoothing / acc_t(cols) : acc_t(0);
       acc_t* g = z.data();  // z is no longer needed: reuse its buffer for the float gradient
       if (o.has_teacher) {
         const acc_t* p_row = p.data();
 #pragma omp simd
         for (int64_t c = 0; c < cols; ++c)
-          g[c] = f_coef * f[c] + kd_grad * (q_row[c] - p_row[c]);
+          g[c] = f_coef * f[c] + uniform + kd_grad * (q_row[c] - p_row[c]);
       } else {
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) g[c] = f_coef * f[c];
+        for (int64_t c = 0; c < cols; ++c) g[c] = f_coef * f[c] + uniform;
       }
-      if (label >= 0) g[label] -= ce_w;
+      if (label >= 0) g[label] -= ce_w * (1 - smoothing);
       if (o.has_tol) {
         const acc_t other_w = acc_t(-1) / acc_t(o.topk - 1);
         for (int64_t k = 0; k < found; ++k)

@@ -23,8 +23,9 @@ class DistillLossFunction(torch.autograd.Function):
     """The loss as an autograd Function, for code that wants it without argument checks.
 
     ``DistillLossFunction.apply(logits, target, teacher_logits, temperature, student_temperature,
-    ce_weight, kd_weight, t2_scaling, tolerance_weight, topk, ignore_index, reduction)``, every
-    argument positional, in that order, with the meanings of :func:`distill_loss`; ``target`` and
+    ce_weight, kd_weight, t2_scaling, tolerance_weight, topk, ignore_index, reduction,
+    label_smoothing)``, every argument positional, in that order, with the meanings of
+    :func:`distill_loss` (``label_smoothing`` may be left out: 0); ``target`` and
     ``teacher_logits`` may be None, ``target`` must be int64. Returns ``(loss, terms)``: the loss
     (0-d, or the rows' shape for ``"none"``) and the detached unweighted terms stacked as
     [3] or [3, *rows] (CE, KL, TOL). Gradients flow to ``logits`` only. :func:`distill_loss`
@@ -33,7 +34,8 @@ class DistillLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, teacher_logits, temperature, student_temperature, ce_weight,
-                kd_weight, t2_scaling, tolerance_weight, topk, ignore_index, reduction):
+                kd_weight, t2_scaling, tolerance_weight, topk, ignore_index, reduction,
+                label_smoothing=0.0):
         classes = logits.shape[-1]
         rows_shape = logits.shape[:-1]
         z = logits.reshape(-1, classes)
@@ -49,7 +51,8 @@ class DistillLossFunction(torch.autograd.Function):
         write_grad = bool(ctx.needs_input_grad[0])
         terms, grad = torch.ops.fastsd.distill_loss_fwd(
             z, y, t, float(temperature), float(student_temperature), float(ce_weight),
-            float(kd_scale), float(tolerance_weight), int(topk), int(ignore_index), write_grad)
+            float(kd_scale), float(tolerance_weight), int(topk), int(ignore_index), write_grad,
+            float(label_smoothing))
         if reduction == "none":
             loss = terms[0].reshape(rows_shape)
             parts = terms[1:].reshape(3, *rows_shape)
@@ -84,17 +87,33 @@ class DistillLossFunction(torch.autograd.Function):
             scale = grad_loss / count
         else:
             scale = grad_loss
-        # In place: the stored gradient is needed by nothing else, and a second copy of [N, C]
-        # is what the fused loss exists to avoid. (A second backward through the same graph is
-        # refused by autograd's saved-tensor version check instead of returning wrong numbers.)
-        grad_logits = grad.mul_(scale).reshape(ctx.logits_shape)
-        return (grad_logits,) + (None,) * 11
+        if _last_backward_through_graph():
+            # The stored gradient is needed by nothing else: scale it in place rather than
+            # allocate a second [N, C] tensor, which is what the fused loss exists to avoid.
+            grad_logits = grad.mul_(scale)
+        else:
+            grad_logits = grad * scale  # the graph is kept (retain_graph): leave it intact
+        return (grad_logits.reshape(ctx.logits_shape),) + (None,) * 12
+
+
+def _last_backward_through_graph():
+    """True when the running backward frees the graph afterwards (no ``retain_graph``).
+
+    Then a saved tensor will never be read again and may be overwritten. Under torch.compile the
+    answer is False: the compiled backward reuses dead buffers by itself.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return not torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):  # a torch without it, or no backward running
+        return False
 
 
 def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
                  student_temperature=1.0, ce_weight=1.0, kd_weight=1.0, t2_scaling=False,
                  tolerance_weight=0.0, topk=5, ignore_index=-100, reduction="mean",
-                 return_terms=False, check_labels=True):
+                 return_terms=False, check_labels=True, label_smoothing=0.0):
     """Cross-entropy + distillation KL + tolerant-teacher penalty, fused in one pass.
 
     Args:
@@ -115,6 +134,8 @@ def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
             this reads the labels on the host (a synchronisation): training loops whose data
             pipeline guarantees valid labels pass False. Unchecked out-of-range labels are never
             read out of bounds: their rows' loss is NaN. Skipped under torch.compile.
+        label_smoothing: ε in [0, 1): the CE target becomes (1 − ε) one-hot + ε/C, as in
+            ``torch.nn.functional.cross_entropy``; the teacher term is unchanged.
 
     Returns:
         float32 loss (float64 for float64 logits): 0-d for "mean"/"sum", rows' shape for "none";
@@ -124,7 +145,8 @@ def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
                        student_temperature=student_temperature, ce_weight=ce_weight,
                        kd_weight=kd_weight, tolerance_weight=tolerance_weight, topk=topk,
                        ignore_index=ignore_index, reduction=reduction,
-                       check_labels=check_labels and not torch.compiler.is_compiling())
+                       check_labels=check_labels and not torch.compiler.is_compiling(),
+                       label_smoothing=label_smoothing)
     if logits.dtype == torch.float64 and logits.device.type != "cpu":
         raise ValueError("float64 logits run on the CPU path only: cast them to float32 on the "
                          "GPU (the kernels compute in float32 anyway)")
@@ -132,7 +154,7 @@ def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
         target = target.long()
     loss, parts = DistillLossFunction.apply(
         logits, target, teacher_logits, temperature, student_temperature, ce_weight, kd_weight,
-        t2_scaling, tolerance_weight, topk, ignore_index, reduction)
+        t2_scaling, tolerance_weight, topk, ignore_index, reduction, label_smoothing)
     if return_terms:
         return loss, LossTerms(*parts.unbind(0))
     return loss
@@ -147,19 +169,21 @@ class DistillLoss(nn.Module):
 
     def __init__(self, *, temperature=1.0, student_temperature=1.0, ce_weight=1.0, kd_weight=1.0,
                  t2_scaling=False, tolerance_weight=0.0, topk=5, ignore_index=-100,
-                 reduction="mean", return_terms=False, check_labels=True):
+                 reduction="mean", return_terms=False, check_labels=True, label_smoothing=0.0):
         super().__init__()
         self.options = dict(temperature=temperature, student_temperature=student_temperature,
                             ce_weight=ce_weight, kd_weight=kd_weight, t2_scaling=t2_scaling,
                             tolerance_weight=tolerance_weight, topk=topk,
                             ignore_index=ignore_index, reduction=reduction,
-                            return_terms=return_terms, check_labels=check_labels)
+                            return_terms=return_terms, check_labels=check_labels,
+                            label_smoothing=label_smoothing)
         # Fail at construction, not at the first batch: check the scalars on a dummy row.
         probe_classes = max(2, topk if isinstance(topk, int) else 2)
         check_distill_args(torch.zeros(1, probe_classes), None, None, temperature=temperature,
                            student_temperature=student_temperature, ce_weight=ce_weight,
                            kd_weight=kd_weight, tolerance_weight=tolerance_weight, topk=topk,
-                           ignore_index=ignore_index, reduction=reduction, check_labels=False)
+                           ignore_index=ignore_index, reduction=reduction, check_labels=False,
+                           label_smoothing=label_smoothing)
 
     def forward(self, logits, target=None, teacher_logits=None):
         return distill_loss(logits, target, teacher_logits, **self.options)

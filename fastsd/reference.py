@@ -13,7 +13,7 @@ from fastsd.ops.loss_api import LossTerms, check_distill_args
 
 def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperature=1.0,
                           student_temperature=1.0, topk=5, ignore_index=-100,
-                          with_tolerance=False):
+                          with_tolerance=False, label_smoothing=0.0):
     """Per-row CE, KL and tolerant-teacher penalty, unweighted, and the mask of rows that count.
 
     Shapes: logits [N, C], target [N] or None, teacher_logits [N, C] or None. Returns
@@ -29,6 +29,9 @@ def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperatu
         safe_target = torch.where(counted, target, torch.zeros_like(target))
         log_f = F.log_softmax(z, dim=-1)
         ce = -log_f.gather(-1, safe_target[:, None]).squeeze(-1)
+        if label_smoothing > 0:
+            # The target is (1 - ε) one-hot + ε uniform, as in torch's cross_entropy.
+            ce = (1 - label_smoothing) * ce - label_smoothing * log_f.mean(-1)
     else:
         counted = torch.ones(rows, dtype=torch.bool, device=z.device)
         ce = zero
@@ -37,8 +40,9 @@ def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperatu
         log_p = F.log_softmax(t / temperature, dim=-1)
         p = log_p.exp()
         log_q = F.log_softmax(z / student_temperature, dim=-1)
-        # 0 · log 0 = 0: a teacher logit of -inf contributes nothing (and no NaN gradient).
-        kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+        # 0 · log 0 = 0: a teacher logit of -inf contributes nothing (and no NaN gradient);
+        # a NaN anywhere still makes the row NaN.
+        kl = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
     else:
         kl = zero
     if with_tolerance:
@@ -56,11 +60,12 @@ def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperatu
 def distill_loss_ref(logits, target=None, teacher_logits=None, *, temperature=1.0,
                      student_temperature=1.0, ce_weight=1.0, kd_weight=1.0, t2_scaling=False,
                      tolerance_weight=0.0, topk=5, ignore_index=-100, reduction="mean",
-                     return_terms=False):
+                     return_terms=False, label_smoothing=0.0):
     """The fused distillation loss of DESIGN.md section 2, in plain PyTorch.
 
     ``loss = ce_weight·CE(y, softmax(z)) + kd_weight·s·KL(softmax(t/T) ‖ softmax(z/T_s))
-    + tolerance_weight·TOL``, with ``s = T²`` when ``t2_scaling``. Shapes: logits [..., C], target
+    + tolerance_weight·TOL``, with ``s = T²`` when ``t2_scaling``; ``label_smoothing`` ε replaces
+    the one-hot target of CE by (1 − ε) one-hot + ε/C, as ``torch.nn.functional.cross_entropy``. Shapes: logits [..., C], target
     [...] (integer) or None, teacher_logits [..., C] or None. Returns a float32 (float64 for float64
     input) scalar for "mean"/"sum", or the per-row losses for "none"; with ``return_terms`` a pair
     ``(loss, LossTerms)``. "mean" divides by the number of rows whose label is not ignore_index
@@ -70,14 +75,15 @@ def distill_loss_ref(logits, target=None, teacher_logits=None, *, temperature=1.
                                     student_temperature=student_temperature, ce_weight=ce_weight,
                                     kd_weight=kd_weight, tolerance_weight=tolerance_weight,
                                     topk=topk, ignore_index=ignore_index, reduction=reduction,
-                                    check_labels=True)
+                                    check_labels=True, label_smoothing=label_smoothing)
     classes = logits.shape[-1]
     ce, kl, tol, counted = distill_loss_rows_ref(
         logits.reshape(-1, classes),
         None if target is None else target.reshape(-1),
         None if teacher_logits is None else teacher_logits.reshape(-1, classes),
         temperature=temperature, student_temperature=student_temperature, topk=topk,
-        ignore_index=ignore_index, with_tolerance=tolerance_weight > 0)
+        ignore_index=ignore_index, with_tolerance=tolerance_weight > 0,
+        label_smoothing=label_smoothing)
     kd_scale = kd_weight * (temperature ** 2 if t2_scaling else 1.0)
     rows = ce_weight * ce + kd_scale * kl + tolerance_weight * tol
     terms = torch.stack([ce, kl, tol]).detach()

@@ -4,6 +4,7 @@ One pass over the student logits z and the teacher logits t produces, per row, t
 terms (CE, KL, TOL) and the row's gradient
 
     dl/dz = ce_weight (f - e_y) + (kd_scale / T_s) (q - p) + tol_weight f * (w - TOL),
+    (with label smoothing ε, e_y becomes (1 - ε) e_y + ε/C)
     f = softmax(z), q = softmax(z / T_s), p = softmax(t / T), kd_scale = kd_weight * s,
 
 so that the backward pass only scales the stored gradient by the incoming one. Two kernels:
@@ -34,8 +35,9 @@ REGISTER_TILE = 4096
 def _rows_kernel(
     z_ptr, z_stride, t_ptr, t_stride, y_ptr, terms_ptr, grad_ptr, grad_stride,
     n_rows, n_cols, inv_temperature, inv_student_temperature,
-    ce_weight, kd_scale, tol_weight, ignore_index,
+    ce_weight, kd_scale, tol_weight, label_smoothing, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TOL: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
     STUDENT_T_IS_ONE: tl.constexpr, TOPK: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -69,7 +71,14 @@ def _rows_kernel(
         z_label = tl.sum(tl.where(is_label, z, 0.0), axis=1)
         # A label outside [0, C) is never read from memory: its row's loss is NaN.
         ce = tl.where(label_ok, z_lse - z_label, float("nan"))
-        grad += ce_weight * (f - is_label.to(tl.float32))
+        if HAS_SMOOTHING:
+            # Target (1 - ε) one-hot + ε/C: CE gains ε (lse - mean z).
+            z_mean = tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1) / n_cols
+            ce = (1 - label_smoothing) * ce + label_smoothing * (z_lse - z_mean)
+            grad += ce_weight * (f - (1 - label_smoothing) * is_label.to(tl.float32)
+                                 - label_smoothing / n_cols)
+        else:
+            grad += ce_weight * (f - is_label.to(tl.float32))
 
     kl = zero_rows
     if HAS_TEACHER:
@@ -89,8 +98,9 @@ def _rows_kernel(
             q_sum = tl.sum(q_exp, axis=1)
             q = q_exp / q_sum[:, None]
             log_q = zq - (z_max * inv_student_temperature + tl.log(q_sum))[:, None]
-        # 0 * log 0 = 0: classes the teacher rules out (p = 0, e.g. a logit of -inf) add nothing.
-        kl = tl.sum(tl.where(p > 0, p * (log_p - log_q), 0.0), axis=1)
+        # 0 * log 0 = 0: classes the teacher rules out (p = 0, e.g. a logit of -inf) add
+        # nothing; a NaN still propagates.
+        kl = tl.sum(tl.where(p == 0, 0.0, p * (log_p - log_q)), axis=1)
         grad += kd_grad * (q - p)
 
     tol = zero_rows
@@ -142,8 +152,9 @@ def _online_update(run_max, run_sum, chunk):
 def _chunked_kernel(
     z_ptr, z_stride, t_ptr, t_stride, y_ptr, terms_ptr, grad_ptr, grad_stride,
     n_rows, n_cols, inv_temperature, inv_student_temperature,
-    ce_weight, kd_scale, tol_weight, ignore_index,
+    ce_weight, kd_scale, tol_weight, label_smoothing, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TOL: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
     STUDENT_T_IS_ONE: tl.constexpr, TOPK: tl.constexpr, WRITE_GRAD: tl.constexpr,
     CHUNK: tl.constexpr, TOPK_PAD: tl.constexpr,
 ):
@@ -163,7 +174,8 @@ def _chunked_kernel(
     q_sum = zero
     t_max = zero + neg_inf
     t_sum = zero
-    t_dot = zero  # sum over classes of exp(t/T - t_max) * (t/T - z/T_s), where that weight > 0
+    t_dot = zero  # sum over classes of exp(t/T - t_max) * (t/T - z/T_s), where that weight != 0
+    z_total = zero  # sum of z, for label smoothing
     slots = tl.arange(0, TOPK_PAD)
     top_val = tl.full([TOPK_PAD], neg_inf, tl.float32)
     top_idx = tl.full([TOPK_PAD], -1, tl.int32)
@@ -172,6 +184,8 @@ def _chunked_kernel(
         ok = cols < n_cols
         z = tl.load(z_row + cols, mask=ok, other=neg_inf).to(tl.float32)
         z_max, z_sum, _ = _online_update(z_max, z_sum, z)
+        if HAS_SMOOTHING:
+            z_total += tl.sum(tl.where(ok, z, 0.0), axis=0)
         if HAS_TEACHER:
             if STUDENT_T_IS_ONE:
                 zq = z
@@ -183,7 +197,7 @@ def _chunked_kernel(
             t_max, t_sum, shift = _online_update(t_max, t_sum, t)
             weight = tl.exp(t - shift)
             t_dot = t_dot * tl.exp(old_t_max - shift) \
-                + tl.sum(tl.where(weight > 0, weight * (t - zq), 0.0), axis=0)
+                + tl.sum(tl.where(weight == 0, 0.0, weight * (t - zq)), axis=0)
         if HAS_TOL:
             remaining = z
             for _ in tl.static_range(TOPK):
@@ -216,6 +230,8 @@ def _chunked_kernel(
         label_ok = (y >= 0) & (y < n_cols)
         z_label = tl.load(z_row + y, mask=label_ok, other=0.0).to(tl.float32)
         ce = tl.where(label_ok, z_lse - z_label, float("nan"))
+        if HAS_SMOOTHING:
+            ce = (1 - label_smoothing) * ce + label_smoothing * (z_lse - z_total / n_cols)
     kl = zero
     if HAS_TEACHER:
         # KL = sum p (t/T - t_lse - z/T_s + q_lse) = t_dot / t_sum - t_lse + q_lse
@@ -249,7 +265,11 @@ def _chunked_kernel(
             f = tl.exp(z - z_shift) / z_sum
             grad = tl.zeros([CHUNK], dtype=tl.float32)
             if HAS_TARGET:
-                grad += ce_weight * (f - (cols == y).to(tl.float32))
+                if HAS_SMOOTHING:
+                    grad += ce_weight * (f - (1 - label_smoothing) * (cols == y).to(tl.float32)
+                                         - label_smoothing / n_cols)
+                else:
+                    grad += ce_weight * (f - (cols == y).to(tl.float32))
             if HAS_TEACHER:
                 if STUDENT_T_IS_ONE:
                     q = f
@@ -268,12 +288,14 @@ def _chunked_kernel(
 
 
 def distill_loss_forward(logits, target, teacher_logits, *, temperature, student_temperature,
-                         ce_weight, kd_scale, tolerance_weight, topk, ignore_index, write_grad):
+                         ce_weight, kd_scale, tolerance_weight, topk, ignore_index, write_grad,
+                         label_smoothing=0.0):
     """Launch the fused forward pass.
 
     Shapes: logits [N, C] (float32/bfloat16/float16, unit stride along C), target [N] int64 or
     None, teacher_logits [N, C] (any of those float dtypes) or None. ``kd_scale`` is the KL
-    term's factor ``kd_weight * s``; ``tolerance_weight`` 0 switches the penalty off. Returns
+    term's factor ``kd_weight * s``; ``tolerance_weight`` 0 switches the penalty off;
+    ``label_smoothing`` ε makes the CE target (1 - ε) one-hot + ε/C. Returns
     ``(terms, grad)``: terms [4, N] float32 (each row's loss
     ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, then CE, KL, TOL; zero for rows whose
     label is ignore_index) and grad [N, C] in logits' dtype, the gradient of each row's loss (an
@@ -290,8 +312,9 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
     common = dict(
         n_rows=n_rows, n_cols=n_cols, inv_temperature=1.0 / temperature,
         inv_student_temperature=1.0 / student_temperature, ce_weight=ce_weight,
-        kd_scale=kd_scale, tol_weight=tolerance_weight, ignore_index=ignore_index,
-        HAS_TARGET=has_target, HAS_TEACHER=has_teacher, HAS_TOL=has_tol,
+        kd_scale=kd_scale, tol_weight=tolerance_weight, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, HAS_TARGET=has_target, HAS_TEACHER=has_teacher,
+        HAS_TOL=has_tol, HAS_SMOOTHING=has_target and label_smoothing > 0,
         STUDENT_T_IS_ONE=student_temperature == 1.0, TOPK=topk if has_tol else 2,
         WRITE_GRAD=write_grad,
     )

@@ -32,7 +32,7 @@ def inputs(rows=5, classes=12, dtype=torch.float32):
 def test_opcheck_distill_loss_fwd(backend, with_teacher, with_target, tol, write_grad):
     z, y, t = inputs()
     args = (z, y if with_target else None, t if with_teacher else None, 2.0, 1.5, 0.7, 0.9, tol,
-            3, -100, write_grad)
+            3, -100, write_grad, 0.1)
     with cpu_backend(backend):
         torch.library.opcheck(torch.ops.fastsd.distill_loss_fwd.default, args)
 
@@ -41,7 +41,7 @@ def test_opcheck_native_cpu_op():
     from fastsd.ops.distill import _native_cpu_op
     op = _native_cpu_op()
     z, y, t = inputs(dtype=torch.float64)
-    torch.library.opcheck(op.default, (z, y, t, 2.0, 1.0, 1.0, 1.0, 0.2, 4, -100, True))
+    torch.library.opcheck(op.default, (z, y, t, 2.0, 1.0, 1.0, 1.0, 0.2, 4, -100, True, 0.1))
 
 
 class TinyNet(nn.Module):
@@ -112,6 +112,8 @@ BAD_INPUTS = [
     (dict(tolerance_weight=0.5, topk=17), "topk must be an integer in \\[2, 16\\]"),
     (dict(tolerance_weight=0.5, topk=6), "topk=6 is larger than the number of classes \\(5\\)"),
     (dict(reduction="avg"), "reduction must be one of"),
+    (dict(label_smoothing=1.0), "label_smoothing must be a number in \\[0, 1\\)"),
+    (dict(label_smoothing=-0.1), "label_smoothing must be"),
 ]
 
 
@@ -171,13 +173,13 @@ AOT_SCRIPT = textwrap.dedent("""
               K._chunked_kernel: dict(CHUNK=K.CHUNK_COLUMNS, TOPK_PAD=16)}
     count = 0
     for fn, extra in shapes.items():
-        for dtype, flags in itertools.product(("fp32", "bf16", "fp16"), ((1, 1, 1, 0, 1),
-                                                                        (1, 0, 0, 1, 0),
-                                                                        (0, 1, 1, 1, 1))):
-            target, teacher, tol, t_one, write = flags
+        for dtype, flags in itertools.product(("fp32", "bf16", "fp16"), ((1, 1, 1, 0, 1, 1),
+                                                                        (1, 0, 0, 1, 0, 0),
+                                                                        (0, 1, 1, 1, 1, 0))):
+            target, teacher, tol, t_one, write, smoothing = flags
             constexprs = dict(HAS_TARGET=target, HAS_TEACHER=teacher, HAS_TOL=tol,
-                              STUDENT_T_IS_ONE=t_one, TOPK=16 if tol else 2, WRITE_GRAD=write,
-                              **extra)
+                              HAS_SMOOTHING=smoothing, STUDENT_T_IS_ONE=t_one,
+                              TOPK=16 if tol else 2, WRITE_GRAD=write, **extra)
             for arch in (80, 90):
                 triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, constexprs),
                                          constexprs=constexprs),

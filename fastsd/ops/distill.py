@@ -63,7 +63,7 @@ def _native_cpu_op():
 
     @torch.library.register_fake("fastsd::distill_loss_fwd_cpu")
     def _(logits, target, teacher_logits, temperature, student_temperature, ce_weight, kd_scale,
-          tolerance_weight, topk, ignore_index, write_grad):
+          tolerance_weight, topk, ignore_index, write_grad, label_smoothing):
         return _fake_outputs(logits, write_grad)
 
     return op
@@ -79,11 +79,12 @@ def _fake_outputs(logits, write_grad):
 def distill_loss_fwd(logits: Tensor, target: Optional[Tensor], teacher_logits: Optional[Tensor],
                      temperature: float, student_temperature: float, ce_weight: float,
                      kd_scale: float, tolerance_weight: float, topk: int, ignore_index: int,
-                     write_grad: bool) -> Tuple[Tensor, Tensor]:
+                     write_grad: bool, label_smoothing: float = 0.0) -> Tuple[Tensor, Tensor]:
     """One fused pass over the rows: per-row loss and terms, and the per-row gradient.
 
     Shapes: logits [N, C] with unit stride along C; target [N] int64 or None; teacher_logits
-    [N, C] or None. ``kd_scale`` multiplies KL in the loss (``kd_weight * s``). Returns
+    [N, C] or None. ``kd_scale`` multiplies KL in the loss (``kd_weight * s``); label_smoothing
+    ε makes the CE target (1 - ε) one-hot + ε/C. Returns
     ``(terms, grad)``: terms [4, N] float32 (float64 for float64 logits) holding each row's loss
     ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL`` and its CE, KL and TOL (zero for ignored
     rows), and grad [N, C] in logits' dtype, d(row loss)/d(logits) (an empty [0, C] tensor when
@@ -98,12 +99,13 @@ def distill_loss_fwd(logits: Tensor, target: Optional[Tensor], teacher_logits: O
             logits, target, teacher_logits, temperature=temperature,
             student_temperature=student_temperature, ce_weight=ce_weight, kd_scale=kd_scale,
             tolerance_weight=tolerance_weight, topk=topk, ignore_index=ignore_index,
-            write_grad=write_grad)
+            write_grad=write_grad, label_smoothing=label_smoothing)
     return _native_cpu_op()(logits, target, teacher_logits, temperature, student_temperature,
-                            ce_weight, kd_scale, tolerance_weight, topk, ignore_index, write_grad)
+                            ce_weight, kd_scale, tolerance_weight, topk, ignore_index, write_grad,
+                            label_smoothing)
 
 
 @distill_loss_fwd.register_fake
 def _(logits, target, teacher_logits, temperature, student_temperature, ce_weight, kd_scale,
-      tolerance_weight, topk, ignore_index, write_grad):
+      tolerance_weight, topk, ignore_index, write_grad, label_smoothing=0.0):
     return _fake_outputs(logits, write_grad)

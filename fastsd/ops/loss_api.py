@@ -53,7 +53,7 @@ def check_labels_in_range(target, classes, ignore_index):
 
 def check_distill_args(logits, target, teacher_logits, *, temperature, student_temperature,
                        ce_weight, kd_weight, tolerance_weight, topk, ignore_index, reduction,
-                       check_labels):
+                       check_labels, label_smoothing=0.0):
     """Validate the loss arguments; return the shape of the rows (``logits.shape[:-1]``)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -100,6 +100,8 @@ def check_distill_args(logits, target, teacher_logits, *, temperature, student_t
     _check_weight("ce_weight", ce_weight)
     _check_weight("kd_weight", kd_weight)
     _check_weight("tolerance_weight", tolerance_weight)
+    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if tolerance_weight > 0:
