@@ -1,0 +1,149 @@
+"""Training-step throughput of SD against BL on the same model and batch: what a teacher costs.
+
+    pytest bench/bench_train.py --benchmark-only           # CPU: resnet20, batch 128
+    pytest bench/bench_train.py --benchmark-only -m gpu    # GPU: resnet50 / resnet152,
+                                                           # bf16 AMP, channels_last, compiled
+    python bench/bench_train.py [--arch resnet20 --batch 128 --rounds 7]   # the same, as a script
+
+Both providers run the trainer's own step (:class:`fastsd.train.step.TrainStep`: fused loss,
+fused SGD with the device-side non-finite skip, metric accumulation); SD adds its teacher, a
+snapshot of the student in the :class:`~fastsd.SnapshotStore` run in the teacher precision the
+trainer picks for the device (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), on the
+same batch, under no grad. BL and SD steps are timed in alternating rounds (the CPU here is
+shared: interleaving keeps a load change from landing on one side only) and the ratio of the
+median step times is reported as ``sd_over_bl``, with images/s of both, in ``extra_info``.
+GPU cases use batch 256 for ResNet-50 and 128 for ResNet-152.
+
+Targets (issue 4): SD/BL step time <= 1.20 on a GPU, <= 1.28 on the 2-core CPU of the project.
+"""
+
+import statistics
+import time
+
+import pytest
+import torch
+
+CPU_CASE = dict(arch="resnet20", batch=128, image=32, classes=100)
+GPU_CASES = [dict(arch="resnet50", batch=256, image=224, classes=1000),
+             dict(arch="resnet152", batch=128, image=224, classes=1000)]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_steps(arch, batch, image, classes, device, *, amp="none", channels_last=False,
+                compile=False, teacher_dtype=None):
+    """Two trainer steps on identical copies of one model: (bl_step, sd_step, images, labels)."""
+    from fastsd.models import create_model
+    from fastsd.train.config import _cpu_has_bf16
+    from fastsd.train.schedule import LossSpec
+    from fastsd.train.step import TrainStep, build_optimizer
+    from fastsd.train.teachers import Teachers
+
+    device = torch.device(device)
+    if teacher_dtype is None:
+        teacher_dtype = "fp16" if device.type == "cuda" else ("bf16" if _cpu_has_bf16() else "fp32")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image, image, generator=g).to(device, memory_format=fmt)
+    labels = torch.randint(0, classes, (batch,), generator=g).to(device)
+    steps = {}
+    for method in ("bl", "sd"):
+        torch.manual_seed(0)
+        model = create_model(arch, classes).to(device, memory_format=fmt)
+        opt = build_optimizer(model, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                              wd_norm_bias=True)
+        step = TrainStep(model, opt, device=device, amp=amp, num_classes=classes,
+                         compile=compile)
+        if method == "bl":
+            step.set_stage(LossSpec(ce_weight=1.0), None)
+        else:
+            teachers = Teachers(model, 1, teacher_dtype, device)
+            teachers.capture(model, 0)
+            step._bench_teachers = teachers  # keep the store alive
+            step.set_stage(LossSpec(ce_weight=1.5, kd_weight=1.0, temperature=2.0, teacher=0),
+                           teachers.forward(0))
+        steps[method] = step
+    return steps["bl"], steps["sd"], images, labels, teacher_dtype
+
+
+def measure(bl, sd, images, labels, *, rounds=7, steps_per_round=3, warmup=2):
+    """Median seconds per step of each, from alternating rounds."""
+    device = images.device
+    for _ in range(warmup):
+        bl(images, labels)
+        sd(images, labels)
+    _sync(device)
+    times = {"bl": [], "sd": []}
+    for r in range(rounds):
+        order = (("bl", bl), ("sd", sd)) if r % 2 == 0 else (("sd", sd), ("bl", bl))
+        for name, step in order:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                step(images, labels)
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / steps_per_round)
+    bl_s, sd_s = statistics.median(times["bl"]), statistics.median(times["sd"])
+    batch = images.shape[0]
+    return dict(bl_step_s=bl_s, sd_step_s=sd_s, bl_images_per_s=batch / bl_s,
+                sd_images_per_s=batch / sd_s, sd_over_bl=sd_s / bl_s)
+
+
+def _report(benchmark, case, device, settings, result, target):
+    benchmark.extra_info.update(dict(provider="fastsd.train step (bl vs sd)", device=str(device),
+                                     shape=f"{case['batch']}x3x{case['image']}x{case['image']}",
+                                     **case, **settings, **result, target_sd_over_bl=target))
+    print(f"\n{case['arch']} batch {case['batch']} on {device} {settings}: "
+          f"BL {result['bl_images_per_s']:.1f} img/s, SD {result['sd_images_per_s']:.1f} img/s, "
+          f"SD/BL step time {result['sd_over_bl']:.3f} (target <= {target})")
+
+
+def test_sd_over_bl_cpu(benchmark):
+    device = torch.device("cpu")
+    bl, sd, images, labels, tdtype = build_steps(**CPU_CASE, device=device)
+    result = benchmark.pedantic(measure, args=(bl, sd, images, labels), rounds=1,
+                                iterations=1)
+    _report(benchmark, CPU_CASE, device, dict(amp="none", teacher_dtype=tdtype,
+                                              threads=torch.get_num_threads()), result, 1.28)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c["arch"] for c in GPU_CASES])
+def test_sd_over_bl_gpu(benchmark, case):
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    bl, sd, images, labels, tdtype = build_steps(**case, device=device, amp="bf16",
+                                                 channels_last=True, compile=True)
+    result = benchmark.pedantic(measure, args=(bl, sd, images, labels),
+                                kwargs=dict(rounds=9, steps_per_round=10, warmup=5),
+                                rounds=1, iterations=1)
+    _report(benchmark, case, device, dict(amp="bf16", channels_last=True, compile=True,
+                                          teacher_dtype=tdtype), result, 1.20)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default=CPU_CASE["arch"])
+    parser.add_argument("--batch", type=int, default=CPU_CASE["batch"])
+    parser.add_argument("--image", type=int, default=CPU_CASE["image"])
+    parser.add_argument("--classes", type=int, default=CPU_CASE["classes"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="none")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--teacher-dtype", default=None)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    a = parser.parse_args()
+    bl, sd, images, labels, tdtype = build_steps(
+        a.arch, a.batch, a.image, a.classes, a.device, amp=a.amp, channels_last=a.channels_last,
+        compile=a.compile, teacher_dtype=a.teacher_dtype)
+    r = measure(bl, sd, images, labels, rounds=a.rounds, steps_per_round=a.steps_per_round)
+    print(f"{a.arch} batch {a.batch} on {a.device} (teacher {tdtype}): BL "
+          f"{r['bl_images_per_s']:.1f} img/s, SD {r['sd_images_per_s']:.1f} img/s, SD/BL step "
+          f"time {r['sd_over_bl']:.3f}")

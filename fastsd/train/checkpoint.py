@@ -1,0 +1,217 @@
+"""Checkpoints and weight files, written atomically; random-number-generator states.
+
+Every file is written to a temporary name in the same folder, flushed to disk, and renamed over
+the target (``os.replace`` is atomic on POSIX), so a run killed at any moment leaves either the old
+file or the new one, never a torn one.
+
+Layout of a run directory::
+
+    checkpoints/last.pt            the whole training state (resume)
+    snapshots/<label>.safetensors  the float32 student at each cycle / generation end
+    model.safetensors              the final student (loads into the torchvision model of its name)
+"""
+
+import os
+import random
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import SetupError
+
+CHECKPOINT = os.path.join("checkpoints", "last.pt")
+FORMAT_VERSION = 1
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file (mkstemp's temporaries are private, 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
+# ------------------------------------------------------------------------------------ atomic I/O
+def _atomic(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    _atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def save_safetensors(state: Dict[str, torch.Tensor], path: str,
+                     metadata: Optional[Dict[str, str]] = None) -> None:
+    """Weights as a safetensors file: contiguous, on the CPU, no shared storage."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    data = save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    _atomic(path, lambda fh: fh.write(data))
+
+
+def model_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state_dict as torchvision names it (no compile / DDP wrapper prefixes)."""
+    state = model.state_dict()
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------- RNG states
+def rng_state() -> Dict[str, Any]:
+    """Every generator the run could draw from, as ``torch.load(weights_only=True)`` reads it."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ------------------------------------------------------------------------------- the checkpoint
+def checkpoint_path(run_dir: str) -> str:
+    return os.path.join(run_dir, CHECKPOINT)
+
+
+def find_checkpoint(run_dir: str) -> str:
+    """The checkpoint of a run directory, or a SetupError that says what is there instead."""
+    if not os.path.isdir(run_dir):
+        raise SetupError(f"--resume: {run_dir!r} is not a directory; pass the run directory of "
+                         f"the training to continue (it holds config.yaml and checkpoints/)")
+    path = checkpoint_path(run_dir)
+    if not os.path.isfile(path):
+        raise SetupError(f"--resume: {run_dir!r} holds no checkpoint ({CHECKPOINT} is missing): "
+                         f"the run stopped before its first epoch ended, or this is not a fastsd "
+                         f"run directory; start it again without --resume")
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        raise SetupError(f"--resume: {run_dir!r} has a checkpoint but no config.yaml; it cannot "
+                         f"be resumed")
+    return path
+
+
+def load_checkpoint(path: str, device) -> Dict[str, Any]:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a torn or foreign file: say which and why
+        raise SetupError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise SetupError(f"{path} is not a fastsd training checkpoint (format "
+                         f"{FORMAT_VERSION})")
+    return state
+
+
+# ------------------------------------------------------------------------- reading weight files
+def find_model_file(run_dir: str) -> str:
+    """The most useful weights in a run directory: model.safetensors, else the checkpoint."""
+    for name in ("model.safetensors", CHECKPOINT):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise SetupError(f"{run_dir!r} holds neither model.safetensors nor {CHECKPOINT}: the run "
+                     f"has not finished an epoch")
+
+
+def read_model_file(path: str, what: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """``(state_dict, metadata)`` from a safetensors file, a fastsd checkpoint or a state_dict."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as fh:
+                meta = fh.metadata() or {}
+                return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+        except Exception as e:
+            raise SetupError(f"{what}: cannot read {path} as safetensors: {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SetupError(f"{what}: cannot read {path} ({e}); expected a fastsd checkpoint, a "
+                         f".safetensors file or a torch.save'd state_dict") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT_VERSION and "model" in obj:
+        return obj["model"], {"arch": obj.get("arch"), "num_classes": obj.get("num_classes")}
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SetupError(f"{what}: {path} holds no state_dict (a mapping of names to tensors)")
+    return obj, {}
+
+
+def load_into(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Load weights strictly, with prefixes of wrappers removed; ValueError lists what differs."""
+    clean = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        clean[key] = value
+    own = model.state_dict()
+    missing = [k for k in own if k not in clean]
+    unexpected = [k for k in clean if k not in own]
+    shapes = [f"{k}: {tuple(clean[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in clean and tuple(clean[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:2])})")
+        raise ValueError("; ".join(parts))
+    model.load_state_dict(clean)

@@ -1,0 +1,126 @@
+"""``python -m fastsd.train``: the command line over :class:`~fastsd.train.config.TrainConfig`.
+
+Every flag is generated from a config field (same name, ``-`` for ``_``, the field's help text),
+so the command line, ``--config FILE.yaml`` and the saved ``config.yaml`` never drift apart.
+Precedence: field defaults < ``--config`` file < flags. ``--resume DIR`` starts from ``DIR``'s
+config.yaml; only the fields in ``RESUME_OVERRIDABLE`` may change then.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+from .config import RESUME_OVERRIDABLE, TrainConfig, flag, load_yaml
+from .errors import ConfigError, TrainError
+
+_GROUPS = {
+    "method": "method (bl, se, sd, kd, ban, tt) and its loss",
+    "model": "model",
+    "data": "data",
+    "optim": "optimisation and schedule",
+    "perf": "speed: device, precision, compilation",
+    "run": "run directory, logging, resume",
+}
+
+EXAMPLES = """\
+examples:
+  python -m fastsd.train          # an SD demonstration on synthetic data (about a minute on a CPU)
+  python -m fastsd.train --dataset cifar100 --data ~/data --arch resnet56 --temperature 3
+  python -m fastsd.train --dataset cifar100 --data ~/data --cycle-epochs 150,50,50,50
+  python -m fastsd.train --dataset imagefolder --data /imagenet --arch resnet50 --compile
+  python -m fastsd.train --method kd --teacher-arch resnet110 --teacher-checkpoint RUN_DIR
+  python -m fastsd.train --method tt --generations 2 --eta 0.6 --topk 5
+  python -m fastsd.train --resume runs/sd-resnet20-20250101-120000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastsd.train",
+        description="Train image classifiers with Snapshot Distillation and the methods it is\n"
+                    "compared with (BL, SE, SD, KD, BAN, TT). Values marked [auto] are resolved\n"
+                    "from the method, data set and device and written to <run>/config.yaml.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="read settings from a YAML file (keys are the flag names); flags "
+                             "given on the command line override it")
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        kwargs: Dict[str, Any] = dict(dest=f.name)
+        help_text = meta["help"]
+        default = f.default
+        base = getattr(f.type, "__args__", None)
+        kind = next(a for a in base if a is not type(None)) if base else f.type
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif meta.get("list"):
+            kwargs["metavar"] = "A,B,..."
+        else:
+            kwargs["type"] = kind
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+            else:
+                kwargs["metavar"] = meta.get("metavar") or {int: "N", float: "X"}.get(kind, "S")
+        if default is not None and "[auto" not in help_text:
+            help_text += f" (default: {default})"
+        kwargs["help"] = help_text
+        groups[meta["group"]].add_argument(flag(f.name), **kwargs)
+    return parser
+
+
+def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
+    """Parse the command line (and files it names) into a validated config."""
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config", None)
+    values = load_yaml(config_file) if config_file else {}
+    values.update(args)
+    resume = values.get("resume")
+    if not resume:
+        return TrainConfig(**values)
+    saved_path = os.path.join(resume, "config.yaml")
+    if not os.path.isfile(saved_path):
+        from .checkpoint import find_checkpoint
+
+        find_checkpoint(resume)  # raises the message that fits what is missing
+    saved = TrainConfig(**load_yaml(saved_path))
+    resumed = TrainConfig(**{**saved.to_dict(), **values, "resume": resume, "out": resume})
+    changed = [name for name, value in resumed.to_dict().items()
+               if name not in RESUME_OVERRIDABLE and saved.to_dict()[name] != value]
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(flag(n) for n in changed)} differ from the run's "
+                          f"config.yaml; a resumed run keeps its settings (only "
+                          f"{', '.join(flag(n) for n in RESUME_OVERRIDABLE[1:])} may change). "
+                          f"Drop those flags, or start a new run")
+    return resumed
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the trainer; return the process exit status: 0 done, 2 bad input, 3 non-finite loss,
+    128 + signal number (143 SIGTERM, 130 SIGINT) stopped with a checkpoint written."""
+    from .loop import Trainer
+
+    try:
+        cfg = config_from_args(argv)
+        trainer = Trainer(cfg).setup()
+    except TrainError as e:
+        print(f"fastsd.train: error: {e}", file=sys.stderr)
+        return e.exit_code
+    from fastsd.data.folders import UnreadableImageError
+
+    try:
+        trainer.run()
+    except TrainError as e:
+        from .errors import Interrupted
+
+        print(f"fastsd.train: {'stopped' if isinstance(e, Interrupted) else 'error'}: {e}",
+              file=sys.stderr)
+        return e.exit_code
+    except UnreadableImageError as e:  # a file that broke after the pre-flight check
+        print(f"fastsd.train: error: {e}; the last checkpoint is intact (--resume "
+              f"{trainer.run_dir} once the file is fixed)", file=sys.stderr)
+        return 2
+    return 0

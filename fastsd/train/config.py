@@ -1,0 +1,554 @@
+"""The trainer's one typed configuration.
+
+:class:`TrainConfig` is the single source of truth: every field has a default, a help text (used
+verbatim by the command line) and a check. Defaults marked "auto" (``None``) are resolved on
+construction from the method, the data set and the device, so the object a run holds, and the
+``config.yaml`` it writes, state every value that was actually used (λ_S and λ_T included).
+The command line and ``--config FILE.yaml`` only override fields; constructing the dataclass
+validates them all and raises :class:`~fastsd.train.errors.ConfigError` naming the flag and the fix.
+"""
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .errors import ConfigError
+
+METHODS = ("bl", "se", "sd", "kd", "ban", "tt")
+DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+TEACHER_DTYPES = ("auto", "fp16", "bf16", "fp32")
+SCHEDULES = ("cosine", "step")
+PROGRESS_MODES = ("auto", "bar", "plain", "none")
+CYCLIC_METHODS = ("se", "sd")
+GENERATION_METHODS = ("ban", "tt")
+
+# Recommended settings per data set, used where a field is left at "auto". The CIFAR numbers are
+# the published SD setting (300 epochs, 4 mini-generations); ImageNet-style folders get the
+# 90-epoch / 2 mini-generation setting. The synthetic set is the quick-start demonstration: a few
+# short cycles on 16x16 images: 10-20 s on an idle 2-core CPU, well under 3 minutes on a busy one.
+_DATASET_DEFAULTS = {
+    "synthetic": dict(epochs=6, cycles=3, batch_size=64, weight_decay=5e-4, image_size=16),
+    "cifar10": dict(epochs=300, cycles=4, batch_size=128, weight_decay=5e-4),
+    "cifar100": dict(epochs=300, cycles=4, batch_size=128, weight_decay=5e-4),
+    "imagefolder": dict(epochs=90, cycles=2, batch_size=256, weight_decay=1e-4),
+}
+
+# The quick-start demonstration's data: small enough for a minute of CPU, big enough to learn.
+_SYNTHETIC_SIZE = (2048, 500)
+
+# Fields --resume may change: they affect how a run is watched or fed, never its numbers.
+RESUME_OVERRIDABLE = ("resume", "out", "data", "workers", "log_every", "progress", "tensorboard",
+                      "max_nonfinite", "eval_batch_size", "check_images")
+
+
+def _f(default, help, group, **meta):
+    """A dataclass field carrying its command-line help, group and extra argparse settings."""
+    return field(default=default, metadata=dict(help=help, group=group, **meta))
+
+
+def _flist(help, group, **meta):
+    return field(default=None, metadata=dict(help=help, group=group, list=True, **meta))
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field name."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. ``None`` means "auto" and is resolved on construction."""
+
+    # ----------------------------------------------------------------------------------- method
+    method: str = _f("sd", "training method: bl (plain), se (snapshot ensembles), sd (snapshot "
+                     "distillation), kd (distillation from a trained teacher), ban (born-again "
+                     "generations), tt (generations with a tolerant first teacher)", "method",
+                     choices=METHODS)
+    cycles: Optional[int] = _f(None, "se/sd: number of cycles (mini-generations) of equal length, "
+                               "leftover epochs to the last [auto: 4 on CIFAR, 2 on ImageNet "
+                               "folders, 3 on synthetic]", "method")
+    cycle_epochs: Optional[List[int]] = _flist(
+        "se/sd: epochs of each cycle, e.g. 150,50,50,50 (leftover epochs go to the last cycle; "
+        "sets --cycles)", "method", type=int)
+    generations: int = _f(2, "ban/tt: number of taught generations after generation 0 (each "
+                          "trains --epochs epochs)", "method")
+    temperature: float = _f(2.0, "T: the teacher's logits are divided by T (sd, kd, ban, tt)",
+                            "method")
+    student_temperature: Optional[float] = _f(
+        None, "the student's logits are divided by this inside the KL term [auto: T for kd (both "
+        "softened), 1 otherwise (the asymmetric SD form)]", "method")
+    lambda_s: Optional[float] = _f(None, "λ_S, weight of the cross-entropy when a teacher is "
+                                   "present [auto: 1 + 1/T for sd/ban/tt, 1 for kd]", "method")
+    lambda_t: float = _f(1.0, "λ_T, weight of the KL term to the teacher", "method")
+    t2_scaling: Optional[bool] = _f(None, "multiply the KL term by T² [auto: on for kd, off "
+                                    "otherwise]", "method")
+    eta: float = _f(0.6, "tt: η, weight of the cross-entropy of generation 0; the tolerance "
+                    "penalty gets 1 - η", "method")
+    topk: int = _f(5, "tt: K, the penalty compares the top-1 score with the mean of the scores "
+                   "ranked 2..K", "method")
+    teacher_arch: Optional[str] = _f(None, "kd: architecture of the trained teacher [auto: "
+                                     "--arch]", "method", metavar="NAME")
+    teacher_checkpoint: Optional[str] = _f(
+        None, "kd: the trained teacher (a fastsd run directory, checkpoint, model.safetensors, or "
+        "a plain state_dict file)", "method", metavar="PATH")
+    teacher_dtype: str = _f("auto", "precision of teacher snapshots and their forward pass [auto:"
+                            " fp16 on CUDA, bf16 on CPUs with native bf16, else fp32]", "method",
+                            choices=TEACHER_DTYPES)
+
+    # ------------------------------------------------------------------------------ model, data
+    arch: str = _f("resnet20", "model: resnet20/32/44/56/110, densenet_bc_100, densenet_bc_190 "
+                   "(CIFAR) or any torchvision classifier (resnet18 ... resnet152, ...)", "model",
+                   metavar="NAME")
+    dataset: str = _f("synthetic", "data set: synthetic (built in, no download), cifar10, "
+                      "cifar100, imagefolder (--data holds train/ and val/ or test/)", "data",
+                      choices=DATASETS)
+    data: Optional[str] = _f(None, "data folder (cifar10/cifar100: torchvision's layout; "
+                             "imagefolder: train/ and val/ with one folder per class)", "data",
+                             metavar="DIR")
+    download: bool = _f(False, "cifar10/cifar100: download into --data when missing", "data")
+    num_classes: Optional[int] = _f(None, "number of classes [auto: from the data set]", "data")
+    image_size: Optional[int] = _f(None, "side of the training crop [auto: 16 on synthetic (the "
+                                   "quick demo), else the data set's]", "data")
+    synthetic_size: Optional[List[int]] = _flist(
+        "synthetic: training images, or training,test images [auto: 2048,500]", "data",
+        type=int)
+    batch_size: Optional[int] = _f(None, "training batch size per process [auto: 128 on "
+                                   "CIFAR, 256 on ImageNet folders, 64 on synthetic]", "data")
+    eval_batch_size: Optional[int] = _f(None, "evaluation batch size [auto: 2 x batch size]",
+                                        "data")
+    workers: Optional[int] = _f(None, "data loading worker processes [auto: min(8, CPUs - 1) on "
+                                "CUDA, 0 on CPU]", "data")
+    check_images: str = _f("auto", "imagefolder: open every image before training so a broken "
+                           "file is named up front: full (decode), header, none [auto: full up "
+                           "to 50,000 images, header beyond]", "data",
+                           choices=("auto", "full", "header", "none"))
+    dali: bool = _f(False, "use the NVIDIA DALI input pipeline instead of torch's DataLoader",
+                    "data")
+
+    # ---------------------------------------------------------------------------- optimisation
+    epochs: Optional[int] = _f(None, "training epochs (per generation for ban/tt) [auto: 300 on "
+                               "CIFAR, 90 on ImageNet folders, 6 on synthetic; the sum of "
+                               "--cycle-epochs when given]", "optim")
+    lr: float = _f(0.1, "peak learning rate (lr_max of every cycle)", "optim")
+    lr_min: float = _f(0.0, "learning rate the cosine decays towards", "optim")
+    schedule: str = _f("cosine", "bl/kd/ban/tt: cosine or step (multi-step); se/sd always use "
+                       "the cyclic cosine", "optim", choices=SCHEDULES)
+    milestones: Optional[List[float]] = _flist(
+        "step schedule: epochs at which the learning rate is multiplied by --gamma [auto: 50%% "
+        "and 75%% of the epochs]", "optim", type=float)
+    gamma: float = _f(0.1, "step schedule: factor at each milestone", "optim")
+    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs at the start of "
+                              "training (and of every generation)", "optim")
+    momentum: float = _f(0.9, "SGD momentum", "optim")
+    nesterov: bool = _f(True, "Nesterov momentum", "optim")
+    weight_decay: Optional[float] = _f(None, "L2 weight decay [auto: 5e-4 on CIFAR/synthetic, "
+                                       "1e-4 on ImageNet folders]", "optim")
+    wd_norm_bias: bool = _f(True, "apply weight decay to normalisation weights and biases too "
+                            "(--no-wd-norm-bias exempts every parameter with fewer than 2 "
+                            "dimensions)", "optim")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy (in [0, 1))", "optim")
+
+    # ----------------------------------------------------------------------------- performance
+    device: Optional[str] = _f(None, "cuda, cuda:N or cpu [auto: cuda when present]", "perf",
+                               metavar="DEVICE")
+    amp: str = _f("auto", "mixed precision of the student: bf16, fp16 (with a gradient scaler) "
+                  "or none [auto: bf16 on CUDA, none on CPU]", "perf", choices=AMP_MODES)
+    channels_last: Optional[bool] = _f(None, "channels_last memory format [auto: on for CUDA]",
+                                       "perf")
+    compile: bool = _f(False, "torch.compile the student step and the teacher forward", "perf")
+    compile_mode: str = _f("default", "torch.compile mode (default, reduce-overhead, "
+                           "max-autotune)", "perf", metavar="MODE")
+    threads: Optional[int] = _f(None, "CPU threads for intra-op parallelism [auto: torch's "
+                                "default, one per core]", "perf")
+    deterministic: bool = _f(False, "deterministic kernels (cudnn.deterministic, no cudnn "
+                             "benchmark): bit-exact resume on CUDA, a little slower", "perf")
+
+    # ------------------------------------------------------------------------------------- run
+    out: Optional[str] = _f(None, "run directory [auto: runs/<method>-<arch>-<date-time>]",
+                            "run", metavar="DIR")
+    resume: Optional[str] = _f(None, "continue the run in this directory from its last "
+                               "checkpoint", "run", metavar="DIR")
+    seed: int = _f(0, "random seed (model initialisation, data order and augmentation)", "run")
+    log_every: int = _f(50, "read the step metrics (a host sync) and log them every N steps",
+                        "run")
+    eval_every: int = _f(1, "evaluate on the test split every N epochs (and at every cycle or "
+                         "generation end)", "run")
+    max_nonfinite: int = _f(20, "stop after this many consecutive steps with a non-finite loss",
+                            "run")
+    progress: str = _f("auto", "progress display: bar (tqdm), plain lines, none [auto: bar on a "
+                       "terminal, plain otherwise]", "run", choices=PROGRESS_MODES)
+    tensorboard: bool = _f(True, "write TensorBoard event files (when tensorboard is installed)",
+                           "run")
+
+    # ------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        self._coerce_types()
+        self._resolve_and_check()
+
+    # Values from YAML or a caller may come as strings or lists; accept the obvious spellings.
+    def _coerce_types(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            name = flag(f.name)
+            if f.metadata.get("list"):
+                elem = f.metadata["type"]
+                if isinstance(value, str):
+                    value = [v for v in value.replace(" ", "").split(",") if v]
+                if not isinstance(value, (list, tuple)):
+                    value = [value]
+                try:
+                    value = [_convert(elem, v) for v in value]
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{name}: expected a comma-separated list of "
+                                      f"{elem.__name__} values, got {getattr(self, f.name)!r}")
+                setattr(self, f.name, value)
+                continue
+            kind = _base_type(f.type)
+            try:
+                setattr(self, f.name, _convert(kind, value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}: expected {_type_words(kind)}, got {value!r}")
+
+    def _resolve_and_check(self):  # noqa: C901 -- one linear list of checks reads best
+        def bad(name, msg):
+            raise ConfigError(f"{flag(name)}: {msg}")
+
+        for name, choices in (("method", METHODS), ("dataset", DATASETS), ("amp", AMP_MODES),
+                              ("teacher_dtype", TEACHER_DTYPES), ("schedule", SCHEDULES),
+                              ("progress", PROGRESS_MODES),
+                              ("check_images", ("auto", "full", "header", "none"))):
+            value = getattr(self, name)
+            if value not in choices:
+                close = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                bad(name, f"unknown value {value!r}{hint}; choose one of {', '.join(choices)}")
+        self._check_arch("arch", self.arch)
+        defaults = _DATASET_DEFAULTS[self.dataset]
+        cyclic = self.method in CYCLIC_METHODS
+
+        # --- data
+        if self.dataset != "synthetic" and not self.data:
+            hint = (" (or add --download to fetch it)" if self.dataset.startswith("cifar")
+                    else ", with train/ and val/ (or test/) holding one folder per class")
+            bad("data", f"--dataset {self.dataset} needs --data DIR: the folder holding the data "
+                f"set{hint}")
+        if self.data is not None:
+            self.data = os.path.expanduser(self.data)
+        if self.synthetic_size is not None:
+            if self.dataset != "synthetic":
+                bad("synthetic_size", f"applies to --dataset synthetic only, not {self.dataset}")
+            if not 1 <= len(self.synthetic_size) <= 2 or min(self.synthetic_size) < 1:
+                bad("synthetic_size", f"give N or N,M (training and test images, each >= 1), "
+                    f"got {self.synthetic_size}")
+        elif self.dataset == "synthetic":
+            self.synthetic_size = list(_SYNTHETIC_SIZE)
+        for name in ("num_classes", "image_size", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < (2 if name == "num_classes" else 1):
+                bad(name, f"must be >= {2 if name == 'num_classes' else 1}, got {value}")
+        if self.batch_size is None:
+            self.batch_size = defaults["batch_size"]
+        if self.image_size is None and "image_size" in defaults:
+            self.image_size = defaults["image_size"]
+        if self.eval_batch_size is None:
+            self.eval_batch_size = 2 * self.batch_size
+
+        # --- device and precision
+        import torch
+
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            bad("device", f"cannot parse {self.device!r}; use cuda, cuda:N or cpu")
+        if dev.type not in ("cuda", "cpu"):
+            bad("device", f"{self.device!r} is not supported; use cuda, cuda:N or cpu")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                bad("device", f"{self.device} was asked for but CUDA is not available here; use "
+                    f"--device cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                bad("device", f"{self.device} does not exist: {torch.cuda.device_count()} "
+                    f"GPU(s) visible")
+        on_cuda = dev.type == "cuda"
+        if self.amp == "auto":
+            self.amp = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else (
+                "fp16" if on_cuda else "none")
+        if self.amp == "fp16" and not on_cuda:
+            bad("amp", "fp16 autocast with a gradient scaler needs CUDA; on the CPU use "
+                "--amp bf16 or --amp none")
+        if self.teacher_dtype == "auto":
+            self.teacher_dtype = "fp16" if on_cuda else ("bf16" if _cpu_has_bf16() else "fp32")
+        if self.teacher_dtype == "fp16" and not on_cuda:
+            bad("teacher_dtype", "fp16 convolutions are very slow (or missing) on the CPU; use "
+                "--teacher-dtype bf16 or fp32")
+        if self.channels_last is None:
+            self.channels_last = on_cuda
+        if self.workers is None:
+            self.workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if on_cuda else 0
+        if self.threads is not None and self.threads < 1:
+            bad("threads", f"must be >= 1, got {self.threads}")
+        if self.workers < 0:
+            bad("workers", f"must be >= 0, got {self.workers}")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune",
+                                     "max-autotune-no-cudagraphs"):
+            bad("compile_mode", f"unknown torch.compile mode {self.compile_mode!r}; use default, "
+                f"reduce-overhead or max-autotune")
+
+        # --- epochs and cycles
+        if self.epochs is not None and self.epochs < 1:
+            bad("epochs", f"must be >= 1, got {self.epochs}")
+        if not cyclic:
+            if self.cycle_epochs is not None or (self.cycles is not None and self.cycles != 1):
+                which = "cycle_epochs" if self.cycle_epochs is not None else "cycles"
+                bad(which, f"cycles apply to --method se and sd; --method {self.method} trains "
+                    f"with one {self.schedule} schedule (drop {flag(which)})")
+            self.cycles = 1
+            if self.epochs is None:
+                self.epochs = defaults["epochs"]
+        elif self.cycle_epochs is not None:
+            if not self.cycle_epochs or any(e < 1 for e in self.cycle_epochs):
+                bad("cycle_epochs", f"every cycle needs at least 1 epoch, got "
+                    f"{','.join(map(str, self.cycle_epochs))}")
+            if self.cycles is not None and self.cycles != len(self.cycle_epochs):
+                bad("cycles", f"--cycles {self.cycles} contradicts --cycle-epochs "
+                    f"{','.join(map(str, self.cycle_epochs))} ({len(self.cycle_epochs)} cycles); "
+                    f"give only one of them")
+            total = sum(self.cycle_epochs)
+            if self.epochs is None:
+                self.epochs = total
+            if total > self.epochs:
+                bad("cycle_epochs", f"the cycles add up to {total} epochs but --epochs is "
+                    f"{self.epochs}; shorten the cycles or raise --epochs")
+            # Leftover epochs go to the last cycle: store the lengths actually trained.
+            self.cycle_epochs = self.cycle_epochs[:-1] + [self.cycle_epochs[-1]
+                                                          + self.epochs - total]
+            self.cycles = len(self.cycle_epochs)
+        else:
+            explicit = self.cycles is not None
+            if self.epochs is None:
+                self.epochs = defaults["epochs"]
+            if not explicit:
+                self.cycles = min(defaults["cycles"], self.epochs)
+            if self.cycles < 1:
+                bad("cycles", f"must be >= 1, got {self.cycles}")
+            if self.cycles > self.epochs:
+                bad("cycles", f"{self.cycles} cycles do not fit in {self.epochs} epochs (each "
+                    f"cycle needs at least one); lower --cycles or raise --epochs")
+            base = self.epochs // self.cycles
+            self.cycle_epochs = [base] * (self.cycles - 1) + [self.epochs
+                                                              - base * (self.cycles - 1)]
+
+        # --- distillation
+        for name in ("temperature", "student_temperature"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                bad(name, f"must be a finite number > 0, got {value}")
+        if self.student_temperature is None:
+            self.student_temperature = self.temperature if self.method == "kd" else 1.0
+        if self.t2_scaling is None:
+            self.t2_scaling = self.method == "kd"
+        if self.lambda_s is None:
+            self.lambda_s = 1.0 if self.method == "kd" else 1.0 + 1.0 / self.temperature
+        for name in ("lambda_s", "lambda_t"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                bad(name, f"must be a finite number >= 0, got {value}")
+        if not (0.0 <= self.eta <= 1.0) or not math.isfinite(self.eta):
+            bad("eta", f"η must be in [0, 1], got {self.eta}")
+        if not 2 <= self.topk <= 16:
+            bad("topk", f"K must be an integer in [2, 16], got {self.topk}")
+        if self.generations < 0:
+            bad("generations", f"must be >= 0, got {self.generations}")
+        if self.method not in GENERATION_METHODS:
+            self.generations = 0
+        if self.method == "kd":
+            if not self.teacher_checkpoint:
+                bad("teacher_checkpoint", "--method kd distils a separately trained teacher: give "
+                    "--teacher-checkpoint (a fastsd run directory or weights file) and "
+                    "--teacher-arch if it differs from --arch")
+            self.teacher_checkpoint = os.path.expanduser(self.teacher_checkpoint)
+            if self.teacher_arch is None:
+                self.teacher_arch = self.arch
+            self._check_arch("teacher_arch", self.teacher_arch)
+        elif self.teacher_checkpoint or self.teacher_arch:
+            bad("teacher_checkpoint" if self.teacher_checkpoint else "teacher_arch",
+                f"a separate teacher is used by --method kd only, not {self.method}")
+
+        # --- optimisation
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", f"must be a finite number > 0, got {self.lr}")
+        if not (0 <= self.lr_min < self.lr):
+            bad("lr_min", f"must be in [0, --lr) = [0, {self.lr}), got {self.lr_min}")
+        if cyclic and self.schedule != "cosine":
+            bad("schedule", f"--method {self.method} uses the cyclic cosine schedule; "
+                f"--schedule step applies to bl, kd, ban and tt")
+        if self.schedule == "step":
+            if self.milestones is None:
+                self.milestones = [0.5 * self.epochs, 0.75 * self.epochs]
+            if any(not (0 < m < self.epochs) for m in self.milestones) or \
+                    list(self.milestones) != sorted(self.milestones):
+                bad("milestones", f"must be increasing epochs inside (0, {self.epochs}), got "
+                    f"{self.milestones}")
+            if not 0 < self.gamma < 1:
+                bad("gamma", f"must be in (0, 1), got {self.gamma}")
+        elif self.milestones is not None:
+            bad("milestones", "milestones apply to --schedule step only")
+        if not (0 <= self.warmup_epochs < self.cycle_epochs[0] if cyclic
+                else 0 <= self.warmup_epochs < self.epochs):
+            bad("warmup_epochs", f"must be >= 0 and shorter than the first cycle / the training,"
+                f" got {self.warmup_epochs}")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            bad("nesterov", "Nesterov needs --momentum > 0 (or pass --no-nesterov)")
+        if self.weight_decay is None:
+            self.weight_decay = defaults["weight_decay"]
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+
+        # --- run
+        for name in ("log_every", "eval_every", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
+
+    def _check_arch(self, name, value):
+        from fastsd.models import get_model_info
+
+        try:
+            get_model_info(value)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{flag(name)}: {e}") from None
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the whole run: ``epochs`` times the number of generations for ban/tt."""
+        return self.epochs * (self.generations + 1 if self.method in GENERATION_METHODS else 1)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A new, re-validated config with some fields changed."""
+        return TrainConfig(**{**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping whose keys are field names (``-`` may stand for ``_``)."""
+        return cls(**normalise_keys(values, source))
+
+
+def normalise_keys(values: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """Map ``"cycle-epochs"`` to ``"cycle_epochs"`` and reject unknown keys with a suggestion."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{source}: unknown setting {key!r}{hint}; "
+                              f"`python -m fastsd.train --help` lists them all")
+        out[name] = value
+    return out
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """Read a YAML mapping of settings (as written to a run's config.yaml)."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {path!r}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of settings (key: value), got "
+                          f"a {type(data).__name__}")
+    return normalise_keys(data, path)
+
+
+def dump_yaml(cfg: TrainConfig, path: str, extra_comment: str = "") -> None:
+    """Write the resolved configuration, one commented key per field, atomically."""
+    import yaml
+
+    from .checkpoint import atomic_write_text
+
+    lines = ["# fastsd.train: the resolved configuration of this run (every 'auto' filled in).",
+             "# Re-run with: python -m fastsd.train --config config.yaml"]
+    if extra_comment:
+        lines.append(f"# {extra_comment}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        lines.append(f"# {f.metadata['help'].replace('%%', '%')}")
+        lines.append(yaml.safe_dump({f.name: value}, default_flow_style=True, width=1 << 20,
+                                    sort_keys=False).strip().strip("{}"))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _base_type(tp):
+    """``Optional[int]`` -> int."""
+    args = getattr(tp, "__args__", None)
+    if args:
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
+def _convert(kind, value):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    return value
+
+
+def _type_words(kind) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(kind, kind.__name__)
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (AVX-512 BF16 / AMX): then a bf16 teacher
+    forward is about twice as fast as fp32; without it bf16 is emulated and slower."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -1,0 +1,31 @@
+"""Exceptions of the trainer that carry a message a user can act on.
+
+The command line prints these without a traceback and exits with a non-zero status; anything else
+is a bug (or a failure of a lower layer) and keeps its traceback.
+"""
+
+
+class TrainError(Exception):
+    """Base class: the message says what is wrong and what to do."""
+
+    exit_code = 2
+
+
+class ConfigError(TrainError, ValueError):
+    """A configuration value (flag, YAML key) that cannot work; raised before anything runs."""
+
+
+class SetupError(TrainError):
+    """Something the run needs is missing or unusable (data folder, checkpoint, run directory)."""
+
+
+class NonFiniteLossError(TrainError):
+    """The loss stayed non-finite for too many steps in a row; the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+class Interrupted(TrainError):
+    """SIGTERM / SIGINT: a consistent checkpoint was written; ``--resume`` continues the run."""
+
+    exit_code = 143

@@ -1,0 +1,681 @@
+"""The trainer: builds everything from a :class:`TrainConfig`, trains stage by stage, evaluates,
+keeps snapshots, checkpoints, and writes the results.
+
+Order of work, so that every user error surfaces before the first step: configuration (checked on
+construction) -> resume checkpoint located -> data loaders (folder layout, class count) -> model
+-> KD teacher (file, architecture, classes) -> run directory, config.yaml -> resume state.
+
+Distributed training (issue 6) plugs in at ``rank`` / ``world_size`` (shards of the loaders, only
+rank 0 writes) and :meth:`Trainer._all_reduce`; nothing else here assumes one process.
+"""
+
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import (FORMAT_VERSION, atomic_torch_save, checkpoint_path, find_checkpoint,
+                         load_checkpoint, model_weights, rng_state, save_safetensors,
+                         set_rng_state)
+from .config import GENERATION_METHODS, TrainConfig, dump_yaml, flag
+from .errors import ConfigError, Interrupted, NonFiniteLossError, SetupError
+from .monitor import Monitor
+from .results import format_table, summarise, write_results
+from .schedule import Plan, Stage, build_plan
+from .step import TrainStep, autocast, build_optimizer, evaluate, topk_correct
+
+
+def model_seed(seed: int, generation: int) -> int:
+    """Seed of the initial weights of a generation (generation 0 for every method but ban/tt)."""
+    return seed + 1_000_003 * generation
+
+
+class Trainer:
+    """One training run. ``Trainer(cfg).run()`` returns the results dictionary (results.json).
+
+    ``hooks``: objects with any of ``on_stage_start(trainer, stage)``, ``on_step_end(trainer)``,
+    ``on_stage_end(trainer, stage)``, ``on_epoch_end(trainer, epoch)`` (tests and tools use them).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, hooks: Optional[List[Any]] = None, rank: int = 0,
+                 world_size: int = 1, quiet: bool = False):
+        self.cfg = cfg
+        self.hooks = list(hooks or [])
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.quiet = quiet
+        self.device = torch.device(cfg.device)
+        self.run_dir: Optional[str] = None
+        self.epoch = 0              # the next epoch to train (global)
+        self.batch_in_epoch = 0     # batches of ``epoch`` already trained (mid-epoch resume)
+        self.iteration = 0          # global iterations done
+        self.snapshots: List[Dict[str, Any]] = []
+        self.epochs_log: List[Dict[str, Any]] = []
+        self.wall_time = 0.0
+        self.active_stage: Optional[Stage] = None
+        self._stop_signal: Optional[int] = None
+        self._setup_done = False
+
+    # ================================================================================== setup
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        resume_path = find_checkpoint(cfg.resume) if cfg.resume else None
+        run_dir = self._choose_run_dir()
+        if self.device.type == "cuda":
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = not cfg.deterministic
+            torch.backends.cudnn.deterministic = cfg.deterministic
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        _seed_all(cfg.seed)
+
+        self.data = self._build_data()
+        info = self.data.info
+        self.num_classes = cfg.num_classes or info.num_classes
+        if info.num_classes != self.num_classes:
+            raise SetupError(f"{flag('num_classes')}: the data set has {info.num_classes} classes "
+                             f"but --num-classes is {self.num_classes}")
+        cfg.num_classes = self.num_classes  # config.yaml states it
+        if cfg.method == "tt" and cfg.topk > self.num_classes:
+            raise ConfigError(f"--topk: K={cfg.topk} is more than the {self.num_classes} classes "
+                              f"of the data set; use --topk {min(5, self.num_classes)}")
+        iters = len(self.data.train)
+        if iters < 1:
+            raise SetupError(f"--batch-size {cfg.batch_size} is larger than the training split "
+                             f"({info.train_size} images): an epoch would have no full batch")
+        self.plan: Plan = build_plan(cfg, iters)
+
+        self.model = self._new_model(0)
+        self.kd_teacher = None
+        if cfg.method == "kd":
+            from .teachers import Teachers, build_kd_teacher
+
+            kd_model = build_kd_teacher(cfg.teacher_arch, self.num_classes,
+                                        cfg.teacher_checkpoint, device=self.device,
+                                        channels_last=cfg.channels_last)
+            self.kd_teacher = Teachers(kd_model, 1, cfg.teacher_dtype, self.device)
+            self.kd_teacher.capture(kd_model, 0)
+            del kd_model
+        self.teachers = None
+        if self.plan.num_slots:
+            from .teachers import Teachers
+
+            self.teachers = Teachers(self.model, self.plan.num_slots, cfg.teacher_dtype,
+                                     self.device)
+        self.optimizer = build_optimizer(self.model, lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                         wd_norm_bias=cfg.wd_norm_bias)
+        self.step = TrainStep(self.model, self.optimizer, device=self.device, amp=cfg.amp,
+                              num_classes=self.num_classes, compile=cfg.compile,
+                              compile_mode=cfg.compile_mode)
+
+        resume_state = None
+        if resume_path:
+            # On the CPU first: RNG states must stay there; model, optimiser and snapshots copy
+            # themselves to their device on load.
+            resume_state = load_checkpoint(resume_path, "cpu")
+            self._check_resume_state(resume_state, resume_path)
+        if self.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        self.run_dir = cfg.out = run_dir
+        if self.is_main:
+            # The run's settings, not how this process was started: no "resume" in the file, so
+            # `--config config.yaml` starts the same run afresh.
+            dump_yaml(cfg.replace(resume=None), os.path.join(self.run_dir, "config.yaml"))
+        if resume_state is not None:
+            self._load_state(resume_state)
+        self.monitor = Monitor(self.run_dir, progress="none" if self.quiet else cfg.progress,
+                               tensorboard=cfg.tensorboard, enabled=self.is_main,
+                               console=not self.quiet,
+                               resume_iteration=self.iteration if resume_state else None)
+        self._setup_done = True
+        return self
+
+    def _build_data(self):
+        cfg = self.cfg
+        kwargs = dict(batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+                      workers=cfg.workers, device=self.device, seed=cfg.seed,
+                      channels_last=cfg.channels_last, download=cfg.download,
+                      num_classes=cfg.num_classes, image_size=cfg.image_size,
+                      synthetic_size=_synthetic_size(cfg.synthetic_size), rank=self.rank,
+                      world_size=self.world_size)
+        if cfg.dali:
+            try:
+                from fastsd.data.dali import build_dali_loaders
+            except ImportError as e:
+                raise SetupError(f"--dali: the DALI pipeline cannot be loaded ({e}); install "
+                                 f"nvidia-dali-cuda130 (pip install 'fastsd[dali]') or drop "
+                                 f"--dali") from None
+            build = build_dali_loaders
+        else:
+            from fastsd.data import build_loaders as build
+        try:
+            if cfg.dataset == "imagefolder" and cfg.check_images != "none":
+                from .preflight import check_image_folder
+
+                check_image_folder(cfg.data, cfg.num_classes, cfg.check_images,
+                                   max(cfg.workers, os.cpu_count() or 1))
+            return build(cfg.dataset, cfg.data, **kwargs)
+        except (ValueError, OSError) as e:
+            # The data layer names the folder or file; say which flag leads there.
+            where = f"{flag('dataset')} {cfg.dataset}" + (f", {flag('data')} {cfg.data}"
+                                                          if cfg.data else "")
+            raise SetupError(f"data ({where}): {e}") from None
+
+    def _new_model(self, generation: int) -> nn.Module:
+        from fastsd.models import create_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_seed(self.cfg.seed, generation))
+            model = create_model(self.cfg.arch, self.num_classes)
+        model = model.to(self.device)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _choose_run_dir(self) -> str:
+        """The run directory (created later, once nothing can fail for a user's reason)."""
+        cfg = self.cfg
+        if cfg.resume:
+            return cfg.resume
+        run_dir = cfg.out
+        if run_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run_dir = base = os.path.join("runs", f"{cfg.method}-{cfg.arch}-{stamp}")
+            n = 1
+            while os.path.exists(run_dir):
+                n += 1
+                run_dir = f"{base}-{n}"
+        if os.path.isfile(checkpoint_path(run_dir)):
+            raise SetupError(f"--out: {run_dir!r} already holds a run with a checkpoint; continue "
+                             f"it with --resume {run_dir}, or choose another --out")
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise SetupError(f"--out: {run_dir!r} exists and is not a directory")
+        return run_dir
+
+    # ========================================================================== checkpointing
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION, "arch": self.cfg.arch, "num_classes": self.num_classes,
+            "method": self.cfg.method, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "iteration": self.iteration, "iters_per_epoch": self.plan.iters_per_epoch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.step.state_dict(),
+            "teachers": self.teachers.state_dict() if self.teachers is not None else None,
+            "rng": rng_state(), "snapshots": self.snapshots, "epochs": self.epochs_log,
+            "wall_time_s": self.wall_time + self.monitor.elapsed(),
+            "config": self.cfg.to_dict(), "world_size": self.world_size,
+        }
+
+    def _check_resume_state(self, state, path) -> None:
+        if state.get("arch") != self.cfg.arch or state.get("num_classes") != self.num_classes:
+            raise SetupError(f"--resume: {path} holds a {state.get('arch')} with "
+                             f"{state.get('num_classes')} classes, not the configured "
+                             f"{self.cfg.arch} with {self.num_classes}")
+        if state.get("iters_per_epoch") != self.plan.iters_per_epoch:
+            raise SetupError(f"--resume: {path} was written with {state.get('iters_per_epoch')} "
+                             f"iterations per epoch but the data now gives "
+                             f"{self.plan.iters_per_epoch}: the data set or batch size changed")
+        if state.get("world_size", 1) != self.world_size:
+            raise SetupError(f"--resume: {path} was written by {state.get('world_size')} "
+                             f"processes; resume with the same number (now {self.world_size})")
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step.load_state_dict(state["step"])
+        if self.teachers is not None and state.get("teachers") is not None:
+            self.teachers.load_state_dict(state["teachers"])
+        set_rng_state(state["rng"])
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.iteration = state["iteration"]
+        self.snapshots, self.epochs_log = list(state["snapshots"]), list(state["epochs"])
+        self.wall_time = float(state.get("wall_time_s", 0.0))
+
+    def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        if not self._weights_finite():
+            raise NonFiniteLossError(
+                f"the model's weights (or BatchNorm statistics) are no longer finite at "
+                f"iteration {self.iteration}; nothing was saved, so the last good checkpoint "
+                f"{checkpoint_path(self.run_dir)} is intact. Lower --lr, add --warmup-epochs, "
+                f"or use --amp bf16 / none, then --resume from it or start again")
+        atomic_torch_save(self.state_dict(), checkpoint_path(self.run_dir))
+
+    def _weights_finite(self) -> bool:
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        if not tensors:
+            return True
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    # ============================================================================== training
+    def run(self) -> Dict[str, Any]:
+        """Train (or finish a resumed run), evaluate, write the results; return them."""
+        if not self._setup_done:
+            self.setup()
+        restore = self._install_signal_handlers()
+        self._announce()
+        try:
+            self.fit()
+            results = self.finish()
+        finally:
+            restore()
+            self.monitor.close()
+        return results
+
+    def fit(self) -> None:
+        plan = self.plan
+        for epoch in range(self.epoch, plan.total_epochs):
+            stage = plan.stage_of_epoch(epoch)
+            if stage is not self.active_stage:
+                self._enter_stage(stage, at_start=self.iteration == plan.stage_bounds(stage)[0])
+            self._train_epoch(epoch)
+            self._end_epoch(epoch, stage)
+
+    def _enter_stage(self, stage: Stage, at_start: bool) -> None:
+        if at_start and stage.fresh_model and stage.index > 0:
+            # A new generation: fresh weights (their own seed), zero momentum, a new scaler.
+            fresh = self._new_model(stage.index)
+            with torch.no_grad():
+                self.model.load_state_dict(fresh.state_dict())
+                for state in self.optimizer.state.values():
+                    if "momentum_buffer" in state:
+                        state["momentum_buffer"].zero_()
+            if self.step.scaler is not None:
+                self.step.scaler = torch.amp.GradScaler(self.device.type)
+            del fresh
+        teacher = None
+        if stage.loss.teacher == "external":
+            teacher = self.kd_teacher.forward(0)
+        elif stage.loss.teacher is not None:
+            teacher = self.teachers.forward(stage.loss.teacher)
+        self.step.set_stage(stage.loss, teacher)
+        self.active_stage = stage
+        if at_start:
+            self.monitor.log("stage", dict(stage=stage.index, stage_kind=stage.kind,
+                                           label=stage.label, iteration=self.iteration,
+                                           epoch=stage.start_epoch,
+                                           teacher=stage.loss.teacher,
+                                           loss=stage.loss.loss_kwargs()))
+        self.monitor.message(self._describe_stage(stage))
+        self._call_hooks("on_stage_start", stage)
+
+    def _describe_stage(self, stage: Stage) -> str:
+        epochs = (f"epoch {stage.start_epoch + 1}" if stage.epochs == 1
+                  else f"epochs {stage.start_epoch + 1}-{stage.end_epoch}")
+        loss = stage.loss
+        if loss.teacher is None:
+            who = ("no teacher: tolerant loss, η={:g}, K={}".format(loss.ce_weight, loss.topk)
+                   if loss.tolerance_weight > 0 else "no teacher")
+        else:
+            source = ("the KD teacher" if loss.teacher == "external" else
+                      f"teacher: the snapshot of {self.plan.stages[loss.teacher].label}")
+            who = (f"{source} (T={loss.temperature:g}, student T={loss.student_temperature:g}, "
+                   f"λ_S={loss.ce_weight:g}, λ_T={loss.kd_weight:g}"
+                   + (", T² scaling)" if loss.t2_scaling else ")"))
+        name = {"cycle": f"cycle {stage.label}", "generation": f"generation {stage.label}",
+                "run": "training"}[stage.kind]
+        return f"{name}: {epochs}, {who}"
+
+    def _announce(self) -> None:
+        cfg, info = self.cfg, self.data.info
+        shape = {"cycle": f" in {len(self.plan.stages)} cycles {cfg.cycle_epochs}",
+                 "generation": f" per generation, {len(self.plan.stages)} generations"}.get(
+                     self.plan.stages[0].kind, "")
+        teacher = (f", teacher {cfg.teacher_dtype}" if self.teachers is not None
+                   or self.kd_teacher is not None else "")
+        resumed = (f"; resuming at epoch {self.epoch + 1}, iteration {self.iteration}"
+                   if self.iteration else "")
+        self.monitor.message(
+            f"fastsd.train: {cfg.method} {cfg.arch} on {cfg.dataset} ({info.train_size} training /"
+            f" {info.test_size} test images, {self.num_classes} classes, {info.image_size}px), "
+            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}{shape}, batch {cfg.batch_size},"
+            f" {self.plan.iters_per_epoch} iterations per epoch; {self.device}, amp {cfg.amp}"
+            f"{teacher}"
+            f"{', compiled' if cfg.compile else ''}; run directory {self.run_dir}{resumed}")
+
+    def _train_epoch(self, epoch: int) -> None:
+        cfg, plan = self.cfg, self.plan
+        loader = self.data.train
+        loader.set_epoch(epoch)
+        self.model.train()
+        skip = self.batch_in_epoch
+        self.monitor.epoch_start(epoch, plan.total_epochs, plan.iters_per_epoch, initial=skip)
+        self._epoch_sums = dict(loss=0.0, ce=0.0, kl=0.0, tolerance=0.0, correct=0.0, images=0,
+                                steps=0, finite=0)
+        epoch_start = window_start = time.perf_counter()
+        window_images = epoch_images = 0
+        groups = self.optimizer.param_groups
+        lr = plan.lr_at(self.iteration)
+        for b, (images, labels) in enumerate(loader):
+            if b < skip:
+                continue  # a resumed epoch: the same order and augmentation, its head trained
+            lr = plan.lr_at(self.iteration)
+            for group in groups:
+                group["lr"] = lr
+            self.step(images, labels)
+            self.iteration += 1
+            self.batch_in_epoch = b + 1
+            window_images += images.shape[0]
+            if self.hooks:
+                self._call_hooks("on_step_end")
+            if self.monitor.progress == "bar":
+                self.monitor.advance(1)
+            if self.iteration % cfg.log_every == 0:
+                now = time.perf_counter()
+                self._log_window(epoch, lr, window_images, now - window_start)
+                epoch_images += window_images
+                window_start, window_images = now, 0
+            if self._stop_signal is not None:
+                self._interrupt()
+        if window_images:
+            self._log_window(epoch, lr, window_images, time.perf_counter() - window_start,
+                             to_log=False)
+            epoch_images += window_images
+        self.monitor.epoch_end()
+        seconds = time.perf_counter() - epoch_start
+        s = self._epoch_sums
+        finite = max(s["finite"], 1)
+        self._epoch_row = dict(
+            epoch=epoch + 1, iteration=self.iteration, stage=self.active_stage.index, lr=lr,
+            loss=s["loss"] / finite, ce=s["ce"] / finite, kl=s["kl"] / finite,
+            tolerance=s["tolerance"] / finite,
+            train_top1_error=100.0 * (1 - s["correct"] / max(s["images"], 1)),
+            nonfinite=s["steps"] - s["finite"], epoch_time=seconds,
+            images_per_s=epoch_images / seconds if seconds > 0 else None)
+
+    def _log_window(self, epoch, lr, images, seconds, to_log=True) -> None:
+        m = self.step.read_metrics()
+        finite = m["steps"] - m["nonfinite"]
+        finite_images = images * finite / max(m["steps"], 1)
+        s = self._epoch_sums
+        for key in ("loss", "ce", "kl", "tolerance"):
+            s[key] += m[key] * finite
+        s["correct"] += m["correct"]
+        s["images"] += finite_images
+        s["steps"] += m["steps"]
+        s["finite"] += finite
+        if m["max_nonfinite_run"] >= self.cfg.max_nonfinite:
+            self._raise_nonfinite(m["max_nonfinite_run"])
+        if not to_log:
+            return
+        row = dict(iteration=self.iteration, epoch=epoch + 1, stage=self.active_stage.index,
+                   lr=lr, loss=m["loss"], ce=m["ce"], kl=m["kl"], tolerance=m["tolerance"],
+                   train_top1_error=100.0 * (1 - m["correct"] / max(finite_images, 1)),
+                   nonfinite=m["nonfinite"], images_per_s=images / seconds if seconds else None,
+                   time=self.monitor.elapsed())
+        self.monitor.log("step", row, tb_prefix="train")
+        postfix = dict(lr=f"{lr:.4g}", loss=f"{m['loss']:.4f}",
+                       img_s=f"{row['images_per_s'] or 0:.0f}")
+        if self.monitor.progress == "bar":
+            self.monitor.advance(0, postfix)
+        elif self.monitor.progress == "plain":
+            terms = f"ce {m['ce']:.4f}" + (f" kl {m['kl']:.4f}" if m["kl"] else "") + (
+                f" tol {m['tolerance']:.4f}" if m["tolerance"] else "")
+            self.monitor.message(
+                f"epoch {epoch + 1}/{self.plan.total_epochs} it {self.iteration}/"
+                f"{self.plan.total_iters} lr {lr:.4g} loss {m['loss']:.4f} ({terms}) "
+                f"train-err {row['train_top1_error']:.2f}% {postfix['img_s']} img/s")
+
+    def _raise_nonfinite(self, run: int) -> None:
+        ckpt = checkpoint_path(self.run_dir)
+        where = (f"the last good checkpoint {ckpt} is intact (resume with --resume "
+                 f"{self.run_dir} after changing the settings)" if os.path.isfile(ckpt)
+                 else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"the loss was not finite for {run} steps in a row (limit {flag('max_nonfinite')} "
+            f"{self.cfg.max_nonfinite}), up to iteration {self.iteration}; {where}. Lower --lr, "
+            f"add --warmup-epochs, or use --amp bf16 / none")
+
+    def _end_epoch(self, epoch: int, stage: Stage) -> None:
+        cfg = self.cfg
+        row = self._epoch_row
+        stage_end = epoch + 1 == stage.end_epoch
+        if stage_end:
+            self._end_stage(stage, epoch, row)
+        elif (epoch + 1) % cfg.eval_every == 0:
+            row.update(self._evaluate_student())
+        if "top1_error" in row:
+            row["test_top1_error"] = row.pop("top1_error")
+            row["test_top5_error"] = row.pop("top5_error")
+            row.pop("samples", None)
+        self.epochs_log.append(row)
+        self.monitor.log("epoch", row, tb_prefix="epoch", tb_step=epoch + 1)
+        test = (f", test error {row['test_top1_error']:.2f}% (top-5 {row['test_top5_error']:.2f}%)"
+                if "test_top1_error" in row else "")
+        self.monitor.message(f"epoch {epoch + 1}/{self.plan.total_epochs}: loss {row['loss']:.4f}"
+                             f", train error {row['train_top1_error']:.2f}%{test}, "
+                             f"{row['epoch_time']:.1f} s")
+        self.epoch, self.batch_in_epoch = epoch + 1, 0
+        self.save_checkpoint()
+        self._call_hooks("on_epoch_end", epoch)
+
+    def _end_stage(self, stage: Stage, epoch: int, row: Dict[str, Any]) -> None:
+        """The last iteration of a cycle / generation has run: snapshot it, evaluate it."""
+        if stage.capture_slot is not None:
+            self.teachers.capture(self.model, stage.capture_slot)
+            if self.is_main:
+                name = ("cycle" if stage.kind == "cycle" else "gen") + str(
+                    stage.index + 1 if stage.kind == "cycle" else stage.index)
+                save_safetensors(model_weights(self.model),
+                                 os.path.join(self.run_dir, "snapshots", f"{name}.safetensors"),
+                                 self._weights_metadata(label=stage.label))
+        conf = _ConfidenceMeter(self.device)
+        result = self._evaluate_student(collect=conf)
+        row.update(result)
+        index = stage.index + 1 if stage.kind in ("cycle", "run") else stage.index
+        entry = dict(index=index, label=stage.label, epoch=epoch + 1, iteration=self.iteration,
+                     top1_error=result["top1_error"], top5_error=result["top5_error"],
+                     confidence_top4=conf.mean())
+        self.snapshots.append(entry)
+        self.monitor.log("snapshot", entry, tb_prefix="snapshot", tb_step=epoch + 1)
+        self._call_hooks("on_stage_end", stage)
+
+    def _evaluate_student(self, collect=None) -> Dict[str, float]:
+        model, amp, device = self.model, self.cfg.amp, self.device
+
+        def forward(images):
+            with autocast(device, amp):
+                return model(images)
+
+        model.eval()
+        try:
+            return evaluate(forward, self.data.test, collect=collect)
+        finally:
+            model.train()
+
+    def _interrupt(self) -> None:
+        signum = self._stop_signal
+        self.save_checkpoint()
+        error = Interrupted(f"stopped by {signal.Signals(signum).name} at iteration "
+                            f"{self.iteration} (epoch {self.epoch + 1}, batch "
+                            f"{self.batch_in_epoch}); a checkpoint was written: continue with "
+                            f"--resume {self.run_dir}")
+        error.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+        raise error
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+
+        def restore():
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+    def _call_hooks(self, name: str, *args) -> None:
+        for hook in self.hooks:
+            fn = getattr(hook, name, None)
+            if fn is not None:
+                fn(self, *args)
+
+    # ================================================================================ results
+    def _weights_metadata(self, **extra) -> Dict[str, str]:
+        return dict(format="fastsd", arch=self.cfg.arch, num_classes=self.num_classes,
+                    method=self.cfg.method, **extra)
+
+    def snapshot_members(self) -> List[int]:
+        """The slots whose softmax outputs are averaged into the run's ensemble."""
+        if self.teachers is None:
+            return []
+        slots = list(range(self.plan.num_slots))
+        return slots[1:] if self.cfg.method in GENERATION_METHODS else slots
+
+    @torch.no_grad()
+    def evaluate_snapshots(self) -> Dict[str, Any]:
+        """One pass per stored snapshot over the test split: each snapshot's error as stored (in
+        the teacher precision), teacher-student agreement and teacher entropy, and the ensembles
+        of the first 1..g members (mean of softmax outputs)."""
+        members = self.snapshot_members()
+        T = self.cfg.temperature
+        labels: List[torch.Tensor] = []
+        sums: List[torch.Tensor] = []
+        prev_top: List[torch.Tensor] = []
+        per_slot, ensembles = [], []
+        stage_of_slot = {s.capture_slot: s for s in self.plan.stages}
+        for slot in range(self.plan.num_slots):
+            forward = self.teachers.forward(slot)
+            first = slot == 0
+            zero = torch.zeros((), device=self.device)
+            c1 = c5 = agree = entropy = zero
+            count = 0
+            top_now = []
+            for b, (images, y) in enumerate(self.data.test):
+                logits = forward(images).float()
+                if first:
+                    labels.append(y)
+                k1, k5 = topk_correct(logits, y)
+                c1, c5 = c1 + k1, c5 + k5
+                count += y.shape[0]
+                top = logits.argmax(-1)
+                top_now.append(top)
+                if not first:
+                    agree = agree + (top == prev_top[b]).sum()
+                log_p = torch.log_softmax(logits / T, dim=-1)
+                entropy = entropy - (log_p.exp() * log_p).sum()
+                if slot in members:
+                    probs = torch.softmax(logits, dim=-1)
+                    if len(sums) <= b:
+                        sums.append(probs)
+                    else:
+                        sums[b] = sums[b] + probs
+            c1, c5, agree, entropy = (self._all_reduce(torch.stack([c1, c5, agree, entropy]))
+                                      .tolist())
+            count = int(self._all_reduce(torch.tensor(float(count), device=self.device)))
+            info = dict(slot=slot, snapshot_top1_error=100 * (1 - c1 / count),
+                        snapshot_top5_error=100 * (1 - c5 / count), entropy_T=entropy / count)
+            stage = stage_of_slot.get(slot)
+            if stage is not None and isinstance(stage.loss.teacher, int) and not first:
+                info["teacher_agreement"] = 100.0 * agree / count
+                info["teacher_entropy"] = per_slot[-1]["entropy_T"]
+            per_slot.append(info)
+            prev_top = top_now
+            if slot in members:
+                e1 = e5 = zero
+                for probs, y in zip(sums, labels):
+                    k1, k5 = topk_correct(probs, y)
+                    e1, e5 = e1 + k1, e5 + k5
+                e1, e5 = self._all_reduce(torch.stack([e1, e5])).tolist()
+                ensembles.append(dict(members=[self._slot_index(s) for s in members
+                                               if s <= slot],
+                                      top1_error=100 * (1 - e1 / count),
+                                      top5_error=100 * (1 - e5 / count)))
+        return dict(per_slot=per_slot, ensembles=ensembles)
+
+    def _slot_index(self, slot: int) -> int:
+        """The results index of a slot: cycle number (1-based) or generation number."""
+        return slot if self.cfg.method in GENERATION_METHODS else slot + 1
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (identity in one process; DDP plugs in here)."""
+        return tensor
+
+    def finish(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        ensemble = None
+        ensembles: List[Dict[str, Any]] = []
+        if self.teachers is not None:
+            extra = self.evaluate_snapshots()
+            for info in extra["per_slot"]:
+                entry = next(e for e in self.snapshots
+                             if e["index"] == self._slot_index(info["slot"]))
+                entry.update({k: v for k, v in info.items() if k not in ("slot", "entropy_T")})
+            ensembles = extra["ensembles"]
+            if ensembles:
+                ensemble = dict(ensembles[-1])
+        final, best = summarise(self.snapshots)
+        wall = self.wall_time + self.monitor.elapsed()
+        results = dict(
+            method=cfg.method, arch=cfg.arch, dataset=cfg.dataset, num_classes=self.num_classes,
+            snapshots=self.snapshots, final=final, best=best, ensemble=ensemble,
+            ensembles=ensembles, temperature=cfg.temperature,
+            student_temperature=cfg.student_temperature, lambda_s=cfg.lambda_s,
+            lambda_t=cfg.lambda_t, t2_scaling=cfg.t2_scaling,
+            teacher_dtype=cfg.teacher_dtype if self.teachers or self.kd_teacher else None,
+            eta=cfg.eta if cfg.method == "tt"
+            else None, topk=cfg.topk if cfg.method == "tt" else None, epochs=cfg.epochs,
+            cycle_epochs=cfg.cycle_epochs if cfg.method in ("se", "sd") else None,
+            generations=cfg.generations if cfg.method in GENERATION_METHODS else None,
+            world_size=self.world_size, seed=cfg.seed, wall_time_s=round(wall, 2),
+            run_dir=self.run_dir)
+        if self.is_main:
+            save_safetensors(model_weights(self.model),
+                             os.path.join(self.run_dir, "model.safetensors"),
+                             self._weights_metadata())
+            write_results(results, self.run_dir)
+            if not self.quiet:
+                print(format_table([results]))
+                print(f"\nresults: {os.path.join(self.run_dir, 'results.md')} "
+                      f"(and results.json, metrics.jsonl, model.safetensors); {wall:.1f} s")
+        return results
+
+
+class _ConfidenceMeter:
+    """Mean softmax confidence of the top-1 … top-4 classes over the test split (the
+    tolerant-teacher paper's table of secondary information)."""
+
+    def __init__(self, device):
+        self.total = torch.zeros(4, device=device)
+        self.count = 0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        probs = torch.softmax(logits.float(), dim=-1)
+        k = min(4, probs.shape[-1])
+        top = probs.topk(k, dim=-1).values.sum(0)
+        self.total[:k] += top
+        self.count += labels.shape[0]
+
+    def mean(self) -> List[float]:
+        return [v / max(self.count, 1) for v in self.total.tolist()]
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _synthetic_size(value):
+    if value is None:
+        return None
+    return value[0] if len(value) == 1 else tuple(value)

@@ -1,0 +1,135 @@
+"""What a run tells the world while it trains: metrics.jsonl, TensorBoard events, progress.
+
+``metrics.jsonl`` holds one JSON object per line, each with a ``kind``:
+
+- ``"step"``: every ``--log-every`` steps: iteration, epoch, stage, lr, loss, ce, kl, tolerance
+  (means over the window's finite steps), train_top1_error (percent, on the augmented batches),
+  nonfinite (steps in the window), images_per_s, time (seconds since the run started);
+- ``"epoch"``: per epoch: lr (its last), the same training means over the epoch, test_top1_error /
+  test_top5_error when evaluated, epoch_time, images_per_s;
+- ``"stage"``: at every cycle / generation start: stage, kind, iteration, epoch, teacher (the slot
+  teaching it, "external" or null), loss keywords;
+- ``"snapshot"``: at every cycle / generation end: index, label, epoch, iteration, test errors,
+  mean top-1..top-4 confidences.
+
+On resume, lines past the checkpoint's iteration are dropped (they belong to the lost tail of the
+interrupted run).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Monitor:
+    """Writes metrics.jsonl and TensorBoard events and shows progress (rank 0 only writes)."""
+
+    def __init__(self, run_dir: str, *, progress: str, tensorboard: bool, enabled: bool = True,
+                 console: bool = True, resume_iteration: Optional[int] = None):
+        self.enabled = enabled
+        self.console = console and enabled
+        self.run_dir = run_dir
+        self.start = time.perf_counter()
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if progress == "auto":
+            progress = "bar" if sys.stderr.isatty() else "plain"
+        if progress == "bar":
+            try:
+                import tqdm  # noqa: F401
+            except ImportError:
+                progress = "plain"
+        self.progress = progress if enabled else "none"
+        self._bar = None
+        self._writer = None
+        if not enabled:
+            return
+        if resume_iteration is not None:
+            self._truncate(resume_iteration)
+        self._fh = open(self.path, "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                             purge_step=resume_iteration)
+            except ImportError:
+                self._writer = None
+
+    def _truncate(self, iteration: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        keep = []
+        with open(self.path) as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by the kill
+                if row.get("iteration", 0) <= iteration and not (
+                        row.get("kind") == "stage" and row.get("iteration", 0) == iteration):
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(self.path, "".join(keep))
+
+    # ------------------------------------------------------------------------------------ rows
+    def log(self, kind: str, row: Dict[str, Any], *, tb_prefix: Optional[str] = None,
+            tb_step: Optional[int] = None) -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, **{k: _clean(v) for k, v in row.items()}}
+        self._fh.write(json.dumps(row) + "\n")
+        if self._writer is not None and tb_prefix is not None:
+            step = row.get("iteration") if tb_step is None else tb_step
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and key not in ("iteration", "epoch", "stage", "kind"):
+                    self._writer.add_scalar(f"{tb_prefix}/{key}", value, step)
+
+    def message(self, text: str) -> None:
+        """A line for the person watching (stderr), above the bar if there is one."""
+        if not self.console:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    # -------------------------------------------------------------------------------- progress
+    def epoch_start(self, epoch: int, total_epochs: int, iters: int, initial: int = 0) -> None:
+        if self.progress == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=iters, initial=initial, desc=f"epoch {epoch + 1}/{total_epochs}",
+                             unit="it", dynamic_ncols=True, leave=False, file=sys.stderr)
+
+    def advance(self, n: int, postfix: Optional[Dict[str, Any]] = None) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+
+    def epoch_end(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def close(self) -> None:
+        self.epoch_end()
+        if not self.enabled:
+            return
+        self._fh.close()
+        if self._writer is not None:
+            self._writer.close()

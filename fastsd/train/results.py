@@ -1,0 +1,98 @@
+"""results.json and the error table laid out like the SD paper's (M#L1 … M#Ln, best, ensemble).
+
+``results.json``::
+
+    {"method", "arch", "dataset", "num_classes", "temperature", "lambda_s", "lambda_t",
+     "snapshots": [{"index", "label", "epoch", "top1_error", "top5_error", ...}, ...],
+     "final": {...}, "best": {...}, "ensemble": {"top1_error", "top5_error", "members"} or null,
+     "ensembles": [...], "world_size", "wall_time_s"}
+
+Errors are in percent. ``snapshots`` has one entry per cycle (se/sd: index 1..M, label M#L<i>),
+per generation (ban/tt: index 0..N, label G#<i>), or one for bl/kd (index 1, label "final").
+``epoch`` counts the epochs trained when the entry was taken (global across generations).
+``final`` is the last entry, ``best`` the one with the lowest top-1 error. ``ensemble`` averages the
+softmax outputs of the stored snapshots: every cycle for se/sd, generations 1..N for ban/tt (the
+"+Ensemble" rows of the tolerant-teacher paper; ``ensembles`` holds the ones of 1..g for every g
+and, for se/sd, of cycles 1..c); null for bl and kd.
+"""
+
+import json
+from typing import Any, Dict, List, Optional, Sequence
+
+METHOD_NAMES = {"bl": "BL", "se": "SE", "sd": "SD", "kd": "KD", "ban": "BAN", "tt": "TT"}
+
+
+def summarise(entries: List[Dict[str, Any]]):
+    """``(final, best)`` of a list of snapshot entries."""
+    final = dict(entries[-1])
+    best = dict(min(entries, key=lambda e: (e["top1_error"], e["top5_error"])))
+    return final, best
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def run_title(results: Dict[str, Any]) -> str:
+    name = METHOD_NAMES.get(results["method"], results["method"])
+    if results["method"] in ("sd", "kd") or (results["method"] in ("ban", "tt")
+                                              and len(results["snapshots"]) > 1):
+        name += f" (T={results['temperature']:g})"
+    return f"{name}, {results['arch']}"
+
+
+def format_table(runs: Sequence[Dict[str, Any]]) -> str:
+    """A markdown table of one or more runs: a top-1 and a top-5 row per run, one column per
+    snapshot / generation label, then best and ensemble (blank where a run has none)."""
+    labels: List[str] = []
+    for run in runs:
+        for entry in run["snapshots"]:
+            if entry["label"] not in labels:
+                labels.append(entry["label"])
+    header = ["run", "error (%)"] + labels + ["best", "ensemble"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for run in runs:
+        by_label = {e["label"]: e for e in run["snapshots"]}
+        for i, key in enumerate(("top1_error", "top5_error")):
+            cells = [run_title(run) if i == 0 else "", "top-1" if i == 0 else "top-5"]
+            cells += [_fmt(by_label[l][key]) if l in by_label else "" for l in labels]
+            cells.append(_fmt(run["best"][key]))
+            ens = run.get("ensemble")
+            cells.append(_fmt(ens[key]) if ens else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_markdown(results: Dict[str, Any]) -> str:
+    """results.md: the table, then the settings that produced it."""
+    lines = [f"# {run_title(results)} on {results['dataset']}", "",
+             "Top-1 and top-5 test error in percent, after each "
+             + ("generation" if results["method"] in ("ban", "tt") else "cycle (mini-generation)")
+             + "; best and the ensemble of the snapshots' softmax outputs.", "",
+             format_table([results]), ""]
+    ens = results.get("ensembles") or []
+    if ens:
+        lines += [f"Ensembles average the snapshots as stored ({results.get('teacher_dtype')}); "
+                  f"the columns evaluate the float32 model when each was taken.", ""]
+    if len(ens) > 1:
+        lines += ["Ensembles of the first members:", "",
+                  "| members | top-1 | top-5 |", "|---|---|---|"]
+        lines += [f"| {', '.join(map(str, e['members']))} | {_fmt(e['top1_error'])} | "
+                  f"{_fmt(e['top5_error'])} |" for e in ens]
+        lines.append("")
+    lines += ["| setting | value |", "|---|---|"]
+    for key in ("method", "arch", "dataset", "num_classes", "epochs", "cycle_epochs",
+                "generations", "temperature", "student_temperature", "lambda_s", "lambda_t",
+                "t2_scaling", "teacher_dtype", "eta", "topk", "world_size", "wall_time_s"):
+        if results.get(key) is not None:
+            lines.append(f"| {key} | {results[key]} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: Dict[str, Any], run_dir: str) -> None:
+    import os
+
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    atomic_write_text(os.path.join(run_dir, "results.md"), format_markdown(results))

@@ -1,0 +1,221 @@
+"""The training step and the evaluation pass.
+
+One step: the teacher's forward (no grad, its own precision, the same augmented batch), the
+student's forward under autocast, the fused loss with its separate terms, backward, and a fused SGD
+update that skips itself on device when a gradient is not finite. Nothing in it reads a value on
+the host: the metrics (loss terms, accuracy, non-finite counts) accumulate in one small device
+tensor that :meth:`TrainStep.read_metrics` reads every ``--log-every`` steps.
+"""
+
+import contextlib
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .schedule import LossSpec
+
+# Slots of the device-side metrics accumulator.
+_LOSS, _CE, _KL, _TOL, _CORRECT, _STEPS, _NONFINITE, _RUN, _MAX_RUN = range(9)
+_NUM_SLOTS = 9
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _loss_fn():
+    from fastsd import distill_loss
+
+    return distill_loss
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, *, lr: float, momentum: float, nesterov: bool,
+                    weight_decay: float, wd_norm_bias: bool) -> torch.optim.SGD:
+    """SGD (fused: one kernel for all parameters, and it honours ``found_inf`` without a host
+    sync) with momentum buffers allocated up front, so the state a checkpoint holds is complete
+    from step 0 and a skipped first step cannot leave an uninitialised buffer behind."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if wd_norm_bias or weight_decay == 0:
+        groups = [dict(params=params, weight_decay=weight_decay)]
+    else:
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups = [dict(params=decay, weight_decay=weight_decay),
+                  dict(params=no_decay, weight_decay=0.0)]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=True)
+    if momentum > 0:
+        for p in params:
+            # A zero buffer gives the same first update as PyTorch's "buf = grad" initialisation.
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(
+                p, memory_format=torch.preserve_format)
+    return opt
+
+
+class TrainStep:
+    """The student's training step; ``set_stage`` chooses the loss and the teacher of a stage.
+
+    ``__call__(images [B,3,H,W], labels [B])`` runs one optimisation step and returns nothing.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device, amp: str,
+                 num_classes: int, compile: bool = False, compile_mode: str = "default"):
+        self.model = model
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        self.amp = amp
+        self.num_classes = num_classes
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+        self.metrics = torch.zeros(_NUM_SLOTS, dtype=torch.float32, device=self.device)
+        self._found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self._one = torch.ones(1, dtype=torch.float32, device=self.device)
+        self._forwards: Dict[LossSpec, Callable] = {}
+        self._teacher_forwards: Dict[int, Callable] = {}
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.spec: Optional[LossSpec] = None
+        self.teacher: Optional[Callable] = None
+        self._forward = None
+
+    # ------------------------------------------------------------------------------ stage setup
+    def set_stage(self, spec: LossSpec, teacher: Optional[Callable]) -> None:
+        """Use ``spec``'s loss from now on, taught by ``teacher(images) -> logits`` (or none)."""
+        if (spec.teacher is None) != (teacher is None):
+            raise ValueError("a stage's loss and its teacher must agree on whether there is one")
+        self.spec = spec
+        if spec not in self._forwards:
+            fn = self._make_forward(spec)
+            self._forwards[spec] = (torch.compile(fn, mode=self.compile_mode, dynamic=False)
+                                    if self.compile else fn)
+        self._forward = self._forwards[spec]
+        if teacher is not None and self.compile:
+            key = id(teacher)
+            if key not in self._teacher_forwards:
+                self._teacher_forwards[key] = torch.compile(teacher, mode=self.compile_mode,
+                                                            dynamic=False)
+            teacher = self._teacher_forwards[key]
+        self.teacher = teacher
+
+    def _make_forward(self, spec: LossSpec):
+        """Student forward + fused loss + metric accumulation, one function (compiled as one)."""
+        model, device, amp = self.model, self.device, self.amp
+        distill_loss = _loss_fn()
+        kwargs = spec.loss_kwargs()
+
+        def forward(images, labels, teacher_logits, metrics):
+            with autocast(device, amp):
+                logits = model(images)
+            loss, terms = distill_loss(logits, labels, teacher_logits, return_terms=True,
+                                       check_labels=False, **kwargs)
+            correct = (logits.detach().argmax(-1) == labels).sum().to(torch.float32)
+            _accumulate(metrics, loss.detach(), terms, correct)
+            return loss
+
+        return forward
+
+    # ------------------------------------------------------------------------------------ step
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        loss = self._forward(images, labels, teacher_logits, self.metrics)
+        opt = self.optimizer
+        if self.scaler is not None:
+            # GradScaler hands scale and found_inf to the fused SGD kernel: no host sync.
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            # The same device-side skip as the scaler's, with a scale of one: a step whose
+            # gradient holds inf/NaN leaves weights and momentum untouched.
+            self._found_inf.zero_()
+            grads = [p.grad for p in self._params if p.grad is not None]
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
+            opt.grad_scale, opt.found_inf = None, self._found_inf
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # --------------------------------------------------------------------------------- metrics
+    def read_metrics(self) -> Dict[str, float]:
+        """Means over the steps since the last read (one host sync), then start a new window.
+
+        Returns loss, ce, kl, tolerance (means over the finite steps), correct (top-1 hits on the
+        training batches of the finite steps), steps, nonfinite (steps in the window with a
+        non-finite loss), max_nonfinite_run (longest run of consecutive non-finite steps,
+        including one still going on across windows).
+        """
+        values = self.metrics.tolist()
+        steps = values[_STEPS]
+        finite = max(steps - values[_NONFINITE], 1.0)
+        out = dict(loss=values[_LOSS] / finite, ce=values[_CE] / finite, kl=values[_KL] / finite,
+                   tolerance=values[_TOL] / finite, steps=int(steps),
+                   correct=values[_CORRECT], nonfinite=int(values[_NONFINITE]),
+                   max_nonfinite_run=int(values[_MAX_RUN]))
+        with torch.no_grad():
+            self.metrics[:_RUN].zero_()
+            self.metrics[_MAX_RUN] = self.metrics[_RUN]
+        return out
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "nonfinite_run": float(self.metrics[_RUN])}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.metrics[_RUN] = state.get("nonfinite_run", 0.0)
+
+
+def _accumulate(metrics: torch.Tensor, loss: torch.Tensor, terms, correct: torch.Tensor) -> None:
+    """Add one step to the accumulator, keeping non-finite steps out of the sums."""
+    nonfinite = ~torch.isfinite(loss)
+    values = torch.stack([loss, terms.ce.float(), terms.kl.float(), terms.tolerance.float(),
+                          correct])
+    values = torch.where(nonfinite, torch.zeros_like(values), values)
+    metrics[:_STEPS] += values
+    metrics[_STEPS] += 1
+    nf = nonfinite.to(torch.float32)
+    metrics[_NONFINITE] += nf
+    run = (metrics[_RUN] + 1) * nf
+    metrics[_RUN] = run
+    metrics[_MAX_RUN] = torch.maximum(metrics[_MAX_RUN], run)
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, *,
+             collect: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
+             ) -> Dict[str, float]:
+    """Top-1 / top-5 error (percent) of ``forward(images) -> logits`` over every batch of
+    ``loader``; ``collect(logits, labels)`` sees each batch. One host sync, at the end."""
+    correct1 = correct5 = None
+    count = 0
+    for images, labels in loader:
+        logits = forward(images)
+        c1, c5 = topk_correct(logits, labels)
+        correct1 = c1 if correct1 is None else correct1 + c1
+        correct5 = c5 if correct5 is None else correct5 + c5
+        count += labels.shape[0]
+        if collect is not None:
+            collect(logits, labels)
+    if count == 0:
+        raise ValueError("the evaluation split is empty")
+    c1, c5 = torch.stack([correct1, correct5]).tolist()
+    return {"top1_error": 100.0 * (1 - c1 / count), "top5_error": 100.0 * (1 - c5 / count),
+            "samples": count}
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5):
+    """Number of rows whose label is the top-1 / among the top-k scores (k clipped to C)."""
+    k = min(k, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices
+    hit = top == labels[:, None]
+    return hit[:, 0].sum(), hit.any(-1).sum()

@@ -1,0 +1,308 @@
+"""The trainer's configuration, schedules, stage plans and bad input (fast: no training)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from fastsd import distill_loss
+from fastsd.train import TrainConfig
+from fastsd.train.cli import build_parser, config_from_args, main
+from fastsd.train.config import ConfigError, dump_yaml, load_yaml
+from fastsd.train.schedule import build_plan, cosine_lr
+
+CPU = dict(device="cpu", progress="none", tensorboard=False)
+
+
+# ------------------------------------------------------------------------------------- defaults
+def test_defaults_resolve_to_a_short_sd_demo_on_cpu():
+    cfg = TrainConfig(device="cpu")
+    assert (cfg.method, cfg.arch, cfg.dataset) == ("sd", "resnet20", "synthetic")
+    assert cfg.cycles == 3 and cfg.cycle_epochs == [2, 2, 2] and cfg.epochs == 6
+    assert cfg.image_size == 16 and cfg.batch_size == 64 and cfg.synthetic_size == [2048, 500]
+    assert cfg.amp == "none" and cfg.channels_last is False and cfg.workers == 0
+    assert cfg.teacher_dtype in ("bf16", "fp32")
+    # SD's asymmetric form: student temperature 1, no T², λ_S = 1 + 1/T, λ_T = 1.
+    assert cfg.student_temperature == 1.0 and cfg.t2_scaling is False
+    assert cfg.lambda_s == pytest.approx(1.5) and cfg.lambda_t == 1.0
+
+
+def test_method_dependent_defaults():
+    kd = TrainConfig(method="kd", teacher_checkpoint="x", temperature=4, **CPU)
+    assert kd.student_temperature == 4 and kd.t2_scaling and kd.lambda_s == 1.0
+    assert kd.teacher_arch == kd.arch and kd.cycles == 1
+    cifar = TrainConfig(dataset="cifar100", data="/nowhere", **CPU)
+    assert cifar.epochs == 300 and cifar.cycle_epochs == [75] * 4
+    imnet = TrainConfig(dataset="imagefolder", data="/x", arch="resnet50", **CPU)
+    assert imnet.epochs == 90 and imnet.cycle_epochs == [45, 45] and imnet.weight_decay == 1e-4
+    assert TrainConfig(method="bl", **CPU).generations == 0
+    assert TrainConfig(method="tt", **CPU).total_epochs == 3 * TrainConfig(method="tt",
+                                                                           **CPU).epochs
+
+
+def test_cycles_leftover_epochs_go_to_the_last_cycle():
+    assert TrainConfig(epochs=10, cycles=3, **CPU).cycle_epochs == [3, 3, 4]
+    assert TrainConfig(epochs=10, cycle_epochs=[4, 2], **CPU).cycle_epochs == [4, 6]
+    cfg = TrainConfig(cycle_epochs="150,50,50,50", **CPU)  # a string, as YAML or a flag gives it
+    assert cfg.epochs == 300 and cfg.cycles == 4 and cfg.cycle_epochs == [150, 50, 50, 50]
+
+
+def test_yaml_round_trip_and_flag_precedence(tmp_path):
+    cfg = TrainConfig(method="se", epochs=8, cycles=4, lr=0.05, **CPU)
+    path = tmp_path / "config.yaml"
+    dump_yaml(cfg, str(path))
+    text = path.read_text()
+    assert "# peak learning rate" in text and "lambda_s: 1.5" in text
+    assert TrainConfig(**load_yaml(str(path))) == cfg
+    # flags override the file
+    again = config_from_args(["--config", str(path), "--lr", "0.2"])
+    assert again.lr == 0.2 and again.method == "se" and again.cycle_epochs == [2, 2, 2, 2]
+
+
+def test_every_field_has_help_and_a_flag():
+    parser = build_parser()
+    text = parser.format_help()
+    import dataclasses
+
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"]
+        assert "--" + f.name.replace("_", "-") in text
+    assert "--no-nesterov" in text and "--compile" in text
+
+
+# ------------------------------------------------------------------------------------ schedules
+def test_lr_follows_the_cyclic_cosine_and_restarts_at_cycle_starts():
+    cfg = TrainConfig(method="sd", epochs=6, cycle_epochs=[2, 1, 3], lr=0.2, lr_min=0.01, **CPU)
+    ipe = 5
+    plan = build_plan(cfg, ipe)
+    starts = [0, 10, 15]
+    lengths = [10, 5, 15]
+    lrs = [plan.lr_at(i) for i in range(plan.total_iters)]
+    assert plan.total_iters == 30
+    for i, lr in enumerate(lrs):
+        c = max(k for k in range(3) if starts[k] <= i)
+        t = (i - starts[c]) / lengths[c]
+        assert lr == pytest.approx(0.01 + 0.5 * (0.2 - 0.01) * (1 + math.cos(math.pi * t)),
+                                   abs=1e-12)
+    for s in starts:  # a restart: lr_max at every cycle start, after a near-minimum
+        assert lrs[s] == pytest.approx(0.2)
+        if s:
+            assert lrs[s - 1] < 0.03
+    # strictly decreasing inside a cycle
+    assert all(lrs[i] > lrs[i + 1] for i in range(14, 29) if i + 1 not in starts)
+
+
+def test_warmup_and_step_schedule():
+    cfg = TrainConfig(method="bl", epochs=4, warmup_epochs=1, lr=0.4, **CPU)
+    plan = build_plan(cfg, 4)
+    for i in range(4):
+        assert plan.lr_at(i) == pytest.approx(cosine_lr(i, 16, 0.4, 0.0) * (i + 1) / 4)
+    assert plan.lr_at(4) == pytest.approx(cosine_lr(4, 16, 0.4, 0.0))
+    step = build_plan(TrainConfig(method="bl", epochs=4, schedule="step", milestones="2,3",
+                                  lr=0.4, **CPU), 10)
+    assert [step.lr_at(i) for i in (0, 19, 20, 29, 30, 39)] == pytest.approx(
+        [0.4, 0.4, 0.04, 0.04, 0.004, 0.004])
+    # generations restart the schedule (and the warm-up) with every fresh model
+    gen = build_plan(TrainConfig(method="ban", epochs=2, generations=1, warmup_epochs=0.5,
+                                 **CPU), 4)
+    assert gen.lr_at(8) == pytest.approx(gen.lr_at(0)) == pytest.approx(0.1 / 2)
+
+
+# ----------------------------------------------------------------------------------- the plans
+def test_stage_plans_of_every_method():
+    sd = build_plan(TrainConfig(method="sd", epochs=3, cycles=3, **CPU), 2)
+    assert [s.loss.teacher for s in sd.stages] == [None, 0, 1]
+    assert [s.capture_slot for s in sd.stages] == [0, 1, 2] and sd.num_slots == 3
+    assert [s.fresh_model for s in sd.stages] == [True, False, False]
+    se = build_plan(TrainConfig(method="se", epochs=3, cycles=3, **CPU), 2)
+    assert [s.loss.teacher for s in se.stages] == [None] * 3
+    assert se.stages[0].loss == sd.stages[0].loss  # SD's cycle 1 is SE's
+    tt = build_plan(TrainConfig(method="tt", epochs=2, generations=2, eta=0.7, topk=4, **CPU), 2)
+    assert [(s.start_epoch, s.end_epoch) for s in tt.stages] == [(0, 2), (2, 4), (4, 6)]
+    assert [s.loss.teacher for s in tt.stages] == [None, 0, 1]
+    assert all(s.fresh_model for s in tt.stages)
+    g0 = tt.stages[0].loss
+    assert (g0.ce_weight, g0.tolerance_weight, g0.topk) == (0.7, pytest.approx(0.3), 4)
+    ban = build_plan(TrainConfig(method="ban", epochs=2, generations=1, **CPU), 2)
+    assert ban.stages[0].loss.tolerance_weight == 0 and ban.stages[1].loss.teacher == 0
+    kd = build_plan(TrainConfig(method="kd", epochs=2, teacher_checkpoint="x", **CPU), 2)
+    assert kd.stages[0].loss.teacher == "external" and kd.num_slots == 0
+    bl = build_plan(TrainConfig(method="bl", epochs=2, **CPU), 2)
+    assert bl.stages[0].loss.teacher is None and bl.stages[0].loss.loss_kwargs() == {
+        "ce_weight": 1.0}
+
+
+def _loss(spec, z, y, t):
+    return distill_loss(z, y, t if spec.teacher is not None else None, **spec.loss_kwargs())
+
+
+def test_loss_keywords_match_the_formulas_of_design_section_1():
+    torch.manual_seed(0)
+    z, t = torch.randn(6, 7, dtype=torch.float64), torch.randn(6, 7, dtype=torch.float64)
+    y = torch.randint(0, 7, (6,))
+    log_f = torch.log_softmax(z, -1)
+    ce = -log_f.gather(1, y[:, None]).mean()
+
+    def kl(p_logits, q_logits):
+        p = torch.softmax(p_logits, -1)
+        return (p * (torch.log_softmax(p_logits, -1) - torch.log_softmax(q_logits, -1))).sum(
+            -1).mean()
+
+    T = 3.0
+    sd = build_plan(TrainConfig(method="sd", epochs=2, cycles=2, temperature=T, **CPU), 1)
+    # SD: λ_S·CE + λ_T·KL(f_T(x; θ_c) with T ‖ f(x; θ)), asymmetric: student temperature 1
+    assert _loss(sd.stages[1].loss, z, y, t) == pytest.approx(
+        float((1 + 1 / T) * ce + 1.0 * kl(t / T, z)), rel=1e-10)
+    kd = build_plan(TrainConfig(method="kd", epochs=1, temperature=T, teacher_checkpoint="x",
+                                lambda_s=0.5, lambda_t=2, **CPU), 1)
+    # KD: both softened by T, KL scaled by T²
+    assert _loss(kd.stages[0].loss, z, y, t) == pytest.approx(
+        float(0.5 * ce + 2 * T * T * kl(t / T, z / T)), rel=1e-10)
+    tt = build_plan(TrainConfig(method="tt", epochs=1, generations=1, eta=0.6, topk=3, **CPU), 1)
+    # TT generation 0: η·CE + (1-η)·[f_a1 - 1/(K-1)·Σ_{k=2..K} f_ak] on the network's own softmax
+    f = torch.softmax(z, -1).sort(-1, descending=True).values
+    penalty = (f[:, 0] - f[:, 1:3].sum(-1) / 2).mean()
+    assert _loss(tt.stages[0].loss, z, y, t) == pytest.approx(float(0.6 * ce + 0.4 * penalty),
+                                                              rel=1e-10)
+    # generation 1: CE and KL to generation 0 with the SD weights
+    assert _loss(tt.stages[1].loss, z, y, t) == pytest.approx(
+        float((1 + 1 / 2) * ce + kl(t / 2, z)), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------------- bad input
+def _fails(capsys, argv, *needles, out=None):
+    code = main(argv + ["--device", "cpu", "--progress", "none", "--no-tensorboard"])
+    err = capsys.readouterr().err
+    assert code != 0, err
+    for needle in needles:
+        assert needle in err, err
+    if out is not None:
+        assert not os.path.exists(os.path.join(out, "checkpoints")), "training started"
+    return err
+
+
+def _argparse_fails(capsys, argv, *needles):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--arch", "resnet21"], ["--arch", "unknown model 'resnet21'", "resnet20"]),
+    (["--cycles", "5", "--epochs", "4"], ["--cycles", "do not fit in 4 epochs"]),
+    (["--cycle-epochs", "3,3", "--epochs", "5"], ["--cycle-epochs", "add up to 6"]),
+    (["--cycle-epochs", "3,0"], ["--cycle-epochs", "at least 1 epoch"]),
+    (["--method", "bl", "--cycles", "3"], ["--cycles", "se and sd"]),
+    (["--temperature", "0"], ["--temperature", "> 0"]),
+    (["--temperature", "-2"], ["--temperature", "> 0"]),
+    (["--eta", "1.5"], ["--eta", "[0, 1]"]),
+    (["--eta", "-0.1"], ["--eta", "[0, 1]"]),
+    (["--method", "kd"], ["--teacher-checkpoint"]),
+    (["--method", "sd", "--schedule", "step"], ["--schedule", "cyclic cosine"]),
+    (["--dataset", "cifar10"], ["--data", "--download"]),
+    (["--amp", "fp16"], ["--amp", "CUDA"]),
+    (["--lr", "0"], ["--lr"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+])
+def test_bad_settings_are_refused_before_anything_runs(capsys, tmp_path, argv, needles):
+    _fails(capsys, argv + ["--out", str(tmp_path / "run")], *needles, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--method", "xyz"], ["--method", "invalid choice"]),
+    (["--dataset", "mnist"], ["--dataset", "invalid choice"]),
+    (["--epochs", "two"], ["--epochs", "invalid int"]),
+])
+def test_unknown_choices_are_refused_by_the_parser(capsys, argv, needles):
+    _argparse_fails(capsys, argv, *needles)
+
+
+def test_bad_values_in_a_config_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: sdd\n")
+    _fails(capsys, ["--config", str(path)], "--method", "did you mean sd")
+    path.write_text("lernrate: 0.1\n")
+    _fails(capsys, ["--config", str(path)], "unknown setting 'lernrate'")
+    with pytest.raises(ConfigError, match="--cycles"):
+        TrainConfig(method="se", cycles=0, **CPU)
+
+
+def _image_folder(root, classes, per_class=2, size=8, split_names=("train", "val")):
+    from PIL import Image
+
+    for split in split_names:
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (size, size), (40 * c, 10 * i, 0)).save(d / f"{i}.png")
+
+
+def test_missing_and_empty_data_folders(tmp_path, capsys):
+    missing = tmp_path / "nothing-here"
+    _fails(capsys, ["--dataset", "imagefolder", "--data", str(missing), "--out",
+                    str(tmp_path / "r1")], str(missing), out=str(tmp_path / "r1"))
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    _fails(capsys, ["--dataset", "imagefolder", "--data", str(empty), "--out",
+                    str(tmp_path / "r2")], "no class folders", out=str(tmp_path / "r2"))
+    assert not (tmp_path / "r2").exists()
+
+
+def test_class_folders_that_do_not_match_num_classes(tmp_path, capsys):
+    _image_folder(tmp_path / "d", classes=2)
+    _fails(capsys, ["--dataset", "imagefolder", "--data", str(tmp_path / "d"), "--num-classes",
+                    "3", "--image-size", "8", "--out", str(tmp_path / "r")],
+           "2 class folders", out=str(tmp_path / "r"))
+
+
+def test_unreadable_image_is_named(tmp_path, capsys):
+    _image_folder(tmp_path / "d", classes=2)
+    bad = tmp_path / "d" / "train" / "class1" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    _fails(capsys, ["--dataset", "imagefolder", "--data", str(tmp_path / "d"), "--image-size",
+                    "8", "--batch-size", "2", "--out", str(tmp_path / "r")], "broken.png",
+           out=str(tmp_path / "r"))
+
+
+def _save_weights(model, path, **meta):
+    from fastsd.train.checkpoint import model_weights, save_safetensors
+
+    save_safetensors(model_weights(model), str(path), meta)
+
+
+def test_teacher_of_another_architecture_or_class_count(tmp_path, capsys):
+    from fastsd.models import create_model
+
+    base = ["--method", "kd", "--synthetic-size", "64,32", "--batch-size", "16", "--out",
+            str(tmp_path / "r")]
+    # recorded architecture differs
+    _save_weights(create_model("resnet32", 10), tmp_path / "r32.safetensors", arch="resnet32",
+                  num_classes=10)
+    _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "r32.safetensors")],
+           "holds a resnet32", "--teacher-arch resnet32", out=str(tmp_path / "r"))
+    # a plain state_dict of another architecture: the keys / shapes say so
+    torch.save(create_model("resnet32", 10).state_dict(), tmp_path / "r32.pt")
+    _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "r32.pt")],
+           "does not fit a resnet20", "missing" if False else "unexpected",
+           out=str(tmp_path / "r"))
+    # another class count
+    _save_weights(create_model("resnet20", 5), tmp_path / "c5.safetensors", arch="resnet20",
+                  num_classes=5)
+    _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "c5.safetensors")],
+           "5 classes", "10", out=str(tmp_path / "r"))
+    torch.save(create_model("resnet20", 5).state_dict(), tmp_path / "c5.pt")
+    _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "c5.pt")],
+           "of another shape", out=str(tmp_path / "r"))
+    _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "none.pt")], "does not exist")
+
+
+def test_resume_without_a_checkpoint(tmp_path, capsys):
+    _fails(capsys, ["--resume", str(tmp_path)], "holds no checkpoint")
+    _fails(capsys, ["--resume", str(tmp_path / "absent")], "not a directory")

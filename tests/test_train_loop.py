@@ -1,0 +1,518 @@
+"""The trainer end to end at tiny scale (CPU): every method, teachers, ensembles, resume, faults.
+
+Runs use ResNet-20 on 16x16 synthetic images, a few iterations per epoch.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastsd.train import NonFiniteLossError, TrainConfig, Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the tiny models here gain nothing from more, and on a shared CPU
+    spinning OpenMP threads slow every test (and everyone else) down several times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def native_cpu_loss():
+    """The loss's C++ CPU kernel (what a CPU run uses), not the Triton interpreter that the test
+    configuration switches on for the kernel tests."""
+    from fastsd.ops.distill import cpu_backend
+
+    with cpu_backend("native"):
+        yield
+
+
+def tiny(tmp_path, name="run", **overrides):
+    values = dict(device="cpu", dataset="synthetic", synthetic_size=[96, 48], image_size=16,
+                  batch_size=32, eval_batch_size=48, log_every=1, progress="none",
+                  tensorboard=False, seed=0, out=str(tmp_path / name))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def train(cfg, hooks=None):
+    trainer = Trainer(cfg, hooks=hooks, quiet=True)
+    results = trainer.run()
+    return trainer, results
+
+
+def read_jsonl(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def load_safetensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# -------------------------------------------------------------------------- every method, e2e
+@pytest.mark.parametrize("method, extra, n_snapshots, has_ensemble", [
+    ("bl", dict(epochs=2), 1, False),
+    ("se", dict(epochs=2, cycles=2), 2, True),
+    ("sd", dict(epochs=3, cycle_epochs=[1, 1], temperature=3.0), 2, True),
+    ("sd", dict(epochs=2, cycles=2, label_smoothing=0.1, warmup_epochs=0.5), 2, True),
+    ("ban", dict(epochs=1, generations=1), 2, True),
+    ("tt", dict(epochs=1, generations=2, eta=0.6, topk=3), 3, True),
+])
+def test_every_method_end_to_end(tmp_path, method, extra, n_snapshots, has_ensemble):
+    cfg = tiny(tmp_path, method=method, **extra)
+    trainer, results = train(cfg)
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert (on_disk["method"], on_disk["arch"], on_disk["dataset"]) == (method, "resnet20",
+                                                                        "synthetic")
+    snaps = on_disk["snapshots"]
+    assert len(snaps) == n_snapshots
+    for entry in snaps:
+        assert {"index", "epoch", "top1_error", "top5_error"} <= set(entry)
+        assert 0 <= entry["top5_error"] <= entry["top1_error"] <= 100
+    assert on_disk["final"]["index"] == snaps[-1]["index"]
+    assert on_disk["best"]["top1_error"] == min(e["top1_error"] for e in snaps)
+    assert (on_disk["ensemble"] is not None) == has_ensemble
+    if method in ("ban", "tt"):
+        assert [e["index"] for e in snaps] == list(range(n_snapshots))
+        assert on_disk["ensemble"]["members"] == list(range(1, n_snapshots))
+    elif method in ("se", "sd"):
+        assert [e["label"] for e in snaps] == [f"M#L{i + 1}" for i in range(n_snapshots)]
+    # the epochs of the cycles, leftover to the last (sd: 3 epochs as 1,2)
+    assert snaps[-1]["epoch"] == cfg.total_epochs
+    md = (run / "results.md").read_text()
+    assert "| run | error (%) |" in md and "best" in md and "ensemble" in md
+    # config.yaml is the resolved configuration
+    from fastsd.train.config import load_yaml
+
+    assert TrainConfig(**load_yaml(str(run / "config.yaml"))) == cfg
+    rows = read_jsonl(run / "metrics.jsonl")
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert len(steps) == trainer.plan.total_iters and len(epochs) == cfg.total_epochs
+    assert all(r["test_top1_error"] is not None for r in epochs)
+    assert all(r["lr"] > 0 and r["images_per_s"] > 0 for r in steps)
+    for r in steps:  # the loss terms the fused loss returned, as the stage defines them
+        stage = trainer.plan.stages[r["stage"]]
+        assert (r["kl"] > 0) == (stage.loss.teacher is not None)
+        assert (r["tolerance"] != 0) == (stage.loss.tolerance_weight > 0)
+    # the final weights load into a fresh model of the architecture
+    from fastsd.models import create_model
+    from fastsd.train.checkpoint import load_into
+
+    load_into(create_model("resnet20", 10), load_safetensors(str(run / "model.safetensors")))
+    snapshot_files = os.listdir(run / "snapshots") if method != "bl" else []
+    assert len(snapshot_files) == (0 if method == "bl" else n_snapshots)
+    assert method != "bl" or not (run / "snapshots").exists()
+
+
+def test_kd_from_a_teacher_of_another_architecture(tmp_path):
+    from fastsd.models import create_model
+    from fastsd.train.checkpoint import model_weights, save_safetensors
+
+    teacher = create_model("resnet32", 10)
+    save_safetensors(model_weights(teacher), str(tmp_path / "t.safetensors"),
+                     {"arch": "resnet32", "num_classes": 10})
+    cfg = tiny(tmp_path, method="kd", epochs=1, teacher_arch="resnet32",
+               teacher_checkpoint=str(tmp_path / "t.safetensors"), temperature=4.0)
+    seen = []
+
+    class Spy:
+        def on_stage_start(self, trainer, stage):
+            seen.append(trainer.kd_teacher.module(0))
+
+    trainer, results = train(cfg, hooks=[Spy()])
+    assert results["ensemble"] is None and len(results["snapshots"]) == 1
+    module = seen[0]
+    assert not module.training and not any(p.requires_grad for p in module.parameters())
+    for (name, p), ref in zip(module.named_parameters(), teacher.parameters()):
+        # the stored teacher is the checkpoint in the teacher precision
+        assert torch.equal(p.float(), ref.to(trainer.kd_teacher.store_dtype).float()), name
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "stage"]
+    assert rows[0]["loss"] == {"ce_weight": 1.0, "kd_weight": 1.0, "temperature": 4.0,
+                               "student_temperature": 4.0, "t2_scaling": True}
+
+
+# ------------------------------------------------------------------------------- SD teachers
+class Recorder:
+    """Student weights at every stage end; the teacher module at every stage start."""
+
+    def __init__(self):
+        self.ends, self.starts = {}, {}
+
+    def on_stage_end(self, trainer, stage):
+        start, end = trainer.plan.stage_bounds(stage)
+        assert trainer.iteration == end  # after the stage's last iteration, before the next
+        self.ends[stage.index] = {k: v.detach().clone() for k, v in
+                                  trainer.model.state_dict().items()}
+
+    def on_stage_start(self, trainer, stage):
+        if isinstance(stage.loss.teacher, int):
+            module = trainer.teachers.module(stage.loss.teacher)
+            x = torch.randn(4, 3, 16, 16)
+            self.starts[stage.index] = dict(
+                slot=stage.loss.teacher, training=module.training,
+                grad=any(p.requires_grad for p in module.parameters()),
+                state={k: v.detach().clone() for k, v in module.state_dict().items()},
+                step_out=trainer.step.teacher(x), module_out=module(x.to(trainer.teachers.dtype)))
+
+
+@pytest.mark.parametrize("teacher_dtype", ["auto", "fp32"])
+def test_sd_teacher_is_the_snapshot_of_the_previous_cycles_last_iteration(tmp_path,
+                                                                          teacher_dtype):
+    rec = Recorder()
+    trainer, _ = train(tiny(tmp_path, method="sd", epochs=3, cycles=3,
+                            teacher_dtype=teacher_dtype), hooks=[rec])
+    assert trainer.teachers.dtype == (torch.float32 if teacher_dtype == "fp32" else
+                                      trainer.teachers.store_dtype)
+    assert sorted(rec.starts) == [1, 2]
+    dtype = trainer.teachers.store_dtype
+    for c, info in rec.starts.items():
+        assert info["slot"] == c - 1
+        assert info["training"] is False and info["grad"] is False
+        student = rec.ends[c - 1]
+        assert info["state"].keys() == student.keys()
+        for name, value in info["state"].items():
+            # the student's value in the precision the snapshot keeps it (exact for buffers kept
+            # in float32 or integers; rounded to the storage dtype for half-precision copies)
+            exact = student[name].to(value.dtype)
+            rounded = student[name].to(dtype).to(value.dtype)
+            assert torch.equal(value, exact) or torch.equal(value, rounded), name
+        assert torch.equal(info["step_out"], info["module_out"])
+
+
+def test_se_and_sd_give_the_same_first_cycle_snapshot(tmp_path):
+    train(tiny(tmp_path, "se", method="se", epochs=2, cycles=2))
+    train(tiny(tmp_path, "sd", method="sd", epochs=2, cycles=2))
+    se = load_safetensors(str(tmp_path / "se" / "snapshots" / "cycle1.safetensors"))
+    sd = load_safetensors(str(tmp_path / "sd" / "snapshots" / "cycle1.safetensors"))
+    assert_same_tensors(se, sd)
+    se2 = load_safetensors(str(tmp_path / "se" / "snapshots" / "cycle2.safetensors"))
+    sd2 = load_safetensors(str(tmp_path / "sd" / "snapshots" / "cycle2.safetensors"))
+    assert any(not torch.equal(se2[k], sd2[k]) for k in se2)  # the teacher changed cycle 2
+
+
+def test_ensemble_is_the_mean_of_the_snapshots_softmax(tmp_path):
+    trainer, results = train(tiny(tmp_path, method="se", epochs=3, cycles=3,
+                                  synthetic_size=[96, 150], eval_batch_size=64))
+    probs, labels = [], []
+    for slot in range(3):
+        module = trainer.teachers.module(slot)
+        out = [torch.softmax(module(x.to(trainer.teachers.dtype)).float(), -1)
+               for x, _ in trainer.data.test]
+        probs.append(torch.cat(out))
+    labels = torch.cat([y for _, y in trainer.data.test])
+    for k, ens in enumerate(results["ensembles"]):
+        mean = torch.stack(probs[:k + 1]).mean(0)
+        top1 = 100 * (1 - (mean.argmax(-1) == labels).float().mean().item())
+        top5 = 100 * (1 - (mean.topk(5, -1).indices == labels[:, None]).any(-1).float().mean()
+                      .item())
+        assert ens["members"] == list(range(1, k + 2))
+        assert ens["top1_error"] == pytest.approx(top1, abs=1e-4)
+        assert ens["top5_error"] == pytest.approx(top5, abs=1e-4)
+    assert results["ensemble"] == results["ensembles"][-1]
+    store = trainer.teachers.store
+    if hasattr(store, "ensemble_probs") and trainer.teachers.half:
+        x, _ = next(iter(trainer.data.test))
+        torch.testing.assert_close(store.ensemble_probs(x.to(trainer.teachers.dtype), [0, 1, 2])
+                                   .float(), torch.stack([p[:x.shape[0]] for p in probs]).mean(0),
+                                   atol=1e-2, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- resume
+RESUME_ARGS = ["--method", "sd", "--epochs", "4", "--cycle-epochs", "1,1,2", "--synthetic-size",
+               "192,48", "--image-size", "16", "--batch-size", "32", "--device", "cpu",
+               "--log-every", "1", "--seed", "3", "--no-tensorboard"]
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)  # a plain CPU run, as a user starts it
+    return subprocess.Popen([sys.executable, "-m", "fastsd.train"] + args, cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = _run_cli(RESUME_ARGS + ["--out", str(out)])
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    return out
+
+
+def _finish_by_resume(run):
+    proc = _run_cli(["--resume", str(run)])
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    return log
+
+
+def _assert_same_run(run, reference):
+    assert_same_tensors(load_safetensors(str(run / "model.safetensors")),
+                        load_safetensors(str(reference / "model.safetensors")))
+    for name in ("cycle1", "cycle2", "cycle3"):
+        assert_same_tensors(load_safetensors(str(run / "snapshots" / f"{name}.safetensors")),
+                            load_safetensors(str(reference / "snapshots" /
+                                                 f"{name}.safetensors")))
+    a = json.loads((run / "results.json").read_text())
+    b = json.loads((reference / "results.json").read_text())
+    for key in ("snapshots", "ensemble", "ensembles"):
+        assert a[key] == b[key]
+    # the metrics log holds each iteration once, as if the run had never stopped
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["iteration"] for r in rows] == list(range(1, 25))
+
+
+def test_kill_and_resume_is_bit_exact(tmp_path, reference_run):
+    run = tmp_path / "run"
+    proc = _run_cli(RESUME_ARGS + ["--out", str(run)])
+    _wait_for(run / "checkpoints" / "last.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "model.safetensors").exists(), "the run finished before the kill"
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert 1 <= state["epoch"] < 4
+    _finish_by_resume(run)
+    _assert_same_run(run, reference_run)
+
+
+def test_sigterm_writes_a_checkpoint_mid_epoch_and_resumes_bit_exactly(tmp_path, reference_run):
+    run = tmp_path / "run"
+    proc = _run_cli(RESUME_ARGS + ["--out", str(run)])
+    _wait_for(run / "checkpoints" / "last.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, log
+    assert "--resume" in log
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["batch_in_epoch"] > 0  # a mid-epoch checkpoint: the resume skips its head
+    assert state["iteration"] == state["epoch"] * 6 + state["batch_in_epoch"]
+    _finish_by_resume(run)
+    _assert_same_run(run, reference_run)
+
+
+# ------------------------------------------------------------------------------------- faults
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    class Poison:
+        def on_step_end(self, trainer):
+            if trainer.iteration == 4:  # in epoch 2 (3 iterations per epoch)
+                with torch.no_grad():
+                    next(trainer.model.parameters()).fill_(float("nan"))
+
+    cfg = tiny(tmp_path, method="sd", epochs=3, cycles=3, max_nonfinite=2)
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row") as exc:
+        train(cfg, hooks=[Poison()])
+    assert "last good checkpoint" in str(exc.value)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values()
+               if v.is_floating_point())
+    # and the command line says so with a non-zero status
+    from fastsd.train.errors import NonFiniteLossError as E
+
+    assert E.exit_code != 0
+
+
+def test_nonfinite_steps_are_skipped_on_device():
+    from fastsd.train.schedule import LossSpec
+    from fastsd.train.step import TrainStep, build_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    opt = build_optimizer(model, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                          wd_norm_bias=False)
+    step = TrainStep(model, opt, device="cpu", amp="none", num_classes=3)
+    step.set_stage(LossSpec(), None)
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+    step(x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    step(torch.full_like(x, float("inf")), y)  # a non-finite loss: no update at all
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(m, opt.state[p]["momentum_buffer"])
+               for m, p in zip(momentum, model.parameters()))
+    m = step.read_metrics()
+    assert m["steps"] == 2 and m["nonfinite"] == 1 and m["max_nonfinite_run"] == 1
+    assert m["loss"] == pytest.approx(m["ce"])
+
+
+# --------------------------------------------------------------------------- the step itself
+class TinyNet(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _tiny_steps(compile, spec, teacher, n=3):
+    from fastsd.train.step import TrainStep, build_optimizer
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = build_optimizer(model, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                          wd_norm_bias=False)
+    step = TrainStep(model, opt, device="cpu", amp="none", num_classes=5, compile=compile)
+    step.set_stage(spec, teacher)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        step(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g))
+    return model, step.read_metrics()
+
+
+def test_compiled_step_runs_on_cpu_and_matches_eager():
+    from fastsd.train.schedule import LossSpec
+
+    torch.manual_seed(2)
+    teacher_net = TinyNet().eval().requires_grad_(False).to(torch.bfloat16)
+
+    def teacher(images):
+        return teacher_net(images.to(torch.bfloat16))
+
+    spec = LossSpec(ce_weight=1.5, kd_weight=1.0, temperature=2.0, teacher=0)
+    eager, m_eager = _tiny_steps(False, spec, teacher)
+    torch._dynamo.reset()
+    compiled, m_comp = _tiny_steps(True, spec, teacher)
+    assert m_comp["steps"] == 3 and m_comp["kl"] > 0
+    for key in ("loss", "ce", "kl"):
+        assert m_comp[key] == pytest.approx(m_eager[key], rel=1e-4, abs=1e-5)
+    for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_label_smoothing_has_the_gradient_of_smoothed_cross_entropy():
+    from fastsd.train.schedule import LossSpec
+    from fastsd.train.step import TrainStep, build_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7))
+    ref = nn.Sequential(nn.Flatten(), nn.Linear(12, 7))
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randn(10, 3, 2, 2), torch.randint(0, 7, (10,))
+    step = TrainStep(model, build_optimizer(model, lr=0.0 + 1e-9, momentum=0.0, nesterov=False,
+                                            weight_decay=0.0, wd_norm_bias=True),
+                     device="cpu", amp="none", num_classes=7)
+    step.set_stage(LossSpec(ce_weight=1.0, label_smoothing=0.2), None)
+    loss = step._forward(x, y, None, step.metrics)
+    loss.backward()
+    nn.functional.cross_entropy(ref(x), y, label_smoothing=0.2).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_model_safetensors_loads_into_the_torchvision_model(tmp_path):
+    import torchvision
+
+    cfg = tiny(tmp_path, method="bl", arch="resnet18", epochs=1, batch_size=16,
+               synthetic_size=[32, 16], eval_batch_size=16)
+    train(cfg)
+    model = torchvision.models.resnet18(num_classes=10)
+    state = load_safetensors(str(tmp_path / "run" / "model.safetensors"))
+    model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------- command line
+def test_command_line_runs_prints_the_table_and_refuses_changed_settings_on_resume(tmp_path,
+                                                                                   capsys):
+    from fastsd.train.cli import main
+
+    run = tmp_path / "bl"
+    args = ["--method", "bl", "--epochs", "1", "--synthetic-size", "64,32", "--image-size", "8",
+            "--batch-size", "32", "--device", "cpu", "--progress", "plain", "--out", str(run)]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "| run | error (%) | final | best | ensemble |" in out
+    assert "fastsd.train: bl resnet20 on synthetic" in err and "epoch 1/1" in err
+    assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
+    # the same run again is refused, a resumed run keeps its settings
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["--resume", str(run), "--lr", "0.5", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr" in err and "--epochs" in err and "keeps its settings" in err
+    # resuming a finished run only re-reports it
+    assert main(["--resume", str(run), "--progress", "none"]) == 0
+    assert "| run | error (%) |" in capsys.readouterr().out
+    # a finished run directory is a KD teacher
+    kd = tmp_path / "kd"
+    assert main(["--method", "kd", "--teacher-checkpoint", str(run), "--epochs", "1",
+                 "--synthetic-size", "64,32", "--image-size", "8", "--batch-size", "32",
+                 "--device", "cpu", "--progress", "none", "--no-tensorboard", "--out",
+                 str(kd)]) == 0
+    assert json.loads((kd / "results.json").read_text())["method"] == "kd"
+
+
+# ----------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_step_has_no_host_sync(amp):
+    from fastsd.models import create_model
+    from fastsd.train.schedule import LossSpec
+    from fastsd.train.step import TrainStep, build_optimizer
+    from fastsd.train.teachers import Teachers
+
+    cl = torch.channels_last
+    model = create_model("resnet20", 10).cuda().to(memory_format=cl)
+    opt = build_optimizer(model, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                          wd_norm_bias=False)
+    step = TrainStep(model, opt, device="cuda", amp=amp, num_classes=10)
+    teachers = Teachers(model, 1, "fp16", "cuda")
+    teachers.capture(model, 0)
+    step.set_stage(LossSpec(ce_weight=1.5, kd_weight=1.0, temperature=2.0, teacher=0),
+                   teachers.forward(0))
+    x = torch.randn(32, 3, 32, 32, device="cuda").contiguous(memory_format=cl)
+    y = torch.randint(0, 10, (32,), device="cuda")
+    step(x, y)  # first call: allocations, kernel selection
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    m = step.read_metrics()
+    assert m["steps"] == 4 and m["nonfinite"] == 0 and m["kl"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_sd_end_to_end_on_cuda(tmp_path, amp):
+    trainer, results = train(tiny(tmp_path, device="cuda", amp=amp, method="sd", epochs=2,
+                                  cycles=2, channels_last=True, deterministic=True))
+    assert trainer.teachers.dtype == torch.float16
+    assert len(results["snapshots"]) == 2 and results["ensemble"] is not None
