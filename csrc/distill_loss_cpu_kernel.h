@@ -110,8 +110,12 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
   const acc_t smoothing = static_cast<acc_t>(o.label_smoothing);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
 
+  // float32 rows are read, and their gradient written, in place; other dtypes go through a
+  // float buffer (which, once the logits are consumed, holds the gradient before its one write).
+  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> z(cols), f(cols), t, p, q, log_q;
+    std::vector<acc_t> z_buffer(kInPlace ? 0 : cols), f(cols), t, p, q;
     if (o.has_teacher) {
       t.resize(cols);
       p.resize(cols);
@@ -120,10 +124,15 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
     std::vector<int64_t> top_index(o.topk);
     std::vector<acc_t> top_value(o.topk);
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* z_row = logits + row * cols;
-      load_scaled(z_row, acc_t(1), z.data(), cols);
-      const acc_t z_max = row_max(z.data(), cols);
-      const acc_t z_sum = exp_shifted(z.data(), safe_shift(z_max), f.data(), cols);
+      // The row as acc_t: read in place when it already is, else converted into the buffer.
+      const acc_t* z = z_buffer.data();
+      if constexpr (kInPlace) {
+        z = logits + row * cols;
+      } else {
+        load_scaled(logits + row * cols, acc_t(1), z_buffer.data(), cols);
+      }
+      const acc_t z_max = row_max(z, cols);
+      const acc_t z_sum = exp_shifted(z, safe_shift(z_max), f.data(), cols);
       const acc_t z_lse = z_max + std::log(z_sum);
       const acc_t inv_z_sum = acc_t(1) / z_sum;
 #pragma omp simd
@@ -188,7 +197,7 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       }
       int64_t found = 0;
       if (o.has_tol) {
-        found = top_k(z.data(), cols, o.topk, top_index.data(), top_value.data());
+        found = top_k(z, cols, o.topk, top_index.data(), top_value.data());
         acc_t others = 0;
         for (int64_t k = 1; k < found; ++k) others += f[top_index[k]];
         tol = found > 0 ? f[top_index[0]] - others / acc_t(o.topk - 1) : nan;
@@ -211,7 +220,12 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       // the one write.
       const acc_t f_coef = (o.has_target ? ce_w : acc_t(0)) - (o.has_tol ? tol_w * tol : acc_t(0));
       const acc_t uniform = o.has_target ? -ce_w * smoothing / acc_t(cols) : acc_t(0);
-      acc_t* g = z.data();  // z is no longer needed: reuse its buffer for the float gradient
+      acc_t* g = nullptr;
+      if constexpr (kInPlace) {
+        g = g_row;
+      } else {
+        g = z_buffer.data();  // the logits are consumed: the buffer takes the float gradient
+      }
       if (o.has_teacher) {
         const acc_t* p_row = p.data();
 #pragma omp simd
@@ -227,7 +241,9 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
         for (int64_t k = 0; k < found; ++k)
           g[top_index[k]] += tol_w * f[top_index[k]] * (k == 0 ? acc_t(1) : other_w);
       }
-      for (int64_t c = 0; c < cols; ++c) g_row[c] = static_cast<scalar_t>(g[c]);
+      if constexpr (!kInPlace) {
+        for (int64_t c = 0; c < cols; ++c) g_row[c] = static_cast<scalar_t>(g[c]);
+      }
     }
   });
 }
