@@ -52,9 +52,9 @@ import torch
 from .base import DataLoaders, DatasetInfo
 from .folders import ImageFolderSplit, UnreadableImageError, scan_train_and_eval
 from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
-from .torch_data import (_ALIASES, _CIFAR, CIFAR_PAD, DATASETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN,
-                         IMAGENET_STD, SMALL_IMAGE_MAX, _check_int, _check_shard, _eval_range,
-                         _load_cifar, _synthetic_sizes, derive_seed)
+from .torch_data import (_CIFAR, CIFAR_PAD, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
+                         SMALL_IMAGE_MAX, _check_int, _check_shard, _eval_range, _load_cifar,
+                         _synthetic_sizes, check_loader_args, derive_seed)
 
 __all__ = ["build_dali_loaders", "DaliEpochLoader", "dali_available", "require_dali",
            "resolve_dali_device", "DALI_INSTALL"]
@@ -495,33 +495,12 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
         fastsd.data.UnreadableImageError: during iteration, naming a file DALI cannot decode.
     """
     require_dali()
-    if not isinstance(dataset, str):
-        raise ValueError(f"dataset must be a string, one of {', '.join(DATASETS)}; got {dataset!r}")
-    name = _ALIASES.get(dataset.strip().lower(), dataset.strip().lower())
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    batch_size = _check_int("batch_size", batch_size, 1)
-    eval_batch_size = _check_int("eval_batch_size", eval_batch_size, 1, optional=True) or batch_size
-    workers = _check_int("workers", workers, 0)
+    (name, batch_size, eval_batch_size, workers, rank, world_size, num_classes, image_size,
+     device) = check_loader_args(
+        dataset, data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        workers=workers, device=device, seed=seed, download=download, num_classes=num_classes,
+        image_size=image_size, synthetic_size=synthetic_size, rank=rank, world_size=world_size)
     prefetch = _check_int("prefetch", prefetch, 1)
-    world_size = _check_int("world_size", world_size, 1)
-    rank = _check_int("rank", rank, 0)
-    if rank >= world_size:
-        raise ValueError(f"rank must be in [0, world_size = {world_size}), got {rank}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    num_classes = _check_int("num_classes", num_classes, 1, optional=True)
-    image_size = _check_int("image_size", image_size, 8, optional=True)
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is cuda but no CUDA GPU is available: pass --device cpu")
-    if download and name not in _CIFAR:
-        raise ValueError(f"download is only possible for cifar10 and cifar100, not {name}")
-    if synthetic_size is not None and name != "synthetic":
-        raise ValueError(f"synthetic_size only applies to the synthetic dataset, not {name}")
     where = resolve_dali_device(dali_device, device)
     common = dict(seed=int(seed), device=device, dali_device=where, half=_half(dtype),
                   channels_last=bool(channels_last), num_threads=max(1, workers),

@@ -31,15 +31,14 @@ counts every image exactly once.
 import math
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .base import DataLoaders, DatasetInfo
-from .folders import (ImageFolderSplit, UnreadableImageError, read_rgb_image, scan_image_folder,
-                      scan_train_and_eval)
+from .folders import ImageFolderSplit, read_rgb_image, scan_train_and_eval
 from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 
 __all__ = ["build_loaders", "list_datasets", "TensorEpochLoader", "FileEpochLoader", "DATASETS",
@@ -496,6 +495,64 @@ def _synthetic_sizes(synthetic_size) -> Tuple[int, int]:
                      f"(train images, test images), got {synthetic_size!r}")
 
 
+class LoaderArgs(NamedTuple):
+    """The arguments every input pipeline shares, checked and normalised."""
+
+    name: str                  #: canonical data set name (aliases resolved)
+    batch_size: int
+    eval_batch_size: int
+    workers: int
+    rank: int
+    world_size: int
+    num_classes: Optional[int]
+    image_size: Optional[int]
+    device: torch.device
+
+
+def check_loader_args(dataset, data_dir, *, batch_size, eval_batch_size, workers, device, seed,
+                      download, num_classes, image_size, synthetic_size, rank,
+                      world_size) -> LoaderArgs:
+    """Check the arguments of :func:`build_loaders` (and of the DALI path, which takes the same),
+    before anything is read or built; raise ValueError naming the argument and the fix."""
+    if not isinstance(dataset, str):
+        raise ValueError(f"dataset must be a string, one of {', '.join(DATASETS)}; got {dataset!r}")
+    name = _ALIASES.get(dataset.strip().lower(), dataset.strip().lower())
+    if name not in DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, DATASETS, n=2)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise ValueError(f"unknown dataset {dataset!r}.{hint} Choose one of {', '.join(DATASETS)} "
+                         f"(imagefolder reads any train/ + val/ folder of class sub-folders)")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    eval_batch_size = _check_int("eval_batch_size", eval_batch_size, 1, optional=True) or batch_size
+    workers = _check_int("workers", workers, 0)
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, world_size = {world_size}), got {rank}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    num_classes = _check_int("num_classes", num_classes, 1, optional=True)
+    image_size = _check_int("image_size", image_size, 8, optional=True)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is cuda but no CUDA GPU is available: pass --device cpu")
+    if download and name not in _CIFAR:
+        raise ValueError(f"download is only possible for cifar10 and cifar100, not {name}")
+    if name == "synthetic" and data_dir is not None and str(data_dir) != "":
+        raise ValueError(f"a data directory ({str(data_dir)!r}) was given but the dataset is "
+                         f"synthetic, which reads no files: pass --dataset cifar10, cifar100 or "
+                         f"imagefolder to use it, or drop --data")
+    if synthetic_size is not None and name != "synthetic":
+        raise ValueError(f"synthetic_size only applies to the synthetic dataset, not {name}")
+    return LoaderArgs(name, batch_size, eval_batch_size, workers, rank, world_size, num_classes,
+                      image_size, device)
+
+
 def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.PathLike]] = None, *,
                   batch_size: int, eval_batch_size: Optional[int] = None, workers: int = 4,
                   device: Union[str, torch.device] = "cpu", seed: int = 0,
@@ -544,41 +601,11 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
             when it is read (at build time for CIFAR image folders, otherwise during iteration);
             the message names the file.
     """
-    if not isinstance(dataset, str):
-        raise ValueError(f"dataset must be a string, one of {', '.join(DATASETS)}; got {dataset!r}")
-    name = _ALIASES.get(dataset.strip().lower(), dataset.strip().lower())
-    if name not in DATASETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, DATASETS, n=2)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise ValueError(f"unknown dataset {dataset!r}.{hint} Choose one of {', '.join(DATASETS)} "
-                         f"(imagefolder reads any train/ + val/ folder of class sub-folders)")
-    batch_size = _check_int("batch_size", batch_size, 1)
-    eval_batch_size = _check_int("eval_batch_size", eval_batch_size, 1, optional=True) or batch_size
-    workers = _check_int("workers", workers, 0)
-    world_size = _check_int("world_size", world_size, 1)
-    rank = _check_int("rank", rank, 0)
-    if rank >= world_size:
-        raise ValueError(f"rank must be in [0, world_size = {world_size}), got {rank}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    num_classes = _check_int("num_classes", num_classes, 1, optional=True)
-    image_size = _check_int("image_size", image_size, 8, optional=True)
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is cuda but no CUDA GPU is available: pass --device cpu")
-    if download and name not in _CIFAR:
-        raise ValueError(f"download is only possible for cifar10 and cifar100, not {name}")
-    if name == "synthetic" and data_dir is not None and str(data_dir) != "":
-        raise ValueError(f"a data directory ({str(data_dir)!r}) was given but the dataset is "
-                         f"synthetic, which reads no files: pass --dataset cifar10, cifar100 or "
-                         f"imagefolder to use it, or drop --data")
-    if synthetic_size is not None and name != "synthetic":
-        raise ValueError(f"synthetic_size only applies to the synthetic dataset, not {name}")
+    (name, batch_size, eval_batch_size, workers, rank, world_size, num_classes, image_size,
+     device) = check_loader_args(
+        dataset, data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        workers=workers, device=device, seed=seed, download=download, num_classes=num_classes,
+        image_size=image_size, synthetic_size=synthetic_size, rank=rank, world_size=world_size)
 
     common = dict(seed=int(seed), device=device, channels_last=bool(channels_last), rank=rank,
                   world_size=world_size)

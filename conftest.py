@@ -1,3 +1,5 @@
+"""pytest configuration shared by tests/ and bench/: tests marked ``gpu`` are skipped without CUDA."""
+
 import pytest
 import torch
 
