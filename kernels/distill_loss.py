@@ -17,7 +17,6 @@ so that the backward pass only scales the stored gradient by the incoming one. T
 All arithmetic is float32 whatever the input dtype. This module never imports fastsd.
 """
 
-
 import torch
 import triton
 import triton.language as tl
