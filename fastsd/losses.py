@@ -53,37 +53,32 @@ class DistillLossFunction(torch.autograd.Function):
             z, y, t, float(temperature), float(student_temperature), float(ce_weight),
             float(kd_scale), float(tolerance_weight), int(topk), int(ignore_index), write_grad,
             float(label_smoothing))
+        count = None  # the divisor of "mean": the rows that count (an int without a target)
         if reduction == "none":
             loss = terms[0].reshape(rows_shape)
             parts = terms[1:].reshape(3, *rows_shape)
-            scale_by = None
         else:
             sums = terms.sum(dim=1)
             if reduction == "mean":
                 count = z.shape[0] if y is None else (y != ignore_index).sum().clamp_min(1)
                 sums = sums / count
-                scale_by = count
-            else:
-                scale_by = None
             loss, parts = sums[0], sums[1:]
         ctx.mark_non_differentiable(parts)
         ctx.reduction = reduction
         ctx.logits_shape = logits.shape
         if write_grad:
-            if isinstance(scale_by, torch.Tensor):
-                ctx.save_for_backward(grad, scale_by)
-            else:
-                ctx.save_for_backward(grad)
-                ctx.count = scale_by
+            count_is_tensor = isinstance(count, torch.Tensor)
+            ctx.save_for_backward(grad, *([count] if count_is_tensor else []))
+            ctx.count = None if count_is_tensor else count
         return loss, parts
 
     @staticmethod
     def backward(ctx, grad_loss, grad_parts):
-        grad, *count = ctx.saved_tensors
-        count = count[0] if count else ctx.count
+        grad, *saved_count = ctx.saved_tensors
+        count = saved_count[0] if saved_count else ctx.count
         if ctx.reduction == "none":
             scale = grad_loss.reshape(-1, 1)
-        elif ctx.reduction == "mean":
+        elif count is not None:
             scale = grad_loss / count
         else:
             scale = grad_loss
