@@ -17,6 +17,8 @@ so that the backward pass only scales the stored gradient by the incoming one. T
 All arithmetic is float32 whatever the input dtype. This module never imports fastsd.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -285,6 +287,22 @@ def _chunked_kernel(
             tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
+def _rows_per_program(n_rows, block_c, device):
+    """Rows per program of the register path: several short rows share a program (fewer, fuller
+    programs), but never so many that the grid leaves streaming multiprocessors idle."""
+    most = max(1, min(64, REGISTER_TILE // block_c))
+    if device.type == "cuda":
+        # Aim for a few programs per multiprocessor; round down to a power of two.
+        enough = max(1, n_rows // (4 * _multiprocessors(device)))
+        most = min(most, 1 << (enough.bit_length() - 1))
+    return min(most, triton.next_power_of_2(n_rows))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def distill_loss_forward(logits, target, teacher_logits, *, temperature, student_temperature,
                          ce_weight, kd_scale, tolerance_weight, topk, ignore_index, write_grad,
                          label_smoothing=0.0):
@@ -323,8 +341,7 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
             grad.stride(0) if write_grad else 0)
     if n_cols <= MAX_REGISTER_COLUMNS:
         block_c = triton.next_power_of_2(n_cols)
-        block_r = max(1, min(64, REGISTER_TILE // block_c))
-        block_r = min(block_r, triton.next_power_of_2(n_rows))
+        block_r = _rows_per_program(n_rows, block_c, logits.device)
         num_warps = 4 if block_r * block_c <= 2048 else 8 if block_r * block_c <= 4096 else 16
         _rows_kernel[(triton.cdiv(n_rows, block_r),)](
             *args, **common, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
