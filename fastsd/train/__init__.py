@@ -24,13 +24,15 @@ Defaults: λ_S = 1 + 1/T for sd/ban/tt and 1 for kd, λ_T = 1 (all written to co
 ``--label-smoothing ε`` passes ``label_smoothing=ε`` to every stage (it smooths the CE target only).
 
 A run directory holds config.yaml, metrics.jsonl, TensorBoard events, checkpoints/last.pt,
-snapshots/<cycleN|genN>.safetensors, model.safetensors, results.json and results.md (see
+snapshots/<cycleN|genN>.safetensors, diagnostics/<cycleN|genN|final>.safetensors
+(second-class confusion), model.safetensors, results.json and results.md (see
 :mod:`.results` and :mod:`.monitor` for their contents).
 
 Modules: :mod:`.config` (the typed configuration), :mod:`.schedule` (stages and learning rate),
 :mod:`.step` (the training step, evaluation), :mod:`.teachers` (snapshots as teachers),
 :mod:`.loop` (the trainer), :mod:`.checkpoint`, :mod:`.monitor`, :mod:`.results`,
-:mod:`.preflight` (image checks), :mod:`.cli`.
+:mod:`.preflight` (image checks), :mod:`.distributed` (torchrun, DDP), :mod:`.cli`.
+Several GPUs or nodes: ``torchrun --nproc-per-node N -m fastsd.train ...`` (README).
 """
 
 from .config import TrainConfig

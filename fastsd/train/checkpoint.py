@@ -8,6 +8,9 @@ Layout of a run directory::
 
     checkpoints/last.pt            the whole training state (resume)
     snapshots/<label>.safetensors  the float32 student at each cycle / generation end
+    diagnostics/<label>.safetensors  at each cycle / generation end (and bl/kd's end, "final"):
+                                   ``second_confusion`` [C, C] int32, test images of class y whose
+                                   second-highest score is class c (read by fastsd.report)
     model.safetensors              the final student (loads into the torchvision model of its name)
 """
 

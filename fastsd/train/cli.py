@@ -100,11 +100,25 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the trainer; return the process exit status: 0 done, 2 bad input, 3 non-finite loss,
-    128 + signal number (143 SIGTERM, 130 SIGINT) stopped with a checkpoint written."""
+    128 + signal number (143 SIGTERM, 130 SIGINT) stopped with a checkpoint written.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process runs this: it joins the process group
+    first and leaves it on the way out."""
+    from . import distributed
+
+    try:
+        return _run(argv)
+    finally:
+        distributed.shutdown()
+
+
+def _run(argv: Optional[List[str]]) -> int:
+    from . import distributed
     from .loop import Trainer
 
     try:
         cfg = config_from_args(argv)
+        distributed.init(cfg.device, cfg.world_size)
         trainer = Trainer(cfg).setup()
     except TrainError as e:
         print(f"fastsd.train: error: {e}", file=sys.stderr)
@@ -116,8 +130,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainError as e:
         from .errors import Interrupted
 
-        print(f"fastsd.train: {'stopped' if isinstance(e, Interrupted) else 'error'}: {e}",
-              file=sys.stderr)
+        stopped = isinstance(e, Interrupted)
+        if trainer.is_main or not stopped:  # every process stops: one message is enough
+            print(f"fastsd.train: {'stopped' if stopped else 'error'}: {e}", file=sys.stderr)
         return e.exit_code
     except UnreadableImageError as e:  # a file that broke after the pre-flight check
         print(f"fastsd.train: error: {e}; the last checkpoint is intact (--resume "

@@ -116,10 +116,11 @@ class TrainConfig:
     synthetic_size: Optional[List[int]] = _flist(
         "synthetic: training images, or training,test images [auto: 2048,500]", "data",
         type=int)
-    batch_size: Optional[int] = _f(None, "training batch size per process [auto: 128 on "
-                                   "CIFAR, 256 on ImageNet folders, 64 on synthetic]", "data")
-    eval_batch_size: Optional[int] = _f(None, "evaluation batch size [auto: 2 x batch size]",
-                                        "data")
+    batch_size: Optional[int] = _f(None, "training batch size per process (the global batch is"
+                                   " --batch-size x --world-size) [auto: 128 on CIFAR, 256 on "
+                                   "ImageNet folders, 64 on synthetic]", "data")
+    eval_batch_size: Optional[int] = _f(None, "evaluation batch size per process [auto: 2 x "
+                                        "batch size]", "data")
     workers: Optional[int] = _f(None, "data loading worker processes [auto: min(8, CPUs - 1) on "
                                 "CUDA, 0 on CPU]", "data")
     check_images: str = _f("auto", "imagefolder: open every image before training so a broken "
@@ -133,7 +134,9 @@ class TrainConfig:
     epochs: Optional[int] = _f(None, "training epochs (per generation for ban/tt) [auto: 300 on "
                                "CIFAR, 90 on ImageNet folders, 6 on synthetic; the sum of "
                                "--cycle-epochs when given]", "optim")
-    lr: float = _f(0.1, "peak learning rate (lr_max of every cycle)", "optim")
+    lr: float = _f(0.1, "peak learning rate (lr_max of every cycle), used as given for the "
+                   "global batch: it is not rescaled with --world-size (scale it yourself, e.g. "
+                   "linearly with the global batch)", "optim")
     lr_min: float = _f(0.0, "learning rate the cosine decays towards", "optim")
     schedule: str = _f("cosine", "bl/kd/ban/tt: cosine or step (multi-step); se/sd always use "
                        "the cyclic cosine", "optim", choices=SCHEDULES)
@@ -164,6 +167,13 @@ class TrainConfig:
                            "max-autotune)", "perf", metavar="MODE")
     threads: Optional[int] = _f(None, "CPU threads for intra-op parallelism [auto: torch's "
                                 "default, one per core]", "perf")
+    world_size: Optional[int] = _f(None, "processes training together, each with its own "
+                                   "shard and --batch-size [auto: torchrun's WORLD_SIZE, 1 "
+                                   "without torchrun]; launch several with torchrun "
+                                   "--nproc-per-node N -m fastsd.train", "perf")
+    sync_bn: bool = _f(False, "several processes: SyncBatchNorm, BatchNorm statistics over the "
+                       "global batch (CUDA only); without it each process normalises with its "
+                       "own batch's statistics", "perf")
     deterministic: bool = _f(False, "deterministic kernels (cudnn.deterministic, no cudnn "
                              "benchmark): bit-exact resume on CUDA, a little slower", "perf")
 
@@ -278,6 +288,21 @@ class TrainConfig:
                 bad("device", f"{self.device} does not exist: {torch.cuda.device_count()} "
                     f"GPU(s) visible")
         on_cuda = dev.type == "cuda"
+        from .distributed import launched_world_size
+
+        launched = launched_world_size()
+        if self.world_size is None:
+            self.world_size = launched
+        if self.world_size != launched:
+            bad("world_size", f"the run has {self.world_size} process(es) (a resumed run keeps "
+                f"the number it started with) but this launch has {launched} (torchrun's "
+                f"WORLD_SIZE); launch {self.world_size} with torchrun --nnodes/--nproc-per-node, "
+                f"or start a new run")
+        if self.world_size > 1 and dev.index is not None:
+            bad("device", f"{self.device} with {self.world_size} processes: each process uses the"
+                f" GPU of its LOCAL_RANK; pass --device cuda")
+        if self.sync_bn and not on_cuda:
+            bad("sync_bn", "PyTorch's SyncBatchNorm runs on GPUs only; drop --sync-bn on the CPU")
         if self.amp == "auto":
             self.amp = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else (
                 "fp16" if on_cuda else "none")
@@ -430,6 +455,11 @@ class TrainConfig:
             raise ConfigError(f"{flag(name)}: {e}") from None
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimisation step over all processes."""
+        return self.batch_size * self.world_size
+
     @property
     def total_epochs(self) -> int:
         """Epochs of the whole run: ``epochs`` times the number of generations for ban/tt."""

@@ -5,8 +5,10 @@ Order of work, so that every user error surfaces before the first step: configur
 construction) -> resume checkpoint located -> data loaders (folder layout, class count) -> model
 -> KD teacher (file, architecture, classes) -> run directory, config.yaml -> resume state.
 
-Distributed training (issue 6) plugs in at ``rank`` / ``world_size`` (shards of the loaders, only
-rank 0 writes) and :meth:`Trainer._all_reduce`; nothing else here assumes one process.
+Several processes (torchrun, :mod:`.distributed`): each trains its shard of the data through a
+DistributedDataParallel wrapper of ``self.model``; ``self.model`` itself (checkpoints, snapshots,
+evaluation) stays the plain module. Counts are summed with :meth:`Trainer._all_reduce`, and only
+rank 0 writes files.
 """
 
 import os
@@ -18,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .checkpoint import (FORMAT_VERSION, atomic_torch_save, checkpoint_path, find_checkpoint,
                          load_checkpoint, model_weights, rng_state, save_safetensors,
                          set_rng_state)
@@ -26,7 +29,16 @@ from .errors import ConfigError, Interrupted, NonFiniteLossError, SetupError
 from .monitor import Monitor
 from .results import format_table, summarise, write_results
 from .schedule import Plan, Stage, build_plan
-from .step import TrainStep, autocast, build_optimizer, evaluate, topk_correct
+from .step import SecondaryMeter, TrainStep, autocast, build_optimizer, evaluate, topk_correct
+
+
+def stage_file_name(stage: Stage) -> str:
+    """File stem of a stage's snapshot and diagnostics: cycle<1..M>, gen<0..N>, or final."""
+    if stage.kind == "cycle":
+        return f"cycle{stage.index + 1}"
+    if stage.kind == "generation":
+        return f"gen{stage.index}"
+    return "final"
 
 
 def model_seed(seed: int, generation: int) -> int:
@@ -39,16 +51,23 @@ class Trainer:
 
     ``hooks``: objects with any of ``on_stage_start(trainer, stage)``, ``on_step_end(trainer)``,
     ``on_stage_end(trainer, stage)``, ``on_epoch_end(trainer, epoch)`` (tests and tools use them).
+
+    With ``cfg.world_size`` > 1 the process group must be joined first
+    (:func:`fastsd.train.distributed.init`, as ``python -m fastsd.train`` does under torchrun).
     """
 
-    def __init__(self, cfg: TrainConfig, *, hooks: Optional[List[Any]] = None, rank: int = 0,
-                 world_size: int = 1, quiet: bool = False):
+    def __init__(self, cfg: TrainConfig, *, hooks: Optional[List[Any]] = None,
+                 quiet: bool = False):
         self.cfg = cfg
         self.hooks = list(hooks or [])
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
+        self.rank, self.world_size = distributed.rank_and_size()
+        if self.world_size != cfg.world_size:
+            raise SetupError(f"{flag('world_size')} is {cfg.world_size} but this process is one "
+                             f"of {self.world_size}; launch with torchrun (or join the process "
+                             f"group with fastsd.train.distributed.init first)")
+        self.is_main = self.rank == 0
         self.quiet = quiet
-        self.device = torch.device(cfg.device)
+        self.device = distributed.local_device(cfg.device, self.world_size)
         self.run_dir: Optional[str] = None
         self.epoch = 0              # the next epoch to train (global)
         self.batch_in_epoch = 0     # batches of ``epoch`` already trained (mid-epoch resume)
@@ -65,6 +84,10 @@ class Trainer:
         cfg = self.cfg
         resume_path = find_checkpoint(cfg.resume) if cfg.resume else None
         run_dir = self._choose_run_dir()
+        if self.world_size > 1 and cfg.out is None and not cfg.resume:
+            # An automatic name holds the time of day: take rank 0's, so that every process
+            # names the same directory to --resume.
+            run_dir = distributed.broadcast_object(run_dir)
         if self.device.type == "cuda":
             if self.device.index is not None:
                 torch.cuda.set_device(self.device)
@@ -90,7 +113,10 @@ class Trainer:
                              f"({info.train_size} images): an epoch would have no full batch")
         self.plan: Plan = build_plan(cfg, iters)
 
-        self.model = self._new_model(0)
+        self.model = train_model = self._new_model(0)
+        if self.world_size > 1:
+            self.model, train_model = distributed.wrap(self.model, self.device, cfg.sync_bn)
+            self._stop_flag = distributed.StopFlag()
         self.kd_teacher = None
         if cfg.method == "kd":
             from .teachers import Teachers, build_kd_teacher
@@ -110,7 +136,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                          wd_norm_bias=cfg.wd_norm_bias)
-        self.step = TrainStep(self.model, self.optimizer, device=self.device, amp=cfg.amp,
+        self.step = TrainStep(train_model, self.optimizer, device=self.device, amp=cfg.amp,
                               num_classes=self.num_classes, compile=cfg.compile,
                               compile_mode=cfg.compile_mode)
 
@@ -126,7 +152,9 @@ class Trainer:
         if self.is_main:
             # The run's settings, not how this process was started: no "resume" in the file, so
             # `--config config.yaml` starts the same run afresh.
-            dump_yaml(cfg.replace(resume=None), os.path.join(self.run_dir, "config.yaml"))
+            dump_yaml(cfg.replace(resume=None), os.path.join(self.run_dir, "config.yaml"),
+                      f"global batch {cfg.global_batch_size} = {cfg.world_size} process(es) x "
+                      f"--batch-size {cfg.batch_size}; --lr is used as given")
         if resume_state is not None:
             self._load_state(resume_state)
         self.monitor = Monitor(self.run_dir, progress="none" if self.quiet else cfg.progress,
@@ -223,7 +251,8 @@ class Trainer:
                              f"{self.plan.iters_per_epoch}: the data set or batch size changed")
         if state.get("world_size", 1) != self.world_size:
             raise SetupError(f"--resume: {path} was written by {state.get('world_size')} "
-                             f"processes; resume with the same number (now {self.world_size})")
+                             f"process(es); resume with the same number (now {self.world_size}):"
+                             f" torchrun --nproc-per-node/--nnodes")
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -238,21 +267,22 @@ class Trainer:
         self.wall_time = float(state.get("wall_time_s", 0.0))
 
     def save_checkpoint(self) -> None:
-        if not self.is_main:
-            return
+        # Every process checks (the answer is agreed), so bad weights stop all of them together.
         if not self._weights_finite():
             raise NonFiniteLossError(
                 f"the model's weights (or BatchNorm statistics) are no longer finite at "
                 f"iteration {self.iteration}; nothing was saved, so the last good checkpoint "
                 f"{checkpoint_path(self.run_dir)} is intact. Lower --lr, add --warmup-epochs, "
                 f"or use --amp bf16 / none, then --resume from it or start again")
-        atomic_torch_save(self.state_dict(), checkpoint_path(self.run_dir))
+        if self.is_main:
+            atomic_torch_save(self.state_dict(), checkpoint_path(self.run_dir))
 
     def _weights_finite(self) -> bool:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         if not tensors:
             return True
-        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        bad = (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).to(torch.int64)
+        return not bool(self._all_reduce(bad.reshape(1)))
 
     # ============================================================================== training
     def run(self) -> Dict[str, Any]:
@@ -332,10 +362,13 @@ class Trainer:
                    or self.kd_teacher is not None else "")
         resumed = (f"; resuming at epoch {self.epoch + 1}, iteration {self.iteration}"
                    if self.iteration else "")
+        procs = (f" x {cfg.world_size} processes = {cfg.global_batch_size}"
+                 + (", SyncBatchNorm" if cfg.sync_bn else "") if cfg.world_size > 1 else "")
         self.monitor.message(
             f"fastsd.train: {cfg.method} {cfg.arch} on {cfg.dataset} ({info.train_size} training /"
             f" {info.test_size} test images, {self.num_classes} classes, {info.image_size}px), "
-            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}{shape}, batch {cfg.batch_size},"
+            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}{shape}, batch {cfg.batch_size}"
+            f"{procs},"
             f" {self.plan.iters_per_epoch} iterations per epoch; {self.device}, amp {cfg.amp}"
             f"{teacher}"
             f"{', compiled' if cfg.compile else ''}; run directory {self.run_dir}{resumed}")
@@ -362,7 +395,7 @@ class Trainer:
             self.step(images, labels)
             self.iteration += 1
             self.batch_in_epoch = b + 1
-            window_images += images.shape[0]
+            window_images += images.shape[0] * self.world_size  # equal shards: global images
             if self.hooks:
                 self._call_hooks("on_step_end")
             if self.monitor.progress == "bar":
@@ -372,7 +405,7 @@ class Trainer:
                 self._log_window(epoch, lr, window_images, now - window_start)
                 epoch_images += window_images
                 window_start, window_images = now, 0
-            if self._stop_signal is not None:
+            if self._stop_requested():
                 self._interrupt()
         if window_images:
             self._log_window(epoch, lr, window_images, time.perf_counter() - window_start,
@@ -391,7 +424,7 @@ class Trainer:
             images_per_s=epoch_images / seconds if seconds > 0 else None)
 
     def _log_window(self, epoch, lr, images, seconds, to_log=True) -> None:
-        m = self.step.read_metrics()
+        m = self.step.read_metrics(self._all_reduce if self.world_size > 1 else None)
         finite = m["steps"] - m["nonfinite"]
         finite_images = images * finite / max(m["steps"], 1)
         s = self._epoch_sums
@@ -435,6 +468,12 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, stage: Stage) -> None:
         cfg = self.cfg
+        if self.world_size > 1:
+            # Snapshots and evaluations see rank 0's BatchNorm statistics everywhere, as the next
+            # step would (DDP broadcasts them before each forward): identical snapshots, and a
+            # trajectory that does not depend on where a run was checkpointed.
+            with torch.no_grad():
+                distributed.broadcast_buffers(self.model)
         row = self._epoch_row
         stage_end = epoch + 1 == stage.end_epoch
         if stage_end:
@@ -461,18 +500,27 @@ class Trainer:
         if stage.capture_slot is not None:
             self.teachers.capture(self.model, stage.capture_slot)
             if self.is_main:
-                name = ("cycle" if stage.kind == "cycle" else "gen") + str(
-                    stage.index + 1 if stage.kind == "cycle" else stage.index)
                 save_safetensors(model_weights(self.model),
-                                 os.path.join(self.run_dir, "snapshots", f"{name}.safetensors"),
+                                 os.path.join(self.run_dir, "snapshots",
+                                              f"{stage_file_name(stage)}.safetensors"),
                                  self._weights_metadata(label=stage.label))
-        conf = _ConfidenceMeter(self.device)
+        conf = SecondaryMeter(self.device, self.num_classes)
         result = self._evaluate_student(collect=conf)
         row.update(result)
         index = stage.index + 1 if stage.kind in ("cycle", "run") else stage.index
         entry = dict(index=index, label=stage.label, epoch=epoch + 1, iteration=self.iteration,
                      top1_error=result["top1_error"], top5_error=result["top5_error"],
-                     confidence_top4=conf.mean())
+                     confidence_top4=conf.mean(self._all_reduce))
+        second = conf.second_confusion()
+        if second is not None:
+            # Once per stage: the ground-truth vs second-highest-class counts for the report.
+            second = self._all_reduce(second)
+            if self.is_main:
+                rel = os.path.join("diagnostics", f"{stage_file_name(stage)}.safetensors")
+                save_safetensors({"second_confusion": second.to(torch.int32)},
+                                 os.path.join(self.run_dir, rel),
+                                 self._weights_metadata(label=stage.label))
+                entry["diagnostics"] = rel
         self.snapshots.append(entry)
         self.monitor.log("snapshot", entry, tb_prefix="snapshot", tb_step=epoch + 1)
         self._call_hooks("on_stage_end", stage)
@@ -486,13 +534,29 @@ class Trainer:
 
         model.eval()
         try:
-            return evaluate(forward, self.data.test, collect=collect)
+            return evaluate(forward, self.data.test, collect=collect, device=device,
+                            reduce=self._all_reduce)
         finally:
             model.train()
+
+    def _stop_requested(self) -> bool:
+        """Whether to stop after this step; every process gives the same answer at the same
+        iteration (a signal may reach them at different steps, or only some of them)."""
+        if self.world_size == 1:
+            return self._stop_signal is not None
+        if self.iteration % distributed.STOP_CHECK_EVERY:
+            return False
+        agreed = self._stop_flag.agree(self._stop_signal)
+        if agreed is not None and self._stop_signal is None:
+            self._stop_signal = agreed
+        return agreed is not None
 
     def _interrupt(self) -> None:
         signum = self._stop_signal
         self.save_checkpoint()
+        if self.world_size > 1:
+            # No process exits (and makes the launcher kill the rest) before the file is whole.
+            torch.distributed.barrier()
         error = Interrupted(f"stopped by {signal.Signals(signum).name} at iteration "
                             f"{self.iteration} (epoch {self.epoch + 1}, batch "
                             f"{self.batch_in_epoch}); a checkpoint was written: continue with "
@@ -602,9 +666,11 @@ class Trainer:
         """The results index of a slot: cycle number (1-based) or generation number."""
         return slot if self.cfg.method in GENERATION_METHODS else slot + 1
 
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over processes (identity in one process; DDP plugs in here)."""
-        return tensor
+    def _all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) over processes, in place (identity in one process)."""
+        if self.world_size == 1:
+            return tensor
+        return distributed.all_reduce(tensor, op)
 
     def finish(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -632,7 +698,9 @@ class Trainer:
             else None, topk=cfg.topk if cfg.method == "tt" else None, epochs=cfg.epochs,
             cycle_epochs=cfg.cycle_epochs if cfg.method in ("se", "sd") else None,
             generations=cfg.generations if cfg.method in GENERATION_METHODS else None,
-            world_size=self.world_size, seed=cfg.seed, wall_time_s=round(wall, 2),
+            world_size=self.world_size, batch_size=cfg.batch_size,
+            global_batch_size=cfg.global_batch_size, sync_bn=cfg.sync_bn, seed=cfg.seed,
+            wall_time_s=round(wall, 2),
             run_dir=self.run_dir)
         if self.is_main:
             save_safetensors(model_weights(self.model),
@@ -644,25 +712,6 @@ class Trainer:
                 print(f"\nresults: {os.path.join(self.run_dir, 'results.md')} "
                       f"(and results.json, metrics.jsonl, model.safetensors); {wall:.1f} s")
         return results
-
-
-class _ConfidenceMeter:
-    """Mean softmax confidence of the top-1 … top-4 classes over the test split (the
-    tolerant-teacher paper's table of secondary information)."""
-
-    def __init__(self, device):
-        self.total = torch.zeros(4, device=device)
-        self.count = 0
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        probs = torch.softmax(logits.float(), dim=-1)
-        k = min(4, probs.shape[-1])
-        top = probs.topk(k, dim=-1).values.sum(0)
-        self.total[:k] += top
-        self.count += labels.shape[0]
-
-    def mean(self) -> List[float]:
-        return [v / max(self.count, 1) for v in self.total.tolist()]
 
 
 def _seed_all(seed: int) -> None:

@@ -10,7 +10,7 @@
 - ``"stage"``: at every cycle / generation start: stage, kind, iteration, epoch, teacher (the slot
   teaching it, "external" or null), loss keywords;
 - ``"snapshot"``: at every cycle / generation end: index, label, epoch, iteration, test errors,
-  mean top-1..top-4 confidences.
+  mean top-1..top-4 confidences, and the path of its diagnostics file (second-class confusion).
 
 On resume, lines past the checkpoint's iteration are dropped (they belong to the lost tail of the
 interrupted run).

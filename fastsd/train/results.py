@@ -5,7 +5,8 @@
     {"method", "arch", "dataset", "num_classes", "temperature", "lambda_s", "lambda_t",
      "snapshots": [{"index", "label", "epoch", "top1_error", "top5_error", ...}, ...],
      "final": {...}, "best": {...}, "ensemble": {"top1_error", "top5_error", "members"} or null,
-     "ensembles": [...], "world_size", "wall_time_s"}
+     "ensembles": [...], "world_size", "batch_size" (per process), "global_batch_size",
+     "sync_bn", "wall_time_s"}
 
 Errors are in percent. ``snapshots`` has one entry per cycle (se/sd: index 1..M, label M#L<i>),
 per generation (ban/tt: index 0..N, label G#<i>), or one for bl/kd (index 1, label "final").
@@ -41,9 +42,10 @@ def run_title(results: Dict[str, Any]) -> str:
     return f"{name}, {results['arch']}"
 
 
-def format_table(runs: Sequence[Dict[str, Any]]) -> str:
+def format_table(runs: Sequence[Dict[str, Any]], titles: Optional[Sequence[str]] = None) -> str:
     """A markdown table of one or more runs: a top-1 and a top-5 row per run, one column per
-    snapshot / generation label, then best and ensemble (blank where a run has none)."""
+    snapshot / generation label, then best and ensemble (blank where a run has none).
+    ``titles``: the first cell of each run's rows [default: :func:`run_title`]."""
     labels: List[str] = []
     for run in runs:
         for entry in run["snapshots"]:
@@ -51,10 +53,11 @@ def format_table(runs: Sequence[Dict[str, Any]]) -> str:
                 labels.append(entry["label"])
     header = ["run", "error (%)"] + labels + ["best", "ensemble"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for run in runs:
+    for n, run in enumerate(runs):
         by_label = {e["label"]: e for e in run["snapshots"]}
+        title = titles[n] if titles is not None else run_title(run)
         for i, key in enumerate(("top1_error", "top5_error")):
-            cells = [run_title(run) if i == 0 else "", "top-1" if i == 0 else "top-5"]
+            cells = [title if i == 0 else "", "top-1" if i == 0 else "top-5"]
             cells += [_fmt(by_label[l][key]) if l in by_label else "" for l in labels]
             cells.append(_fmt(run["best"][key]))
             ens = run.get("ensemble")
@@ -83,7 +86,8 @@ def format_markdown(results: Dict[str, Any]) -> str:
     lines += ["| setting | value |", "|---|---|"]
     for key in ("method", "arch", "dataset", "num_classes", "epochs", "cycle_epochs",
                 "generations", "temperature", "student_temperature", "lambda_s", "lambda_t",
-                "t2_scaling", "teacher_dtype", "eta", "topk", "world_size", "wall_time_s"):
+                "t2_scaling", "teacher_dtype", "eta", "topk", "world_size", "batch_size",
+                "global_batch_size", "wall_time_s"):
         if results.get(key) is not None:
             lines.append(f"| {key} | {results[key]} |")
     return "\n".join(lines) + "\n"

@@ -145,15 +145,24 @@ class TrainStep:
         opt.zero_grad(set_to_none=True)
 
     # --------------------------------------------------------------------------------- metrics
-    def read_metrics(self) -> Dict[str, float]:
+    def read_metrics(self, all_reduce: Optional[Callable[..., torch.Tensor]] = None
+                     ) -> Dict[str, float]:
         """Means over the steps since the last read (one host sync), then start a new window.
+
+        ``all_reduce(tensor, op)`` (op "sum" or "max") combines the windows of every process, so
+        all of them read the same numbers and take the same decisions (a non-finite streak on one
+        shard stops every process); steps and correct are then totals over the processes.
 
         Returns loss, ce, kl, tolerance (means over the finite steps), correct (top-1 hits on the
         training batches of the finite steps), steps, nonfinite (steps in the window with a
         non-finite loss), max_nonfinite_run (longest run of consecutive non-finite steps,
         including one still going on across windows).
         """
-        values = self.metrics.tolist()
+        values = self.metrics
+        if all_reduce is not None:
+            values = torch.cat([all_reduce(values[:_RUN].clone(), "sum"), values[_RUN:_MAX_RUN],
+                                all_reduce(values[_MAX_RUN:].clone(), "max")])
+        values = values.tolist()
         steps = values[_STEPS]
         finite = max(steps - values[_NONFINITE], 1.0)
         out = dict(loss=values[_LOSS] / finite, ce=values[_CE] / finite, kl=values[_KL] / finite,
@@ -191,24 +200,34 @@ def _accumulate(metrics: torch.Tensor, loss: torch.Tensor, terms, correct: torch
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, *,
-             collect: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, *, device=None,
+             collect: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+             reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
              ) -> Dict[str, float]:
     """Top-1 / top-5 error (percent) of ``forward(images) -> logits`` over every batch of
-    ``loader``; ``collect(logits, labels)`` sees each batch. One host sync, at the end."""
-    correct1 = correct5 = None
-    count = 0
+    ``loader``; ``collect(logits, labels)`` sees each batch. ``reduce`` sums the counts
+    [3] int64 over processes (each evaluates its shard), so the errors are those of the whole
+    split (``device``: where the counts live [default: the logits'; give it when a shard may be
+    empty]). One host sync, at the end."""
+    # top-1 hits, top-5 hits, images
+    counts = None if device is None else torch.zeros(3, dtype=torch.int64, device=device)
     for images, labels in loader:
         logits = forward(images)
+        if counts is None:
+            counts = torch.zeros(3, dtype=torch.int64, device=logits.device)
         c1, c5 = topk_correct(logits, labels)
-        correct1 = c1 if correct1 is None else correct1 + c1
-        correct5 = c5 if correct5 is None else correct5 + c5
-        count += labels.shape[0]
+        counts[0] += c1
+        counts[1] += c5
+        counts[2] += labels.shape[0]
         if collect is not None:
             collect(logits, labels)
+    if counts is None:
+        counts = torch.zeros(3, dtype=torch.int64)
+    if reduce is not None:
+        counts = reduce(counts)
+    c1, c5, count = counts.tolist()
     if count == 0:
         raise ValueError("the evaluation split is empty")
-    c1, c5 = torch.stack([correct1, correct5]).tolist()
     return {"top1_error": 100.0 * (1 - c1 / count), "top5_error": 100.0 * (1 - c5 / count),
             "samples": count}
 
@@ -219,3 +238,48 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5):
     top = logits.topk(k, dim=-1).indices
     hit = top == labels[:, None]
     return hit[:, 0].sum(), hit.any(-1).sum()
+
+
+class SecondaryMeter:
+    """The "secondary information" of the tolerant-teacher paper over an evaluation pass, kept on
+    the device (no host sync until read): the summed softmax confidence of the top-1 … top-4
+    classes, and the confusion matrix ``second[y, c]`` = number of images of class ``y`` whose
+    second-highest score is class ``c`` ([C, C], int64). Call it as ``collect(logits, labels)``."""
+
+    def __init__(self, device, num_classes: Optional[int] = None):
+        self.device = torch.device(device)
+        self.total = torch.zeros(4, device=self.device)
+        self.count = 0
+        self.num_classes = num_classes
+        self.second: Optional[torch.Tensor] = None
+        if num_classes is not None and num_classes >= 2:
+            self.second = torch.zeros(num_classes * num_classes, dtype=torch.int64,
+                                      device=self.device)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        probs = torch.softmax(logits.float(), dim=-1)
+        k = min(4, probs.shape[-1])
+        top = probs.topk(k, dim=-1)
+        self.total[:k] += top.values.sum(0)
+        self.count += labels.shape[0]
+        if self.second is not None and k >= 2:
+            C = self.num_classes
+            keep = (labels >= 0) & (labels < C)
+            flat = labels.long() * C + top.indices[:, 1]
+            self.second += torch.bincount(flat[keep], minlength=C * C)
+
+    def mean(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+             ) -> "list[float]":
+        """Mean confidence of the top-1 … top-4 classes (one host sync); ``reduce`` sums the
+        totals over processes."""
+        total = torch.cat([self.total, torch.tensor([float(self.count)], device=self.device)])
+        if reduce is not None:
+            total = reduce(total)
+        *sums, count = total.tolist()
+        return [v / max(count, 1) for v in sums]
+
+    def second_confusion(self) -> Optional[torch.Tensor]:
+        """``[C, C]`` counts (rows: ground truth, columns: second-highest class), or None."""
+        if self.second is None:
+            return None
+        return self.second.view(self.num_classes, self.num_classes)

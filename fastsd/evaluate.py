@@ -1,0 +1,310 @@
+"""``python -m fastsd.evaluate``: evaluate a saved model, a snapshot, or an ensemble of snapshots.
+
+Examples::
+
+    python -m fastsd.evaluate --checkpoint runs/sd-resnet20          # the run's final model
+    python -m fastsd.evaluate --checkpoint runs/sd-resnet20 --snapshots all      # every snapshot
+    python -m fastsd.evaluate --checkpoint runs/sd-resnet20 --snapshots 2 3      # M#L2, M#L3 + ensemble
+    python -m fastsd.evaluate --checkpoint model.safetensors --arch resnet56 \\
+        --dataset cifar100 --data ~/data
+
+It prints the numbers a run reports (:mod:`fastsd.train.results`): top-1 / top-5 error of every
+model and of the ensemble (the mean of their softmax outputs), and the secondary information of
+:mod:`fastsd.report`: the mean confidence of the top-1 … top-4 classes, the top-1 agreement of each
+model with the one before it and the entropy of its softmax at temperature T (what it would give
+as a teacher). The data set, folder and image size default to the run's config.yaml.
+
+Snapshots are evaluated in float32 from ``snapshots/*.safetensors``, as the trainer evaluates its
+student, so their errors equal the ``top1_error`` / ``top5_error`` columns of results.json; the
+trainer's ensembles use the snapshots as stored (half precision), so their last digits may differ.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from fastsd.train.errors import SetupError, TrainError
+
+__all__ = ["evaluate_models", "resolve_models", "main"]
+
+
+# ------------------------------------------------------------------------------------ the numbers
+@torch.no_grad()
+def evaluate_models(forwards: Sequence[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]],
+                    loader, *, num_classes: int, temperature: float = 1.0,
+                    device="cpu") -> Dict[str, Any]:
+    """Evaluate each ``(label, forward)`` over ``loader`` (one pass each) and their ensemble.
+
+    ``forward(images) -> logits [B, C]``. Returns ``{"models": [...], "ensemble": {...} or None}``;
+    each model entry: label, top1_error, top5_error (percent), confidence_top4, entropy_T (mean
+    entropy in nats of softmax(logits / T)), agreement_prev (percent of test images whose top-1
+    class equals the previous model's; absent for the first), second_confusion ([C, C] tensor).
+    The ensemble (two or more models) averages the softmax outputs.
+    """
+    from fastsd.train.step import SecondaryMeter, evaluate, topk_correct
+
+    results, prev_top = [], None
+    sums: List[torch.Tensor] = []
+    labels_all: List[torch.Tensor] = []
+    for m, (label, forward) in enumerate(forwards):
+        meter = SecondaryMeter(device, num_classes)
+        state = dict(b=0, agree=0, entropy=0.0)
+        top_now: List[torch.Tensor] = []
+
+        def collect(logits, labels, m=m, state=state, top_now=top_now):
+            logits = logits.float()
+            meter(logits, labels)
+            top = logits.argmax(-1)
+            top_now.append(top)
+            b = state["b"]
+            if prev_top is not None:
+                state["agree"] += int((top == prev_top[b]).sum())
+            log_p = torch.log_softmax(logits / temperature, dim=-1)
+            state["entropy"] += float(-(log_p.exp() * log_p).sum())
+            probs = torch.softmax(logits, dim=-1)
+            if m == 0:
+                labels_all.append(labels)
+                sums.append(probs)
+            else:
+                sums[b] = sums[b] + probs
+            state["b"] = b + 1
+
+        out = evaluate(forward, loader, collect=collect)
+        n = out["samples"]
+        entry = dict(label=label, top1_error=out["top1_error"], top5_error=out["top5_error"],
+                     confidence_top4=meter.mean(), entropy_T=state["entropy"] / n,
+                     second_confusion=meter.second_confusion(), samples=n)
+        if prev_top is not None:
+            entry["agreement_prev"] = 100.0 * state["agree"] / n
+        results.append(entry)
+        prev_top = top_now
+    ensemble = None
+    if len(forwards) > 1:
+        c1 = c5 = 0
+        n = 0
+        for probs, y in zip(sums, labels_all):
+            k1, k5 = topk_correct(probs, y)
+            c1, c5, n = c1 + int(k1), c5 + int(k5), n + y.shape[0]
+        ensemble = dict(members=[label for label, _ in forwards],
+                        top1_error=100.0 * (1 - c1 / n), top5_error=100.0 * (1 - c5 / n))
+    return dict(models=results, ensemble=ensemble)
+
+
+# ----------------------------------------------------------------------------- finding the files
+def _run_dir_of(path: str) -> Optional[str]:
+    """The run directory a path belongs to (the folder holding config.yaml), if any."""
+    path = os.path.abspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    for _ in range(3):
+        if os.path.isfile(os.path.join(folder, "config.yaml")):
+            return folder
+        folder = os.path.dirname(folder)
+    return None
+
+
+def _snapshot_files(run_dir: str) -> List[str]:
+    def key(p):
+        m = re.search(r"(\d+)", os.path.basename(p))
+        return int(m.group(1)) if m else -1
+
+    return sorted(glob.glob(os.path.join(run_dir, "snapshots", "*.safetensors")), key=key)
+
+
+def resolve_models(checkpoint: str, snapshots: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
+    """``[(label, file)]`` to evaluate. ``snapshots``: None (the checkpoint's model), ``all``, or
+    items each a path, a file stem (``cycle2``, ``gen1``), a label (``M#L2``, ``G#1``) or a number
+    (the cycle for se/sd runs, the generation for ban/tt)."""
+    from fastsd.train.checkpoint import find_model_file
+
+    if not os.path.exists(checkpoint):
+        raise SetupError(f"--checkpoint: {checkpoint!r} does not exist; give a run directory, "
+                         f"its model.safetensors, a snapshot file or checkpoints/last.pt")
+    run_dir = _run_dir_of(checkpoint)
+    if not snapshots:
+        file = find_model_file(checkpoint) if os.path.isdir(checkpoint) else checkpoint
+        return [(_label_of(file), file)]
+    if run_dir is None and any(not os.path.isfile(s) for s in snapshots):
+        raise SetupError(f"--snapshots: {checkpoint!r} is not inside a run directory (no "
+                         f"config.yaml next to it), so give the snapshot files as paths")
+    available = _snapshot_files(run_dir) if run_dir else []
+    if list(snapshots) == ["all"]:
+        if not available:
+            raise SetupError(f"--snapshots all: {run_dir}/snapshots holds no .safetensors files "
+                             f"(bl and kd runs keep no snapshots; evaluate model.safetensors)")
+        return [(_label_of(f), f) for f in available]
+    out = []
+    for item in snapshots:
+        if os.path.isfile(item):
+            out.append((_label_of(item), item))
+            continue
+        match = [f for f in available
+                 if item in (os.path.splitext(os.path.basename(f))[0], _label_of(f))
+                 or (item.isdigit() and re.search(r"(\d+)$", os.path.splitext(
+                     os.path.basename(f))[0]).group(1) == item)]
+        if not match:
+            names = ", ".join(f"{os.path.splitext(os.path.basename(f))[0]} ({_label_of(f)})"
+                              for f in available) or "none"
+            raise SetupError(f"--snapshots: no snapshot {item!r} in {run_dir}/snapshots; "
+                             f"there are: {names}")
+        out.append((_label_of(match[0]), match[0]))
+    return out
+
+
+def _label_of(path: str) -> str:
+    """The results-table label of a weights file: from its metadata, else its file name."""
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as fh:
+                label = (fh.metadata() or {}).get("label")
+            if label:
+                return label
+        except Exception:
+            pass
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def load_model(path: str, arch: Optional[str], num_classes: Optional[int], device):
+    """``(model in eval mode, arch, num_classes)`` from a weights file."""
+    from fastsd.models import create_model
+    from fastsd.train.checkpoint import load_into, read_model_file
+
+    state, meta = read_model_file(path, "--checkpoint")
+    arch = arch or meta.get("arch")
+    num_classes = num_classes or (int(meta["num_classes"]) if meta.get("num_classes") else None)
+    if arch is None or num_classes is None:
+        raise SetupError(f"{path} does not record its architecture / number of classes; pass "
+                         f"--arch and --num-classes")
+    model = create_model(arch, num_classes)
+    try:
+        load_into(model, state)
+    except ValueError as e:
+        raise SetupError(f"{path} does not fit a {arch} with {num_classes} classes ({e}); check "
+                         f"--arch and --num-classes") from None
+    return model.to(device).eval(), arch, num_classes
+
+
+# --------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastsd.evaluate",
+        description="Evaluate a saved fastsd model, a snapshot, or an ensemble of snapshots on a "
+                    "test split; print top-1/top-5 error, the ensemble's, and the secondary "
+                    "information (top-1..4 confidences, agreement, entropy).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Examples::")[1].split("It prints")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a run directory (its model.safetensors), a .safetensors file, a fastsd "
+                        "checkpoint (checkpoints/last.pt) or a state_dict file")
+    p.add_argument("--snapshots", nargs="+", metavar="SNAPSHOT",
+                   help="evaluate these snapshots of the run and their ensemble: 'all', numbers "
+                        "(cycle / generation), names (cycle2, gen1), labels (M#L2) or files")
+    p.add_argument("--data", help="data folder [default: the run's config.yaml]")
+    p.add_argument("--dataset", help="synthetic, cifar10, cifar100 or imagefolder [default: the "
+                                     "run's]")
+    p.add_argument("--arch", help="architecture [default: recorded in the weights file]")
+    p.add_argument("--num-classes", type=int, help="[default: recorded in the weights file]")
+    p.add_argument("--image-size", type=int, help="[default: the run's]")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size [default: the run's]")
+    p.add_argument("--temperature", type=float,
+                   help="T of the entropy column [default: the run's, else 1]")
+    p.add_argument("--device", help="cpu, cuda, cuda:N [default: cuda when present]")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    return p
+
+
+def _run_config(run_dir: Optional[str]) -> Dict[str, Any]:
+    if run_dir is None:
+        return {}
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def format_evaluation(out: Dict[str, Any]) -> str:
+    """The printed tables: errors (M#L…, best, ensemble) and secondary information."""
+    models = out["models"]
+    best = min(models, key=lambda e: (e["top1_error"], e["top5_error"]))
+    header = ["error (%)"] + [m["label"] for m in models] + ["best"]
+    if out["ensemble"]:
+        header.append("ensemble")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for key, name in (("top1_error", "top-1"), ("top5_error", "top-5")):
+        cells = [name] + [_fmt(m[key]) for m in models] + [_fmt(best[key])]
+        if out["ensemble"]:
+            cells.append(_fmt(out["ensemble"][key]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| model | conf top-1 | top-2 | top-3 | top-4 | test acc (%) | agreement with "
+              "previous (%) | entropy at T |", "|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        conf = [f"{c:.4f}" for c in m["confidence_top4"]] + [""] * (4 - len(m["confidence_top4"]))
+        lines.append(f"| {m['label']} | " + " | ".join(conf) + f" | {100 - m['top1_error']:.2f} | "
+                     f"{_fmt(m.get('agreement_prev'))} | {m['entropy_T']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = _main(args)
+    except (TrainError, ValueError, OSError) as e:
+        print(f"fastsd.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(format_evaluation(out))
+    return 0
+
+
+def _main(args) -> Dict[str, Any]:
+    from fastsd.data import build_loaders
+
+    files = resolve_models(args.checkpoint, args.snapshots)
+    run_dir = _run_dir_of(args.checkpoint)
+    cfg = _run_config(run_dir)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = []
+    arch, num_classes = args.arch, args.num_classes
+    for label, file in files:
+        model, arch, num_classes = load_model(file, arch or cfg.get("arch"),
+                                              num_classes or cfg.get("num_classes"), device)
+        models.append((label, model))
+    dataset = args.dataset or cfg.get("dataset") or "synthetic"
+    data = args.data if args.data is not None else (cfg.get("data") if not args.dataset else None)
+    synthetic = cfg.get("synthetic_size") if dataset == "synthetic" else None
+    batch = args.batch_size or cfg.get("eval_batch_size") or 256
+    try:
+        loaders = build_loaders(dataset, data, batch_size=batch, eval_batch_size=batch, workers=0,
+                                device=device, num_classes=num_classes,
+                                image_size=args.image_size or cfg.get("image_size"),
+                                synthetic_size=tuple(synthetic) if synthetic else None)
+    except (ValueError, OSError) as e:
+        raise SetupError(f"data (--dataset {dataset}" + (f", --data {data}" if data else "")
+                         + f"): {e}") from None
+    temperature = args.temperature or cfg.get("temperature") or 1.0
+    forwards = [(label, model) for label, model in models]
+    out = evaluate_models(forwards, loaders.test, num_classes=num_classes,
+                          temperature=temperature, device=device)
+    out.update(checkpoint=args.checkpoint, dataset=dataset, temperature=temperature,
+               files=[f for _, f in files])
+    if args.json:
+        from fastsd.train.checkpoint import atomic_write_text
+
+        clean = {**out, "models": [{k: v for k, v in m.items() if k != "second_confusion"}
+                                   for m in out["models"]]}
+        atomic_write_text(args.json, json.dumps(clean, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

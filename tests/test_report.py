@@ -1,0 +1,273 @@
+"""python -m fastsd.report and python -m fastsd.evaluate: numbers against a hand computation on tiny
+runs, real PNG files, one table row per run, clear messages for incomplete run directories."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fastsd.train import TrainConfig, Trainer
+
+pytest.importorskip("matplotlib")
+
+CLASSES = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(root, name, **overrides):
+    values = dict(device="cpu", dataset="synthetic", num_classes=CLASSES, synthetic_size=[64, 40],
+                  image_size=8, batch_size=32, eval_batch_size=16, log_every=1, progress="none",
+                  tensorboard=False, seed=0, teacher_dtype="fp32", out=os.path.join(root, name))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three tiny finished runs of different methods: sd (2 cycles), bl, tt (generations 0, 1)."""
+    from fastsd.ops.distill import cpu_backend
+
+    root = str(tmp_path_factory.mktemp("runs"))
+    out = {}
+    with cpu_backend("native"):
+        for name, kw in (("sd", dict(method="sd", epochs=2, cycles=2)),
+                         ("bl", dict(method="bl", epochs=1)),
+                         ("tt", dict(method="tt", epochs=1, generations=1, topk=3))):
+            cfg = tiny(root, name, **kw)
+            out[name] = (cfg, Trainer(cfg, quiet=True).run())
+    return root, out
+
+
+# ------------------------------------------------------------------------------ by hand, in numpy
+def eval_split(cfg):
+    from fastsd.data import build_loaders
+
+    loaders = build_loaders("synthetic", None, batch_size=cfg.batch_size,
+                            eval_batch_size=cfg.eval_batch_size, workers=0, num_classes=CLASSES,
+                            image_size=cfg.image_size, synthetic_size=tuple(cfg.synthetic_size))
+    images, labels = zip(*loaders.test)
+    return torch.cat(images), torch.cat(labels).numpy()
+
+
+def logits_of(path, images, half=False):
+    """Logits (numpy float64) of a weights file; ``half``: weights rounded to fp16 first, as the
+    trainer's fp32 teachers are (widened from half-precision slots)."""
+    from safetensors.torch import load_file
+
+    from fastsd.models import create_model
+
+    state = load_file(path)
+    if half:
+        state = {k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}
+    model = create_model("resnet20", CLASSES)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model.eval()(images).double().numpy()
+
+
+def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def by_hand(z, y):
+    order = np.argsort(-z, axis=1, kind="stable")
+    p = np.sort(softmax(z), axis=1)[:, ::-1]
+    second = np.zeros((CLASSES, CLASSES), dtype=np.int64)
+    for label, c in zip(y, order[:, 1]):
+        second[label, c] += 1
+    return dict(top1=100.0 * np.mean(order[:, 0] != y),
+                top5=100.0 * np.mean([label not in row[:5] for label, row in zip(y, order)]),
+                conf=p[:, :4].mean(0), second=second, top=order[:, 0])
+
+
+def entropy(z, T):
+    p = softmax(z / T)
+    return float(-(p * np.log(p)).sum(1).mean())
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_report_numbers_equal_a_hand_computation(runs, tmp_path):
+    from fastsd.report import build_report
+
+    root, out = runs
+    cfg, results = out["sd"]
+    run = os.path.join(root, "sd")
+    images, y = eval_split(cfg)
+    z = [logits_of(os.path.join(run, "snapshots", f"cycle{c}.safetensors"), images)
+         for c in (1, 2)]
+    zh = [logits_of(os.path.join(run, "snapshots", f"cycle{c}.safetensors"), images, half=True)
+          for c in (1, 2)]
+    hand = [by_hand(zc, y) for zc in z]
+    stored = [by_hand(zc, y) for zc in zh]
+    ens = by_hand(np.log((softmax(zh[0]) + softmax(zh[1])) / 2), y)
+    agreement = 100.0 * np.mean(stored[1]["top"] == stored[0]["top"])
+
+    done = build_report([run], str(tmp_path / "rep"))
+    md = open(done["report"]).read()
+    table = [line for line in md.splitlines() if "| top-1 |" in line or "| top-5 |" in line]
+    assert len(table) == 2
+    top1 = [c.strip() for c in table[0].split("|")[1:-1]]
+    top5 = [c.strip() for c in table[1].split("|")[1:-1]]
+    best = min(hand, key=lambda h: (h["top1"], h["top5"]))
+    assert top1[2:] == [f"{hand[0]['top1']:.2f}", f"{hand[1]['top1']:.2f}", f"{best['top1']:.2f}",
+                        f"{ens['top1']:.2f}"]
+    assert top5[2:] == [f"{hand[0]['top5']:.2f}", f"{hand[1]['top5']:.2f}", f"{best['top5']:.2f}",
+                        f"{ens['top5']:.2f}"]
+    # Secondary information: top-1..4 confidences and test accuracy per cycle.
+    for label, h in zip(("M#L1", "M#L2"), hand):
+        row = next(line for line in md.splitlines() if f"| {label} | 0." in line)
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[2:6] == [f"{c:.4f}" for c in h["conf"]]
+        assert cells[7] == f"{100 - h['top1']:.2f}"
+    # Teacher agreement and entropy: M#L2 against its teacher M#L1 (as stored).
+    row = next(line for line in md.splitlines() if "| M#L2 | M#L1 |" in line)
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[3] == f"{agreement:.2f}"
+    assert float(cells[4]) == pytest.approx(entropy(zh[0], cfg.temperature), abs=1e-4)
+    # The confusion matrix drawn is ground truth vs second-highest class, counted by hand.
+    second = done["runs"][0]["results"]["snapshots"][-1]["_second"]
+    np.testing.assert_array_equal(second.numpy(), hand[1]["second"])
+    assert second.sum() == len(y)
+    # The learning rate plotted is the trainer's schedule: it equals every logged value.
+    from fastsd.report import lr_curve, rows
+
+    its, lrs = lr_curve(done["runs"][0])
+    at = dict(zip(its, lrs))
+    steps = rows(done["runs"][0], "step")
+    assert len(steps) == len(its) == 4  # log_every=1: 2 epochs x 2 iterations
+    for r in steps:
+        assert at[r["iteration"] - 1] == pytest.approx(r["lr"], rel=1e-12)
+
+
+def test_evaluate_prints_the_same_numbers(runs, capsys):
+    from fastsd.evaluate import main
+
+    root, out = runs
+    cfg, results = out["sd"]
+    run = os.path.join(root, "sd")
+    images, y = eval_split(cfg)
+    z = [logits_of(os.path.join(run, "snapshots", f"cycle{c}.safetensors"), images)
+         for c in (1, 2)]
+    hand = [by_hand(zc, y) for zc in z]
+    ens = by_hand(np.log((softmax(z[0]) + softmax(z[1])) / 2), y)
+    assert main(["--checkpoint", run, "--snapshots", "all", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    top1 = next(line for line in text.splitlines() if line.startswith("| top-1 |"))
+    assert [c.strip() for c in top1.split("|")[2:-1]] == [
+        f"{hand[0]['top1']:.2f}", f"{hand[1]['top1']:.2f}",
+        f"{min(h['top1'] for h in hand):.2f}", f"{ens['top1']:.2f}"]
+    row = next(line for line in text.splitlines() if line.startswith("| M#L2 | 0."))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1:5] == [f"{c:.4f}" for c in hand[1]["conf"]]
+    assert cells[6] == f"{100 * np.mean(hand[1]['top'] == hand[0]['top']):.2f}"
+    assert float(cells[7]) == pytest.approx(entropy(z[1], cfg.temperature), abs=1e-4)
+    # The snapshot's errors are the run's own columns (float32 evaluation of the same model).
+    assert results["snapshots"][1]["top1_error"] == pytest.approx(hand[1]["top1"])
+    # One snapshot by number, and the final model of the run.
+    assert main(["--checkpoint", run, "--snapshots", "1", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "ensemble" not in text and f"| {hand[0]['top1']:.2f} |" in text
+    assert main(["--checkpoint", os.path.join(run, "model.safetensors"), "--device", "cpu"]) == 0
+    assert f"| {hand[1]['top1']:.2f} |" in capsys.readouterr().out
+
+
+def test_evaluate_names_a_missing_snapshot(runs, capsys):
+    from fastsd.evaluate import main
+
+    root, _ = runs
+    assert main(["--checkpoint", os.path.join(root, "sd"), "--snapshots", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "no snapshot '7'" in err and "cycle1 (M#L1)" in err and "cycle2 (M#L2)" in err
+    assert main(["--checkpoint", os.path.join(root, "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_plot_is_a_real_png_and_one_row_per_run(runs, tmp_path, capsys):
+    from PIL import Image
+
+    from fastsd.report import main
+
+    root, _ = runs
+    dirs = [os.path.join(root, n) for n in ("sd", "bl", "tt")]
+    out = tmp_path / "rep"
+    assert main(dirs + ["--out", str(out)]) == 0
+    assert "3 runs" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    expected = {"lr.png", "curves.png", "stage_errors.png", "teacher.png", "confusion_sd.png",
+                "confusion_bl.png", "confusion_tt.png"}
+    assert {p.name for p in out.glob("*.png")} == expected
+    for name in expected:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.width >= 300 and im.height >= 200, name
+            assert np.asarray(im.convert("L")).std() > 1, name  # not a blank canvas
+        assert f"]({name})" in md
+    top1_rows = [line for line in md.splitlines() if "| top-1 |" in line]
+    assert len(top1_rows) == 3
+    assert top1_rows[0].startswith("| SD (T=2), resnet20 [sd]")
+    assert top1_rows[1].startswith("| BL, resnet20 [bl]")
+    assert top1_rows[2].startswith("| TT (T=2), resnet20 [tt]")
+    # Columns: M#L1, M#L2 (sd), final (bl), G#0, G#1 (tt), best, ensemble.
+    header = next(line for line in md.splitlines() if line.startswith("| run | error (%)"))
+    assert [c.strip() for c in header.split("|")[3:-1]] == [
+        "M#L1", "M#L2", "final", "G#0", "G#1", "best", "ensemble"]
+    # Teachers: SD's cycle 2 and TT's generation 1.
+    assert "| M#L2 | M#L1 |" in md and "| G#1 | G#0 |" in md
+
+
+def test_missing_files_are_named(runs, tmp_path, capsys):
+    from fastsd.report import ReportError, build_report, main
+
+    root, _ = runs
+    broken = tmp_path / "broken"
+    shutil.copytree(os.path.join(root, "bl"), broken)
+    os.remove(broken / "metrics.jsonl")
+    os.remove(broken / "results.json")
+    with pytest.raises(ReportError) as err:
+        build_report([os.path.join(root, "sd"), str(broken)], str(tmp_path / "rep"))
+    assert str(broken) in str(err.value)
+    assert "results.json" in str(err.value) and "metrics.jsonl" in str(err.value)
+    assert "config.yaml" not in str(err.value)
+    assert not (tmp_path / "rep").exists()  # nothing written before the check
+    assert main([str(broken), str(tmp_path / "none"), "--out", str(tmp_path / "rep")]) == 2
+    text = capsys.readouterr().err
+    assert "missing results.json, metrics.jsonl" in text and "is not a directory" in text
+    # Only the results missing: the run has not finished; say how to continue it.
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(os.path.join(root, "bl"), unfinished)
+    os.remove(unfinished / "results.json")
+    with pytest.raises(ReportError, match="missing results.json: the run has not finished"):
+        build_report([str(unfinished)], str(tmp_path / "rep"))
+    # A missing diagnostics file is a note in the report, not an error.
+    partial = tmp_path / "partial"
+    shutil.copytree(os.path.join(root, "sd"), partial)
+    os.remove(partial / "diagnostics" / "cycle2.safetensors")
+    done = build_report([str(partial)], str(tmp_path / "rep2"))
+    assert "diagnostics/cycle2.safetensors is missing" in open(done["report"]).read()
+
+
+def test_tables_without_matplotlib(runs, tmp_path, monkeypatch):
+    import sys
+
+    from fastsd.report import ReportError, build_report
+
+    root, _ = runs
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(ReportError, match=r"pip install 'fastsd\[report\]'.*--no-plots"):
+        build_report([os.path.join(root, "sd")], str(tmp_path / "rep"))
+    done = build_report([os.path.join(root, "sd")], str(tmp_path / "rep"), plots=False)
+    md = open(done["report"]).read()
+    assert done["images"] == [] and "| M#L2 | M#L1 |" in md and ".png" not in md
+    assert list((tmp_path / "rep").iterdir()) == [tmp_path / "rep" / "report.md"]

@@ -1,0 +1,299 @@
+"""Distributed training on the CPU: 2 gloo processes (issue 6).
+
+Two ways in: ``torch.multiprocessing.spawn`` workers that join the process group exactly as
+``python -m fastsd.train`` does under torchrun (``fastsd.train.distributed.init`` from the same
+environment variables), so they can return what they hold; and ``torchrun -m fastsd.train`` itself
+for SIGTERM and resume. Models and data are tiny: 16px synthetic images, a few steps.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastsd.train import ConfigError, TrainConfig, Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD = 2
+PER_PROCESS_BATCH = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config(out, world_size, batch_size, **overrides):
+    values = dict(method="sd", epochs=2, cycles=2, device="cpu", dataset="synthetic",
+                  synthetic_size=[128, 45], image_size=16, batch_size=batch_size,
+                  eval_batch_size=16, log_every=1, progress="none", tensorboard=False, seed=0,
+                  world_size=world_size, out=str(out))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def group_norm_resnet(name, num_classes, **kwargs):
+    """ResNet-8 of width 4 with GroupNorm in place of BatchNorm: per-sample normalisation, so a
+    step on two shards of a batch is the step on the whole batch. With BatchNorm it is not: each
+    process normalises with its own shard's statistics, and SyncBatchNorm (which would fix that)
+    runs on GPUs only."""
+    from fastsd.models import cifar_resnet
+
+    model = cifar_resnet(8, num_classes, width=4)
+
+    def swap(module):
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, child_name, nn.GroupNorm(2, child.num_features))
+            else:
+                swap(child)
+
+    swap(model)
+    return model
+
+
+def _stores_state(trainer):
+    """The snapshot slots' tensors, as the SnapshotStore holds them."""
+    if trainer.teachers is None:
+        return {}
+    state = trainer.teachers.store.state_dict()
+    flat = {k: state[k] for k in ("half", "float")}
+    flat.update({f"exact.{k}": v for k, v in state["exact"].items()})
+    return {k: v.clone() for k, v in flat.items() if isinstance(v, torch.Tensor)}
+
+
+def _train(cfg, record_initial_eval=False):
+    trainer = Trainer(cfg, quiet=True).setup()
+    out = {}
+    if record_initial_eval:
+        out["initial_eval"] = trainer._evaluate_student()
+    out["results"] = trainer.run()
+    out["model"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    out["snapshots"] = _stores_state(trainer)
+    return out
+
+
+def _worker(rank, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    import fastsd.models
+    from fastsd.ops.distill import cpu_backend
+    from fastsd.train import distributed
+
+    distributed.init("cpu", WORLD)
+    # Rank 1 is given a run directory of its own: if it wrote anything, the directory would exist.
+    name = "rank0" if rank == 0 else "rank1"
+    saved = {}
+    with cpu_backend("native"):
+        create_model = fastsd.models.create_model
+        fastsd.models.create_model = group_norm_resnet
+        try:
+            saved["gn"] = _train(config(os.path.join(root, "gn", name), WORLD, PER_PROCESS_BATCH),
+                                 record_initial_eval=True)
+        finally:
+            fastsd.models.create_model = create_model
+        # The real ResNet-20, BatchNorm included: snapshots must still be equal everywhere.
+        saved["bn"] = _train(config(os.path.join(root, "bn", name), WORLD, PER_PROCESS_BATCH,
+                                    tensorboard=True))
+        # The other methods' ways of teaching: generations (fresh weights, a tolerant first
+        # generation) and a separate trained teacher (read by every process).
+        saved["tt"] = _train(config(os.path.join(root, "tt", name), WORLD, PER_PROCESS_BATCH,
+                                    method="tt", epochs=1, cycles=None, generations=1, topk=3))
+        saved["kd"] = _train(config(os.path.join(root, "kd", name), WORLD, PER_PROCESS_BATCH,
+                                    method="kd", epochs=1, cycles=None,
+                                    teacher_checkpoint=os.path.join(root, "bn", "rank0")))
+    torch.save(saved, os.path.join(root, f"rank{rank}.pt"))
+    distributed.shutdown()
+
+
+class ConcatShards:
+    """The training batches of both processes' shards, concatenated: one process then steps on
+    exactly the global batch that 2 processes step on together."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def set_epoch(self, epoch):
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.parts[0])
+
+    def __iter__(self):
+        for batches in zip(*self.parts):
+            yield torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def _shard_loader(cfg, rank):
+    t = Trainer.__new__(Trainer)
+    t.cfg, t.rank, t.world_size, t.device = cfg, rank, WORLD, torch.device("cpu")
+    return t._build_data().train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    from fastsd.ops.distill import cpu_backend
+
+    root = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=True)
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    # One process, the same global batch, the same images in each step.
+    import fastsd.models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    create_model = fastsd.models.create_model
+    fastsd.models.create_model = group_norm_resnet
+    try:
+        with cpu_backend("native"):
+            cfg = config(root / "single", 1, WORLD * PER_PROCESS_BATCH)
+            trainer = Trainer(cfg, quiet=True).setup()
+            shard_cfg = cfg.replace(batch_size=PER_PROCESS_BATCH, out=None)
+            trainer.data.train = ConcatShards([_shard_loader(shard_cfg, r) for r in range(WORLD)])
+            single = dict(initial_eval=trainer._evaluate_student(), results=trainer.run(),
+                          model=dict(trainer.model.state_dict()),
+                          snapshots=_stores_state(trainer))
+    finally:
+        fastsd.models.create_model = create_model
+        torch.set_num_threads(threads)
+    return root, ranks, single
+
+
+def test_two_processes_step_like_one_with_the_same_global_batch(runs):
+    _, ranks, single = runs
+    assert ranks[0]["gn"]["results"]["snapshots"][-1]["iteration"] == 8  # 2 epochs x 4 steps
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ranks[0]["gn"]["model"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=key)
+    # the cycle-1 snapshot taught cycle 2 (SD): the same teacher in both runs
+    for key, value in single["snapshots"].items():
+        torch.testing.assert_close(ranks[0]["gn"]["snapshots"][key].float(), value.float(),
+                                   rtol=1e-2, atol=1e-3)  # half precision storage
+    a, b = ranks[0]["gn"]["results"], single["results"]
+    assert [e["label"] for e in a["snapshots"]] == [e["label"] for e in b["snapshots"]]
+    for x, y in zip(a["snapshots"], b["snapshots"]):
+        assert x["top1_error"] == pytest.approx(y["top1_error"], abs=100 / 45 + 1e-9)
+
+
+@pytest.mark.parametrize("run", ["gn", "bn", "tt", "kd"])
+def test_every_process_holds_the_same_weights_and_snapshots(runs, run):
+    _, ranks, _ = runs
+    for part in ("model", "snapshots"):
+        a, b = ranks[0][run][part], ranks[1][run][part]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (part, key)
+    keys = ("top1_error", "top5_error", "snapshot_top1_error", "confidence_top4")
+    assert [{k: e.get(k) for k in keys} for e in ranks[0][run]["results"]["snapshots"]] == [
+        {k: e.get(k) for k in keys} for e in ranks[1][run]["results"]["snapshots"]]
+
+
+def test_evaluation_of_an_odd_sized_split_equals_one_process(runs):
+    _, ranks, single = runs
+    # 45 test images: shards of 22 and 23, every image counted once
+    for r in range(WORLD):
+        assert ranks[r]["gn"]["initial_eval"] == single["initial_eval"]
+    assert single["initial_eval"]["samples"] == 45
+
+
+def test_only_rank_0_writes_and_results_record_the_world_size(runs):
+    root, _, _ = runs
+    for run in ("gn", "bn", "tt", "kd"):
+        assert not (root / run / "rank1").exists()
+        main = root / run / "rank0"
+        results = json.loads((main / "results.json").read_text())
+        assert (results["world_size"], results["batch_size"], results["global_batch_size"]) == (
+            2, 16, 32)
+        assert (main / "checkpoints" / "last.pt").is_file()
+        assert torch.load(main / "checkpoints" / "last.pt", weights_only=True)["world_size"] == 2
+        config_text = (main / "config.yaml").read_text()
+        assert "world_size: 2" in config_text and "global batch 32" in config_text
+    assert any((root / "bn" / "rank0" / "tensorboard").iterdir())
+
+
+# ------------------------------------------------------------------------- torchrun, SIGTERM
+RUN_ARGS = ["--method", "sd", "--epochs", "12", "--cycles", "3", "--synthetic-size", "256,45",
+            "--image-size", "16", "--batch-size", "16", "--device", "cpu", "--progress", "plain",
+            "--log-every", "4", "--no-tensorboard"]
+
+
+def _torchrun(args, port):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)  # a run on the CPU uses the loss's C++ kernel
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "fastsd.train"] + args
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigterm_stops_every_process_with_one_checkpoint_and_the_run_resumes(tmp_path, capsys):
+    reference = tmp_path / "reference"
+    uninterrupted = _torchrun(RUN_ARGS + ["--out", str(reference)], free_port())
+    run = tmp_path / "run"
+    proc = _torchrun(RUN_ARGS + ["--out", str(run)], free_port())
+    ckpt = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler does: torchrun passes it to the workers
+    log, _ = proc.communicate(timeout=120)
+    assert not (run / "results.json").exists(), "the run finished before the signal"
+    assert log.count("stopped by SIGTERM") == 1, log  # both stopped, rank 0 says so
+    assert f"--resume {run}" in log
+    state = torch.load(ckpt, weights_only=True)
+    # the stop was agreed at a step boundary, every STOP_CHECK_EVERY steps
+    assert state["iteration"] % 10 == 0 and state["world_size"] == 2
+    assert state["iteration"] == state["epoch"] * 8 + state["batch_in_epoch"]
+
+    # another number of processes is refused, before anything runs
+    from fastsd.train.cli import main
+
+    assert main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "2 process(es)" in err and "this launch has 1" in err and "torchrun" in err
+
+    proc = _torchrun(["--resume", str(run), "--progress", "none"], free_port())
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["snapshots"][-1]["iteration"] == 96
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["iteration"] for r in steps if r["kind"] == "step"]
+    assert steps == list(range(4, 97, 4))  # each logged once, as if the run had not stopped
+
+    # and bit for bit the run that was never stopped (BatchNorm included: see distributed.py)
+    log, _ = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, log
+    from safetensors.torch import load_file
+
+    for name in ("model", "snapshots/cycle1", "snapshots/cycle2", "snapshots/cycle3"):
+        a = load_file(str(run / f"{name}.safetensors"))
+        b = load_file(str(reference / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_world_size_must_match_the_launch(monkeypatch):
+    with pytest.raises(ConfigError, match="--world-size.*this launch has 1"):
+        TrainConfig(world_size=2, device="cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert TrainConfig(device="cpu").world_size == 2
+    assert TrainConfig(device="cpu", batch_size=8).global_batch_size == 16
+    with pytest.raises(ConfigError, match="--sync-bn.*GPUs only"):
+        TrainConfig(device="cpu", sync_bn=True)
