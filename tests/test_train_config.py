@@ -53,7 +53,7 @@ def test_yaml_round_trip_and_flag_precedence(tmp_path):
     path = tmp_path / "config.yaml"
     dump_yaml(cfg, str(path))
     text = path.read_text()
-    assert "# peak learning rate" in text and "lambda_s: 1.5" in text
+    assert "# peak learning rate" in text and "lambda_s: 1.0" in text  # se: no teacher
     assert TrainConfig(**load_yaml(str(path))) == cfg
     # flags override the file
     again = config_from_args(["--config", str(path), "--lr", "0.2"])
@@ -165,9 +165,9 @@ def test_loss_keywords_match_the_formulas_of_design_section_1():
     penalty = (f[:, 0] - f[:, 1:3].sum(-1) / 2).mean()
     assert _loss(tt.stages[0].loss, z, y, t) == pytest.approx(float(0.6 * ce + 0.4 * penalty),
                                                               rel=1e-10)
-    # generation 1: CE and KL to generation 0 with the SD weights
+    # generation 1: plain CE + KL to generation 0 (λ_S = 1 for a fresh student: TrainConfig.lambda_s)
     assert _loss(tt.stages[1].loss, z, y, t) == pytest.approx(
-        float((1 + 1 / 2) * ce + kl(t / 2, z)), rel=1e-10)
+        float(1.0 * ce + kl(t / 2, z)), rel=1e-10)
 
 
 # ----------------------------------------------------------------------------------- bad input

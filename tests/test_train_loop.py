@@ -516,3 +516,16 @@ def test_sd_end_to_end_on_cuda(tmp_path, amp):
                                   cycles=2, channels_last=True, deterministic=True))
     assert trainer.teachers.dtype == torch.float16
     assert len(results["snapshots"]) == 2 and results["ensemble"] is not None
+
+
+def test_a_fresh_generation_learns_under_its_teacher(tmp_path):
+    """Regression: generation 1 of BAN starts from fresh weights under a teacher. With SD's
+    λ_S = 1 + 1/T and no warm-up it diverged to chance on this data; the ban/tt defaults
+    (λ_S = 1, one warm-up epoch per generation) must let it learn."""
+    cfg = tiny(tmp_path, method="ban", generations=1, epochs=3, synthetic_size=[1024, 256],
+               log_every=50)
+    assert cfg.lambda_s == 1.0 and cfg.warmup_epochs == 1.0
+    _, results = train(cfg)
+    chance = 90.0
+    for generation in results["snapshots"]:
+        assert generation["top1_error"] < chance - 15, results["snapshots"]

@@ -20,7 +20,8 @@ tt generation 0        ``ce_weight=η, tolerance_weight=1-η, topk=K`` (no teach
 ban/tt generation g>=1 as sd cycle >= 2, teacher: generation g-1's final weights
 =====================  ==========================================================================
 
-Defaults: λ_S = 1 + 1/T for sd/ban/tt and 1 for kd, λ_T = 1 (all written to config.yaml).
+Defaults: λ_S = 1 + 1/T for sd and 1 for kd/ban/tt, λ_T = 1; ban/tt warm up for one epoch per
+generation (all written to config.yaml).
 ``--label-smoothing ε`` passes ``label_smoothing=ε`` to every stage (it smooths the CE target only).
 
 A run directory holds config.yaml, metrics.jsonl, TensorBoard events, checkpoints/last.pt,

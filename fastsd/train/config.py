@@ -82,7 +82,7 @@ class TrainConfig:
         None, "the student's logits are divided by this inside the KL term [auto: T for kd (both "
         "softened), 1 otherwise (the asymmetric SD form)]", "method")
     lambda_s: Optional[float] = _f(None, "λ_S, weight of the cross-entropy when a teacher is "
-                                   "present [auto: 1 + 1/T for sd/ban/tt, 1 for kd]", "method")
+                                   "present [auto: 1 + 1/T for sd, 1 for kd, ban and tt]", "method")
     lambda_t: float = _f(1.0, "λ_T, weight of the KL term to the teacher", "method")
     t2_scaling: Optional[bool] = _f(None, "multiply the KL term by T² [auto: on for kd, off "
                                     "otherwise]", "method")
@@ -144,8 +144,10 @@ class TrainConfig:
         "step schedule: epochs at which the learning rate is multiplied by --gamma [auto: 50%% "
         "and 75%% of the epochs]", "optim", type=float)
     gamma: float = _f(0.1, "step schedule: factor at each milestone", "optim")
-    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs at the start of "
-                              "training (and of every generation)", "optim")
+    warmup_epochs: Optional[float] = _f(
+        None, "linear warm-up from 0 over this many epochs at the start of training (and of every "
+        "generation) [auto: 1 (at most half a generation) for ban/tt, whose generations start "
+        "from fresh weights under a teacher, which diverges at full --lr; 0 otherwise]", "optim")
     momentum: float = _f(0.9, "SGD momentum", "optim")
     nesterov: bool = _f(True, "Nesterov momentum", "optim")
     weight_decay: Optional[float] = _f(None, "L2 weight decay [auto: 5e-4 on CIFAR/synthetic, "
@@ -381,7 +383,10 @@ class TrainConfig:
         if self.t2_scaling is None:
             self.t2_scaling = self.method == "kd"
         if self.lambda_s is None:
-            self.lambda_s = 1.0 if self.method == "kd" else 1.0 + 1.0 / self.temperature
+            # 1 + 1/T is SD's (a public reimplementation's) weight for a student that is already
+            # trained when its teacher arrives. A fresh ban/tt generation at full --lr diverges
+            # with that extra weight on CE (seen on the synthetic data), so it gets plain CE + KL.
+            self.lambda_s = 1.0 + 1.0 / self.temperature if self.method == "sd" else 1.0
         for name in ("lambda_s", "lambda_t"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -426,6 +431,9 @@ class TrainConfig:
                 bad("gamma", f"must be in (0, 1), got {self.gamma}")
         elif self.milestones is not None:
             bad("milestones", "milestones apply to --schedule step only")
+        if self.warmup_epochs is None:
+            self.warmup_epochs = (min(1.0, self.epochs / 2) if self.method in GENERATION_METHODS
+                                  else 0.0)
         if not (0 <= self.warmup_epochs < self.cycle_epochs[0] if cyclic
                 else 0 <= self.warmup_epochs < self.epochs):
             bad("warmup_epochs", f"must be >= 0 and shorter than the first cycle / the training,"
