@@ -94,8 +94,10 @@ def _loader(provider, data, root, batch_size):
         from fastsd.data import build_loaders
 
         return build_loaders(dataset, root, batch_size=batch_size, workers=WORKERS).train
-    from fastsd.data.dali import build_dali_loaders
+    from fastsd.data.dali import build_dali_loaders, dali_available
 
+    if not dali_available():
+        pytest.skip('NVIDIA DALI is not installed (pip install "fastsd[dali]")')
     where = provider.split("-")[1]
     return build_dali_loaders(dataset, root, batch_size=batch_size,
                               workers=GPU_WORKERS if where == "gpu" else WORKERS,
