@@ -51,10 +51,9 @@ import torch
 
 from .base import DataLoaders, DatasetInfo
 from .folders import ImageFolderSplit, UnreadableImageError, scan_train_and_eval
-from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 from .torch_data import (_CIFAR, CIFAR_PAD, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
-                         SMALL_IMAGE_MAX, _check_int, _check_shard, _eval_range, _load_cifar,
-                         _synthetic_sizes, check_loader_args, derive_seed)
+                         SMALL_IMAGE_MAX, _check_int, _check_shard, _eval_range,
+                         check_loader_args, derive_seed, load_in_memory)
 
 __all__ = ["build_dali_loaders", "DaliEpochLoader", "dali_available", "require_dali",
            "resolve_dali_device", "DALI_INSTALL"]
@@ -545,25 +544,10 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
         return folder_loaders(train_split, eval_split, image_size or 32, True, mean, std, name,
                               pre_resize=False)
 
-    if name == "synthetic":
-        k = num_classes if num_classes is not None else SYNTHETIC_DEFAULTS[0]
-        if k < 2:
-            raise ValueError(f"the synthetic dataset needs num_classes >= 2, got {k}")
-        size = image_size or SYNTHETIC_DEFAULTS[1]
-        n_train, n_test = _synthetic_sizes(synthetic_size)
-        _check_shard(n_train, batch_size, world_size, name)
-        x_train, y_train, x_test, y_test = make_synthetic(k, size, n_train, n_test)
-        # the torch path's normalisation of the synthetic set: its own pixel statistics
-        pixels = x_train.reshape(-1, 3).to(torch.float64) / 255.0
-        mean = tuple(float(v) for v in pixels.mean(0))
-        std = tuple(float(v) for v in pixels.std(0).clamp_min(1e-3))
-        classes = tuple(f"class_{i}" for i in range(k))
-    else:
-        x_train, y_train, x_test, y_test, classes = _load_cifar(name, data_dir, num_classes,
-                                                                 download, workers)
-        _check_shard(len(y_train), batch_size, world_size, name)
-        mean, std = _CIFAR[name][3], _CIFAR[name][4]
-        size = image_size or 32
+    x_train, y_train, x_test, y_test, classes, mean, std, size = load_in_memory(
+        name, data_dir, num_classes=num_classes, image_size=image_size,
+        synthetic_size=synthetic_size, download=download, workers=workers,
+        batch_size=batch_size, world_size=world_size)
     shared = dict(image_size=size, mean=mean, std=std)
     train_kw = dict(shared, images=x_train.numpy(), labels=y_train.numpy(), augment="cifar")
     test_kw = dict(shared, images=x_test.numpy(), labels=y_test.numpy(), augment="none")

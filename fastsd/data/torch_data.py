@@ -623,6 +623,35 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
                            len(train_split), len(eval_split), train_split.classes)
         return DataLoaders(train, test, info)
 
+    data = load_in_memory(name, data_dir, num_classes=num_classes, image_size=image_size,
+                          synthetic_size=synthetic_size, download=download, workers=workers,
+                          batch_size=batch_size, world_size=world_size)
+    x_train, y_train, x_test, y_test, classes, mean, std, size = data
+    output_size = size if size != x_train.shape[1] else None
+    kw = dict(common, mean=mean, std=std, output_size=output_size)
+    train = TensorEpochLoader(x_train, y_train, batch_size=batch_size, train=True, **kw)
+    test = TensorEpochLoader(x_test, y_test, batch_size=eval_batch_size, train=False, **kw)
+    info = DatasetInfo(name, len(classes), size, tuple(mean), tuple(std), len(y_train),
+                       len(y_test), tuple(classes))
+    return DataLoaders(train, test, info)
+
+
+class InMemoryData(NamedTuple):
+    """A data set held in memory: uint8 images [N, H, W, 3], int64 labels, its normalisation."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: Tuple[str, ...]
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    image_size: int          #: side of the images delivered (may differ from the stored side)
+
+
+def load_in_memory(name, data_dir, *, num_classes, image_size, synthetic_size, download, workers,
+                   batch_size, world_size) -> InMemoryData:
+    """The synthetic set or CIFAR in torchvision's binary layout, loaded for either pipeline."""
     if name == "synthetic":
         k = num_classes if num_classes is not None else SYNTHETIC_DEFAULTS[0]
         if k < 2:
@@ -631,24 +660,19 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
         n_train, n_test = _synthetic_sizes(synthetic_size)
         _check_shard(n_train, batch_size, world_size, name)
         x_train, y_train, x_test, y_test = make_synthetic(k, size, n_train, n_test)
+        # Normalised with its own pixel statistics.
         pixels = x_train.reshape(-1, 3).to(torch.float64) / 255.0
         mean = tuple(float(v) for v in pixels.mean(0))
         std = tuple(float(v) for v in pixels.std(0).clamp_min(1e-3))
         classes = tuple(f"class_{i}" for i in range(k))
-        output_size = None
     else:
         x_train, y_train, x_test, y_test, classes = _load_cifar(name, data_dir, num_classes,
                                                                  download, workers)
         _check_shard(len(y_train), batch_size, world_size, name)
         mean, std = _CIFAR[name][3], _CIFAR[name][4]
         size = image_size or 32
-        output_size = size if size != x_train.shape[1] else None
-    kw = dict(common, mean=mean, std=std, output_size=output_size)
-    train = TensorEpochLoader(x_train, y_train, batch_size=batch_size, train=True, **kw)
-    test = TensorEpochLoader(x_test, y_test, batch_size=eval_batch_size, train=False, **kw)
-    info = DatasetInfo(name, len(classes), size, tuple(mean), tuple(std), len(y_train),
-                       len(y_test), tuple(classes))
-    return DataLoaders(train, test, info)
+    return InMemoryData(x_train, y_train, x_test, y_test, tuple(classes), tuple(mean),
+                        tuple(std), size)
 
 
 def _check_shard(n_train: int, batch_size: int, world_size: int, name: str) -> None:
