@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .init import he_init_
+
 __all__ = ["CifarResNet", "cifar_resnet", "CIFAR_RESNET_DEPTHS"]
 
 #: the depths named in the paper's Table 6 (1202 is the over-deep one of §4.2)
@@ -91,13 +93,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = layers
         self.fc = nn.Linear(in_planes, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # He et al. initialise as in their PReLU paper ("MSRA" init).
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init_(self)
         if zero_init_residual:
             # Each block starts as the identity (Goyal et al. 2017); off by default, as in the paper.
             for m in self.modules():
