@@ -95,18 +95,23 @@ def entropy(z, T):
     return float(-(p * np.log(p)).sum(1).mean())
 
 
-# ------------------------------------------------------------------------------------------ tests
-def test_report_numbers_equal_a_hand_computation(runs, tmp_path):
-    from fastsd.report import build_report
-
+def sd_snapshot_logits(runs, half=False):
+    """The SD run's config, results, directory, test labels, and each cycle snapshot's logits."""
     root, out = runs
     cfg, results = out["sd"]
     run = os.path.join(root, "sd")
     images, y = eval_split(cfg)
-    z = [logits_of(os.path.join(run, "snapshots", f"cycle{c}.safetensors"), images)
+    z = [logits_of(os.path.join(run, "snapshots", f"cycle{c}.safetensors"), images, half=half)
          for c in (1, 2)]
-    zh = [logits_of(os.path.join(run, "snapshots", f"cycle{c}.safetensors"), images, half=True)
-          for c in (1, 2)]
+    return cfg, results, run, y, z
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_report_numbers_equal_a_hand_computation(runs, tmp_path):
+    from fastsd.report import build_report
+
+    cfg, results, run, y, z = sd_snapshot_logits(runs)
+    zh = sd_snapshot_logits(runs, half=True)[-1]
     hand = [by_hand(zc, y) for zc in z]
     stored = [by_hand(zc, y) for zc in zh]
     ens = by_hand(np.log((softmax(zh[0]) + softmax(zh[1])) / 2), y)
@@ -152,12 +157,7 @@ def test_report_numbers_equal_a_hand_computation(runs, tmp_path):
 def test_evaluate_prints_the_same_numbers(runs, capsys):
     from fastsd.evaluate import main
 
-    root, out = runs
-    cfg, results = out["sd"]
-    run = os.path.join(root, "sd")
-    images, y = eval_split(cfg)
-    z = [logits_of(os.path.join(run, "snapshots", f"cycle{c}.safetensors"), images)
-         for c in (1, 2)]
+    cfg, results, run, y, z = sd_snapshot_logits(runs)
     hand = [by_hand(zc, y) for zc in z]
     ens = by_hand(np.log((softmax(z[0]) + softmax(z[1])) / 2), y)
     assert main(["--checkpoint", run, "--snapshots", "all", "--device", "cpu"]) == 0
