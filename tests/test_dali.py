@@ -291,6 +291,54 @@ def test_cifar_binary_in_memory_is_exact(cifar_binary, trust_cifar_files, where)
         assert y.cpu().tolist() == arrays["train"][1][idx].tolist()
 
 
+def _graph_devices(output):
+    """{operator kind: the devices of its outputs} over the DALI graph that ends in ``output``."""
+    devices, seen, todo = {}, set(), [output]
+    while todo:
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        kind = node.name.rsplit("_", 1)[0].strip("_")        # "__Resize_90" -> "Resize"
+        devices.setdefault(kind, set()).add(node.device)
+        for inp in node.source.inputs:                      # positional and argument inputs
+            todo.extend(inp if isinstance(inp, list) else [inp])
+    return devices
+
+
+@pytest.mark.parametrize("source,augment,pre_resize", [
+    ("memory", "cifar", False), ("memory", "none", False), ("files", "cifar", False),
+    ("files", "cifar", True), ("files", "none", False), ("files", "imagenet", False),
+    ("files", "center", False)])
+def test_gpu_graphs_pass_dalis_checks_without_a_gpu(source, augment, pre_resize):
+    """Every GPU ("mixed") graph the loaders can ask for is defined and serialised with DALI's
+    checks of argument names and of the device of every operator input, which need no GPU: the
+    image work (decode, crop, resize, normalise) is on the GPU, its parameters on the CPU."""
+    from fastsd.data.dali_graph import GraphSpec, define_pipeline
+
+    for half, channels_last in ((True, True), (False, False)):
+        spec = GraphSpec(source=source, augment=augment, image_size=48 if pre_resize else 32,
+                         resize_size=64, native_size=32, pre_resize=pre_resize,
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD, device="gpu", half=half,
+                         channels_last=channels_last, path_prefix=b"/data/")
+        pipe = define_pipeline(spec, lambda: None, batch_size=4, num_threads=1, device_id=None,
+                               prefetch=2, seed=0)
+        assert len(pipe.serialize()) > 0
+        (out,) = pipe._graph_out
+        nodes = _graph_devices(out)
+        assert out.device == "gpu" and nodes["CropMirrorNormalize"] == {"gpu"}
+        if source == "files":
+            decoder = "ImageSlice" if augment == "imagenet" else "Image"
+            assert nodes[decoder] == {"gpu"}, nodes             # device="mixed": GPU output
+            assert nodes["Read"] == {"cpu"} and nodes["ExternalSource"] == {"cpu"}
+        if augment in ("imagenet", "center") or pre_resize:
+            assert nodes["Resize"] == {"gpu"}
+        if augment == "cifar":
+            assert "gpu" in nodes["Slice"]                    # the pad crop of the images
+        if augment == "imagenet":
+            assert nodes["PeekImageShape"] == {"cpu"}         # the crop window: CPU arithmetic
+
+
 def test_random_resized_crop_window_is_torchvisions_rule():
     from nvidia.dali import fn, pipeline_def
 

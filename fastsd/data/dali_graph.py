@@ -30,7 +30,7 @@ import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import Pipeline
 
-__all__ = ["GraphSpec", "build_pipeline", "build_probe_pipeline", "random_resized_crop_window",
+__all__ = ["GraphSpec", "define_pipeline", "build_pipeline", "build_probe_pipeline", "random_resized_crop_window",
            "center_crop_position", "RRC_ATTEMPTS"]
 
 #: candidate crops per sample, as torchvision's RandomResizedCrop.get_params tries
@@ -193,13 +193,24 @@ def _graph(spec: GraphSpec, feed: Callable):
         **crop_args)
 
 
-def build_pipeline(spec: GraphSpec, feed: Callable, *, batch_size: int, num_threads: int,
-                   device_id, prefetch: int, seed: int) -> Pipeline:
-    """A built pipeline whose only output is the image batch; ``feed()`` is called once per batch."""
+def define_pipeline(spec: GraphSpec, feed: Callable, *, batch_size: int, num_threads: int,
+                    device_id, prefetch: int, seed: int) -> Pipeline:
+    """The pipeline of ``spec``, defined but not built; its only output is the image batch.
+
+    Defining runs DALI's own checks of the graph (argument names, and which device each input of
+    each operator may come from), and ``Pipeline.serialize()`` needs no GPU: so the GPU graphs can be
+    checked on a machine without one (``device_id=None``), see tests/test_dali.py.
+    """
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     seed=seed, prefetch_queue_depth=prefetch)
     with pipe:
         pipe.set_outputs(_graph(spec, feed))
+    return pipe
+
+
+def build_pipeline(spec: GraphSpec, feed: Callable, **kwargs) -> Pipeline:
+    """:func:`define_pipeline`, built: ``feed()`` is called once per batch from ``pipe.run()``."""
+    pipe = define_pipeline(spec, feed, **kwargs)
     pipe.build()
     return pipe
 
