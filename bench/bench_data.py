@@ -29,7 +29,6 @@ import torch
 
 WORKERS = 2                     # DataLoader worker processes = DALI CPU threads (CPU comparison)
 GPU_WORKERS = min(8, os.cpu_count() or 1)   # DALI CPU threads feeding the GPU pipeline
-CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 CIFAR = dict(batch_size=256, batches=40)            # 10 240 images per round
 # On a GPU machine: enough ImageNet-like files for batches of 256, as a ResNet-50 step takes them.
 IMAGENET = dict(batch_size=64, batches=4,
@@ -39,11 +38,9 @@ _RESULTS = {}                                        # (data, provider) -> image
 
 
 @pytest.fixture(scope="session")
-def cifar_dir(tmp_path_factory):
-    if not CIFAR_TAR.exists():
-        pytest.skip(f"{CIFAR_TAR} not found")
+def cifar_dir(cifar_jpeg_tar, tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar10_jpeg_bench")
-    with tarfile.open(CIFAR_TAR, "r:gz") as tar:
+    with tarfile.open(cifar_jpeg_tar, "r:gz") as tar:
         tar.extractall(root, filter="data")
     return root
 

@@ -11,8 +11,6 @@ import math
 import pickle
 import subprocess
 import sys
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +26,6 @@ from fastsd.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD  
 from fastsd.data.dali import build_dali_loaders  # noqa: E402
 from fastsd.data.folders import UnreadableImageError  # noqa: E402
 
-CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
-PER_CLASS = {"train": 20, "test": 10}          # 200 training and 100 test images
 DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
 
 
@@ -38,29 +34,6 @@ def _device(where):
 
 
 # ------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def cifar_jpeg(tmp_path_factory):
-    """train/<class>/*.jpg and test/<class>/*.jpg: the first PER_CLASS files of each class."""
-    if not CIFAR_TAR.exists():
-        pytest.skip(f"{CIFAR_TAR} not found")
-    root = tmp_path_factory.mktemp("cifar10_jpeg")
-    taken = {}
-    with tarfile.open(CIFAR_TAR, "r:gz") as tar:
-        for m in tar:
-            parts = m.name.split("/")
-            if not m.isfile() or len(parts) != 3 or parts[0] not in PER_CLASS:
-                continue
-            key = (parts[0], parts[1])
-            if taken.get(key, 0) >= PER_CLASS[parts[0]]:
-                continue
-            taken[key] = taken.get(key, 0) + 1
-            out = root / m.name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(tar.extractfile(m).read())
-    assert len(taken) == 20
-    return root
-
 
 @pytest.fixture(scope="session")
 def cifar_binary(cifar_jpeg, tmp_path_factory):

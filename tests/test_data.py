@@ -3,10 +3,6 @@
 import itertools
 import os
 import pickle
-import shutil
-import subprocess
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +14,6 @@ from PIL import Image
 from fastsd.data import (CIFAR10_MEAN, CIFAR10_STD, DataLoaders, UnreadableImageError,
                          build_loaders, list_datasets, make_synthetic, scan_image_folder)
 
-CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
-if not CIFAR_TAR.exists():
-    CIFAR_TAR = Path("/work/shared/datasets/cifar10-jpeg.tar.gz")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
 
@@ -56,24 +49,6 @@ def make_folder(root, classes, per_class=2, splits=("train", "val"), size=(8, 8)
 
 # ------------------------------------------------------------------------------------------
 # Real data: a subset of CIFAR-10 as JPEG files (20 train, 10 test images per class).
-
-@pytest.fixture(scope="session")
-def cifar_jpeg(tmp_path_factory):
-    if not CIFAR_TAR.exists():
-        pytest.skip(f"{CIFAR_TAR} not found")
-    root = tmp_path_factory.mktemp("cifar10-jpeg")
-    patterns = ["train/*/00[01]?.jpg", "test/*/000?.jpg"]
-    if shutil.which("tar"):
-        subprocess.run(["tar", "-xzf", str(CIFAR_TAR), "-C", str(root), "--wildcards", *patterns],
-                       check=True)
-    else:  # slower: Python walks all 60 000 members
-        import fnmatch
-
-        with tarfile.open(CIFAR_TAR) as tf:
-            members = [m for m in tf if m.isfile() and any(fnmatch.fnmatch(m.name, p) for p in patterns)]
-            tf.extractall(root, members=members, filter="data")
-    return root
-
 
 def test_cifar10_jpeg_subset_loads_with_the_right_labels(cifar_jpeg):
     dl = build_loaders("cifar10", cifar_jpeg, batch_size=32, eval_batch_size=64, workers=2)
