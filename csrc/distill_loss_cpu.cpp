@@ -86,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_fwd_cpu(
     t = teacher_logits->contiguous();
   }
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor terms = at::empty({4, rows}, logits.options().dtype(acc_type));
+  // loss, CE, KL, TOL, counted: the layout of TERM_ROWS in kernels/distill_loss.py
+  at::Tensor terms = at::empty({5, rows}, logits.options().dtype(acc_type));
   at::Tensor grad = at::empty({write_grad ? rows : 0, cols}, logits.options());
   const at::ScalarType teacher_type = o.has_teacher ? t.scalar_type() : logits.scalar_type();
 

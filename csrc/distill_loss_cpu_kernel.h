@@ -70,6 +70,18 @@ void load_scaled(const in_t* src, acc_t scale, acc_t* dst, int64_t n) {
   for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<acc_t>(src[c]) * scale;
 }
 
+// load_scaled, returning the max of what it wrote (one pass over the row instead of two).
+template <typename acc_t, typename in_t>
+acc_t load_scaled_max(const in_t* src, acc_t scale, acc_t* dst, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < n; ++c) {
+    dst[c] = static_cast<acc_t>(src[c]) * scale;
+    m = dst[c] > m ? dst[c] : m;
+  }
+  return m;
+}
+
 // Shift applied before exp: the max, or 0 for a row of -inf (whose terms are exp(-inf) = 0).
 template <typename acc_t>
 acc_t safe_shift(acc_t m) {
@@ -134,9 +146,9 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       const acc_t z_max = row_max(z, cols);
       const acc_t z_sum = exp_shifted(z, safe_shift(z_max), f.data(), cols);
       const acc_t z_lse = z_max + std::log(z_sum);
+      // f holds exp(z - max); softmax(z) = f * inv_z_sum, a factor the loops below fold in
+      // rather than spend a pass over the row on it (likewise p and inv_t_sum).
       const acc_t inv_z_sum = acc_t(1) / z_sum;
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) f[c] *= inv_z_sum;
 
       bool counted = true;
       int64_t label = -1;
@@ -159,13 +171,13 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
           ce = (1 - smoothing) * ce + smoothing * (z_lse - z_total / acc_t(cols));
         }
       }
-      const acc_t* q_row = f.data();
+      const acc_t* q_row = nullptr;      // softmax(z / T_s) when T_s != 1 (else it is f's)
+      acc_t inv_t_sum = 0;
       if (o.has_teacher) {
-        load_scaled(teacher + row * cols, inv_t, t.data(), cols);
-        const acc_t t_max = row_max(t.data(), cols);
+        const acc_t t_max = load_scaled_max(teacher + row * cols, inv_t, t.data(), cols);
         const acc_t t_sum = exp_shifted(t.data(), safe_shift(t_max), p.data(), cols);
         const acc_t t_lse = t_max + std::log(t_sum);
-        const acc_t inv_t_sum = acc_t(1) / t_sum;
+        inv_t_sum = acc_t(1) / t_sum;
         acc_t q_lse = z_lse;
         acc_t zq_scale = acc_t(1);
         if (!o.student_t_is_one) {
@@ -187,7 +199,6 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
 #pragma omp simd reduction(+ : kl_sum)
           for (int64_t c = start; c < stop; ++c) {
             const acc_t p_c = p[c] * inv_t_sum;
-            p[c] = p_c;
             // 0 * log 0 = 0: classes the teacher rules out add nothing; NaN propagates.
             const acc_t term = p_c * ((t[c] - t_lse) - (z[c] * zq_scale - q_lse));
             kl_sum += p_c == 0 ? acc_t(0) : term;
@@ -199,8 +210,8 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       if (o.has_tol) {
         found = top_k(z, cols, o.topk, top_index.data(), top_value.data());
         acc_t others = 0;
-        for (int64_t k = 1; k < found; ++k) others += f[top_index[k]];
-        tol = found > 0 ? f[top_index[0]] - others / acc_t(o.topk - 1) : nan;
+        for (int64_t k = 1; k < found; ++k) others += f[top_index[k]] * inv_z_sum;
+        tol = found > 0 ? f[top_index[0]] * inv_z_sum - others / acc_t(o.topk - 1) : nan;
       }
 
       acc_t* row_terms = terms + row;
@@ -208,6 +219,7 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       row_terms[rows] = counted ? ce : acc_t(0);
       row_terms[2 * rows] = counted ? kl : acc_t(0);
       row_terms[3 * rows] = counted ? tol : acc_t(0);
+      row_terms[4 * rows] = counted ? acc_t(1) : acc_t(0);
       if (!o.write_grad) continue;
 
       scalar_t* g_row = grad + row * cols;
@@ -226,20 +238,31 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       } else {
         g = z_buffer.data();  // the logits are consumed: the buffer takes the float gradient
       }
+      // softmax(z) and softmax(t/T) normalised here, element by element, so that q - p is
+      // taken between the normalised values (they nearly cancel where the student agrees).
       if (o.has_teacher) {
         const acc_t* p_row = p.data();
+        if (o.student_t_is_one) {  // q is softmax(z)
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c)
-          g[c] = f_coef * f[c] + uniform + kd_grad * (q_row[c] - p_row[c]);
+          for (int64_t c = 0; c < cols; ++c) {
+            const acc_t f_c = f[c] * inv_z_sum;
+            g[c] = f_coef * f_c + uniform + kd_grad * (f_c - p_row[c] * inv_t_sum);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c)
+            g[c] = f_coef * (f[c] * inv_z_sum) + uniform +
+                   kd_grad * (q_row[c] - p_row[c] * inv_t_sum);
+        }
       } else {
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) g[c] = f_coef * f[c] + uniform;
+        for (int64_t c = 0; c < cols; ++c) g[c] = f_coef * (f[c] * inv_z_sum) + uniform;
       }
       if (label >= 0) g[label] -= ce_w * (1 - smoothing);
       if (o.has_tol) {
         const acc_t other_w = acc_t(-1) / acc_t(o.topk - 1);
         for (int64_t k = 0; k < found; ++k)
-          g[top_index[k]] += tol_w * f[top_index[k]] * (k == 0 ? acc_t(1) : other_w);
+          g[top_index[k]] += tol_w * (f[top_index[k]] * inv_z_sum) * (k == 0 ? acc_t(1) : other_w);
       }
       if constexpr (!kInPlace) {
         for (int64_t c = 0; c < cols; ++c) g_row[c] = static_cast<scalar_t>(g[c]);

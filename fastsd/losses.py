@@ -13,7 +13,7 @@ gradient. Snapshot Distillation's asymmetric setting is the default (student tem
 import torch
 from torch import nn
 
-from fastsd.ops import distill as _distill_ops  # noqa: F401  (registers torch.ops.fastsd.*)
+from fastsd.ops import distill as _distill_ops  # registers torch.ops.fastsd.*
 from fastsd.ops.loss_api import LossTerms, check_distill_args
 
 __all__ = ["distill_loss", "DistillLoss", "DistillLossFunction", "LossTerms"]
@@ -49,37 +49,34 @@ class DistillLossFunction(torch.autograd.Function):
         y = None if target is None else target.reshape(-1)
         kd_scale = kd_weight * (temperature * temperature if t2_scaling else 1.0)
         write_grad = bool(ctx.needs_input_grad[0])
-        terms, grad = torch.ops.fastsd.distill_loss_fwd(
+        terms, grad = _distill_ops.run_distill_loss_fwd(
             z, y, t, float(temperature), float(student_temperature), float(ce_weight),
             float(kd_scale), float(tolerance_weight), int(topk), int(ignore_index), write_grad,
             float(label_smoothing))
-        count = None  # the divisor of "mean": the rows that count (an int without a target)
+        count = None  # the divisor of "mean": the rows that count, at least 1
         if reduction == "none":
             loss = terms[0].reshape(rows_shape)
-            parts = terms[1:].reshape(3, *rows_shape)
+            parts = terms[1:4].reshape(3, *rows_shape)
         else:
-            sums = terms.sum(dim=1)
+            sums = terms.sum(dim=1)  # loss, CE, KL, TOL, rows that count
             if reduction == "mean":
-                count = z.shape[0] if y is None else (y != ignore_index).sum().clamp_min(1)
+                count = sums[4].clamp_min(1)
                 sums = sums / count
-            loss, parts = sums[0], sums[1:]
+            loss, parts = sums[0], sums[1:4]
         ctx.mark_non_differentiable(parts)
         ctx.reduction = reduction
         ctx.logits_shape = logits.shape
         if write_grad:
-            count_is_tensor = isinstance(count, torch.Tensor)
-            ctx.save_for_backward(grad, *([count] if count_is_tensor else []))
-            ctx.count = None if count_is_tensor else count
+            ctx.save_for_backward(grad, *([] if count is None else [count]))
         return loss, parts
 
     @staticmethod
     def backward(ctx, grad_loss, grad_parts):
-        grad, *saved_count = ctx.saved_tensors
-        count = saved_count[0] if saved_count else ctx.count
+        grad, *divisor = ctx.saved_tensors  # divisor: [rows that count] for "mean"
         if ctx.reduction == "none":
             scale = grad_loss.reshape(-1, 1)
-        elif count is not None:
-            scale = grad_loss / count
+        elif divisor:
+            scale = grad_loss / divisor[0]
         else:
             scale = grad_loss
         if _last_backward_through_graph():

@@ -23,6 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Rows of the per-row output ``terms``: loss, CE, KL, TOL, counted (1 or 0). The C++ CPU kernel
+# (csrc/distill_loss_cpu.cpp) writes the same layout.
+TERM_ROWS = 5
 # Rows up to this many classes are held in registers; longer rows take the chunked path.
 MAX_REGISTER_COLUMNS = 8192
 # Columns per chunk on the chunked path.
@@ -132,6 +135,7 @@ def _rows_kernel(
     tl.store(terms_ptr + n_rows + rows, tl.where(counted, ce, 0.0), mask=row_ok)
     tl.store(terms_ptr + 2 * n_rows + rows, tl.where(counted, kl, 0.0), mask=row_ok)
     tl.store(terms_ptr + 3 * n_rows + rows, tl.where(counted, tol, 0.0), mask=row_ok)
+    tl.store(terms_ptr + 4 * n_rows + rows, tl.where(counted, 1.0, 0.0), mask=row_ok)
     if WRITE_GRAD:
         grad = tl.where(counted[:, None], grad, 0.0)
         tl.store(grad_ptr + rows64[:, None] * grad_stride + cols[None, :],
@@ -251,6 +255,7 @@ def _chunked_kernel(
     tl.store(terms_ptr + n_rows + row, tl.where(counted, ce, 0.0))
     tl.store(terms_ptr + 2 * n_rows + row, tl.where(counted, kl, 0.0))
     tl.store(terms_ptr + 3 * n_rows + row, tl.where(counted, tol, 0.0))
+    tl.store(terms_ptr + 4 * n_rows + row, tl.where(counted, 1.0, 0.0))
 
     if WRITE_GRAD:
         g_row = grad_ptr + row * grad_stride
@@ -312,13 +317,13 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
     None, teacher_logits [N, C] (any of those float dtypes) or None. ``kd_scale`` is the KL
     term's factor ``kd_weight * s``; ``tolerance_weight`` 0 switches the penalty off;
     ``label_smoothing`` ε makes the CE target (1 - ε) one-hot + ε/C. Returns
-    ``(terms, grad)``: terms [4, N] float32 (each row's loss
-    ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, then CE, KL, TOL; zero for rows whose
-    label is ignore_index) and grad [N, C] in logits' dtype, the gradient of each row's loss (an
+    ``(terms, grad)``: terms [5, N] float32 (each row's loss
+    ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, then CE, KL, TOL, all zero for rows whose
+    label is ignore_index; then 1 for the rows that count and 0 for those) and grad [N, C] in logits' dtype, the gradient of each row's loss (an
     empty [0, C] tensor when ``write_grad`` is False).
     """
     n_rows, n_cols = logits.shape
-    terms = torch.empty((4, n_rows), dtype=torch.float32, device=logits.device)
+    terms = torch.empty((TERM_ROWS, n_rows), dtype=torch.float32, device=logits.device)
     grad = torch.empty((n_rows if write_grad else 0, n_cols), dtype=logits.dtype,
                        device=logits.device)
     has_target = target is not None

@@ -161,7 +161,10 @@ def test_ignore_index_rows_contribute_nothing(backend):
     with cpu_backend(backend if backend != "cuda" else "auto"):
         whole = distill_loss(*on_backend(backend, logits, target, teacher), **kw)
         part = distill_loss(*on_backend(backend, logits[keep], target[keep], teacher[keep]), **kw)
+        terms, _ = torch.ops.fastsd.distill_loss_fwd(
+            *on_backend(backend, logits, target, teacher), 1.0, 1.0, 1.0, 1.0, 0.0, 5, -1, False)
     torch.testing.assert_close(whole, part)
+    assert terms[4].tolist() == keep.float().tolist()      # the op's "counted" row
     # All rows ignored: the mean is 0, not NaN.
     target[:] = -1
     assert_matches(backend, logits, target, teacher, **kw)
@@ -310,7 +313,7 @@ def test_no_gradient_written_without_requires_grad():
     logits, target, teacher = make_inputs(3, 10)
     terms, grad = torch.ops.fastsd.distill_loss_fwd(logits, target, teacher, 1.0, 1.0, 1.0, 1.0,
                                                     0.0, 5, -100, False)
-    assert grad.numel() == 0 and terms.shape == (4, 3)
+    assert grad.numel() == 0 and terms.shape == (5, 3)
     loss = distill_loss(logits, target, teacher)
     torch.testing.assert_close(loss, distill_loss_ref(logits, target, teacher))
 
