@@ -3,18 +3,35 @@ folders), synthetic data, and (in :mod:`fastsd.data.dali`, imported only when us
 
 Every pipeline returns :class:`DataLoaders` (``train``, ``test``, ``info``); see
 :mod:`fastsd.data.base` for the contract and :func:`build_loaders` for the torch path.
+
+The names below are loaded on first use, so that light modules (:mod:`fastsd.data.catalog`, which
+the trainer's configuration reads) import without torch.
 """
 
-from .base import DataLoaders, DatasetInfo, EpochLoader
-from .folders import (IMAGE_EXTENSIONS, ImageFolderSplit, UnreadableImageError, find_split_dirs,
-                      scan_image_folder, scan_train_and_eval)
-from .synthetic import make_synthetic
-from .torch_data import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DATASETS,
-                         IMAGENET_MEAN, IMAGENET_STD, FileEpochLoader, TensorEpochLoader,
-                         build_loaders, derive_seed, list_datasets)
+import importlib
 
-__all__ = ["DataLoaders", "DatasetInfo", "EpochLoader", "build_loaders", "list_datasets", "DATASETS",
-           "UnreadableImageError", "ImageFolderSplit", "IMAGE_EXTENSIONS", "find_split_dirs",
-           "scan_image_folder", "scan_train_and_eval", "make_synthetic", "TensorEpochLoader",
-           "FileEpochLoader", "derive_seed", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN",
-           "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD"]
+_EXPORTS = {
+    "base": ("DataLoaders", "DatasetInfo", "EpochLoader"),
+    "catalog": ("DATASETS", "list_datasets", "derive_seed", "CIFAR10_MEAN", "CIFAR10_STD",
+                "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD"),
+    "folders": ("UnreadableImageError", "ImageFolderSplit", "IMAGE_EXTENSIONS", "find_split_dirs",
+                "scan_image_folder", "scan_train_and_eval"),
+    "synthetic": ("make_synthetic",),
+    "torch_data": ("build_loaders", "TensorEpochLoader", "FileEpochLoader"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

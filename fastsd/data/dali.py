@@ -50,10 +50,11 @@ import numpy as np
 import torch
 
 from .base import DataLoaders, DatasetInfo
+from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
+                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM, check_epoch, check_int,
+                      check_loader_args, check_shard, derive_seed, eval_range)
 from .folders import ImageFolderSplit, UnreadableImageError, scan_train_and_eval
-from .torch_data import (_CIFAR, CIFAR_PAD, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
-                         SMALL_IMAGE_MAX, _check_int, _check_shard, _eval_range,
-                         check_loader_args, derive_seed, load_in_memory)
+from .torch_data import load_in_memory
 
 __all__ = ["build_dali_loaders", "DaliEpochLoader", "dali_available", "require_dali",
            "resolve_dali_device", "DALI_INSTALL"]
@@ -62,10 +63,8 @@ __all__ = ["build_dali_loaders", "DaliEpochLoader", "dali_available", "require_d
 DALI_INSTALL = 'pip install "fastsd[dali]"'
 
 DALI_DEVICES = ("auto", "gpu", "cpu")
-_ORDER_STREAM = 1          # derive_seed stream of the sample order: the torch path's training stream
 _AUG_STREAM = 2            # derive_seed stream of the DALI augmentation parameters
-_LOG_RATIO = (math.log(3.0 / 4.0), math.log(4.0 / 3.0))
-_AREA = (0.08, 1.0)
+_LOG_RATIO = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
 
 
 def require_dali():
@@ -249,7 +248,7 @@ class DaliEpochLoader:
             self.shard_size = n // self.world_size
             self._len = self.shard_size // self.batch_size
         else:
-            self._range = _eval_range(n, self.rank, self.world_size)
+            self._range = eval_range(n, self.rank, self.world_size)
             self.shard_size = self._range[1] - self._range[0]
             self._len = math.ceil(self.shard_size / self.batch_size)
         self._pipe = None
@@ -260,9 +259,7 @@ class DaliEpochLoader:
     # ------------------------------------------------------------------ the sampler (numpy only)
 
     def set_epoch(self, epoch: int) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = int(epoch)
+        self.epoch = check_epoch(epoch)
 
     def __len__(self) -> int:
         return self._len
@@ -276,7 +273,7 @@ class DaliEpochLoader:
         epoch = self.epoch if epoch is None else epoch
         # the torch path's permutation, drawn the same way: the same samples in the same batches
         # with or without --dali (only the augmentation draws differ)
-        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _ORDER_STREAM))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, TRAIN_STREAM))
         perm = torch.randperm(self.num_samples, generator=g).numpy()
         lo = self.rank * self.shard_size
         return list(perm[lo:lo + self._len * B].reshape(self._len, B))
@@ -295,7 +292,7 @@ class DaliEpochLoader:
             return anchor, flip
         from .dali_graph import RRC_ATTEMPTS
 
-        area = rng.uniform(*_AREA, size=(n, RRC_ATTEMPTS)).astype(np.float32)
+        area = rng.uniform(*RRC_SCALE, size=(n, RRC_ATTEMPTS)).astype(np.float32)
         ratio = np.exp(rng.uniform(*_LOG_RATIO, size=(n, RRC_ATTEMPTS))).astype(np.float32)
         uv = rng.random((n, 2), dtype=np.float32)
         flip = rng.integers(0, 2, size=n, dtype=np.int32)
@@ -452,7 +449,7 @@ def _find_bad_file(paths: Sequence[str], peek: bool) -> Optional[Tuple[str, str]
 
 def _cifar_source(name: str, data_dir) -> str:
     """"binary" (torchvision's layout, held in memory) or "folder" (JPEGs decoded by DALI)."""
-    folder = _CIFAR[name][1]
+    folder = CIFAR_SETS[name][1]
     if data_dir is None or str(data_dir) == "":
         return "binary"               # _load_cifar raises the error that says what to pass
     root = Path(data_dir).expanduser()
@@ -499,7 +496,7 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
         dataset, data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size,
         workers=workers, device=device, seed=seed, download=download, num_classes=num_classes,
         image_size=image_size, synthetic_size=synthetic_size, rank=rank, world_size=world_size)
-    prefetch = _check_int("prefetch", prefetch, 1)
+    prefetch = check_int("prefetch", prefetch, 1)
     where = resolve_dali_device(dali_device, device)
     common = dict(seed=int(seed), device=device, dali_device=where, half=_half(dtype),
                   channels_last=bool(channels_last), num_threads=max(1, workers),
@@ -514,7 +511,7 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
                        small: bool, mean, std, info_name: str, pre_resize: bool):
         """small: CIFAR-style (pad crop + flip; evaluation as is), else ImageNet-style. pre_resize:
         resize every image to size x size first (small-image folders); else they are 32 x 32."""
-        _check_shard(len(train_split), batch_size, world_size, info_name)
+        check_shard(len(train_split), batch_size, world_size, info_name)
         shared = dict(image_size=size, mean=mean, std=std,
                       resize_size=int(round(size / IMAGENET_CROP_RATIO)),
                       native_size=size if pre_resize else 32, pre_resize=pre_resize)
@@ -535,8 +532,8 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
         return folder_loaders(train_split, eval_split, size, small, IMAGENET_MEAN, IMAGENET_STD,
                               name, pre_resize=small)
 
-    if name in _CIFAR and _cifar_source(name, data_dir) == "folder" and not download:
-        classes, _, _, mean, std = _CIFAR[name]
+    if name in CIFAR_SETS and _cifar_source(name, data_dir) == "folder" and not download:
+        classes, _, _, mean, std = CIFAR_SETS[name]
         if num_classes is not None and num_classes != classes:
             raise ValueError(f"{name} has {classes} classes but num_classes is {num_classes}: drop "
                              f"--num-classes or pass {classes}")

@@ -30,12 +30,13 @@ import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import Pipeline
 
+from .catalog import RRC_RATIO
+
 __all__ = ["GraphSpec", "define_pipeline", "build_pipeline", "build_probe_pipeline", "random_resized_crop_window",
            "center_crop_position", "RRC_ATTEMPTS"]
 
 #: candidate crops per sample, as torchvision's RandomResizedCrop.get_params tries
 RRC_ATTEMPTS = 10
-_RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def random_resized_crop_window(hw_shape, area, ratio, uv):
     w_found = fn.reductions.sum(chosen * w)
     h_found = fn.reductions.sum(chosen * h)
     in_ratio = w_img / h_img
-    lo, hi = _RRC_RATIO
+    lo, hi = RRC_RATIO
     w_fallback = _round(h_img * hi) * (in_ratio > hi) + w_img * (in_ratio <= hi)
     h_fallback = _round(w_img / lo) * (in_ratio < lo) + h_img * (in_ratio >= lo)
     missed = 1.0 - found

@@ -31,54 +31,21 @@ counts every image exactly once.
 import math
 import os
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .base import DataLoaders, DatasetInfo
+from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
+                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, check_epoch, check_int,
+                      check_loader_args, check_shard, derive_seed, eval_range)
 from .folders import ImageFolderSplit, read_rgb_image, scan_train_and_eval
 from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 
-__all__ = ["build_loaders", "list_datasets", "TensorEpochLoader", "FileEpochLoader", "DATASETS",
-           "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN",
-           "IMAGENET_STD", "derive_seed"]
-
-DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
-_ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "imagenet": "imagefolder",
-            "image_folder": "imagefolder", "folder": "imagefolder"}
-
-# Per-channel statistics of the training images in [0, 1] units (std over all pixels).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_CIFAR = {  # name -> (classes, torchvision folder, torchvision class name, mean, std)
-    "cifar10": (10, "cifar-10-batches-py", "CIFAR10", CIFAR10_MEAN, CIFAR10_STD),
-    "cifar100": (100, "cifar-100-python", "CIFAR100", CIFAR100_MEAN, CIFAR100_STD),
-}
-CIFAR_PAD = 4             #: zero padding of the CIFAR random crop
-SMALL_IMAGE_MAX = 64      #: image folders at or below this size get CIFAR-style augmentation
-IMAGENET_CROP_RATIO = 0.875  #: evaluation: resize to size / 0.875 (256 for 224), centre-crop size
-_RRC_SCALE = (0.08, 1.0)
-_RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_TRAIN_STREAM = 1
-
-
-def list_datasets() -> List[str]:
-    """The dataset names :func:`build_loaders` accepts."""
-    return list(DATASETS)
-
-
-def derive_seed(seed: int, epoch: int, stream: int = _TRAIN_STREAM) -> int:
-    """A 63-bit seed that is a pure function of (seed, epoch, stream), well mixed (SplitMix-free:
-    numpy's SeedSequence), so nearby seeds and epochs give unrelated streams."""
-    words = [int(seed) % (1 << 64), int(epoch), int(stream)]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+__all__ = ["build_loaders", "TensorEpochLoader", "FileEpochLoader", "load_in_memory",
+           "InMemoryData"]
 
 
 class _Normalize:
@@ -105,16 +72,6 @@ class _Normalize:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         return x
-
-
-def _check_epoch(epoch) -> int:
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-    return int(epoch)
-
-
-def _eval_range(n: int, rank: int, world_size: int) -> Tuple[int, int]:
-    return rank * n // world_size, (rank + 1) * n // world_size
 
 
 class TensorEpochLoader:
@@ -153,7 +110,7 @@ class TensorEpochLoader:
             self.shard_size = self.num_samples // self.world_size
             self._len = self.shard_size // self.batch_size
         else:
-            lo, hi = _eval_range(self.num_samples, self.rank, self.world_size)
+            lo, hi = eval_range(self.num_samples, self.rank, self.world_size)
             self._range = (lo, hi)
             self.shard_size = hi - lo
             self._len = math.ceil(self.shard_size / self.batch_size)
@@ -161,7 +118,7 @@ class TensorEpochLoader:
         self._cols = torch.arange(self.width, device=self.device)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = _check_epoch(epoch)
+        self.epoch = check_epoch(epoch)
 
     def __len__(self) -> int:
         return self._len
@@ -209,19 +166,19 @@ def _random_resized_crop_params(width: int, height: int, rng) -> Tuple[int, int,
     """(top, left, h, w) of an Inception-style crop: area fraction in [0.08, 1], aspect in
     [3/4, 4/3] (log-uniform), 10 tries, then the largest centred crop of clamped aspect."""
     area = width * height
-    log_lo, log_hi = math.log(_RRC_RATIO[0]), math.log(_RRC_RATIO[1])
+    log_lo, log_hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
     for _ in range(10):
-        target = area * rng.uniform(*_RRC_SCALE)
+        target = area * rng.uniform(*RRC_SCALE)
         aspect = math.exp(rng.uniform(log_lo, log_hi))
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
     ratio = width / height
-    if ratio < _RRC_RATIO[0]:
-        w, h = width, int(round(width / _RRC_RATIO[0]))
-    elif ratio > _RRC_RATIO[1]:
-        h, w = height, int(round(height * _RRC_RATIO[1]))
+    if ratio < RRC_RATIO[0]:
+        w, h = width, int(round(width / RRC_RATIO[0]))
+    elif ratio > RRC_RATIO[1]:
+        h, w = height, int(round(height * RRC_RATIO[1]))
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
@@ -330,7 +287,7 @@ class _EpochBatchSampler:
             self.shard_size = n // world_size
             self._len = self.shard_size // batch_size
         else:
-            self._range = _eval_range(n, rank, world_size)
+            self._range = eval_range(n, rank, world_size)
             self.shard_size = self._range[1] - self._range[0]
             self._len = math.ceil(self.shard_size / batch_size)
 
@@ -385,7 +342,7 @@ class FileEpochLoader:
         return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = _check_epoch(epoch)
+        self.sampler.epoch = check_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -434,7 +391,7 @@ def _as_array(img, aug_seed) -> np.ndarray:
 
 def _load_cifar(name: str, data_dir, num_classes: Optional[int], download: bool, workers: int):
     """CIFAR from torchvision's binary layout or an image folder: uint8 NHWC arrays + class names."""
-    classes, folder, tv_class, _, _ = _CIFAR[name]
+    classes, folder, tv_class, _, _ = CIFAR_SETS[name]
     if num_classes is not None and num_classes != classes:
         raise ValueError(f"{name} has {classes} classes but num_classes is {num_classes}: drop "
                          f"--num-classes or pass {classes}")
@@ -473,84 +430,18 @@ def _load_cifar(name: str, data_dir, num_classes: Optional[int], download: bool,
             tuple(train.classes))
 
 
-def _check_int(name: str, value, lo: int, optional: bool = False):
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return int(value)
-
-
 def _synthetic_sizes(synthetic_size) -> Tuple[int, int]:
     _, _, train, test = SYNTHETIC_DEFAULTS
     if synthetic_size is None:
         return train, test
     if isinstance(synthetic_size, (int, np.integer)) and not isinstance(synthetic_size, bool):
-        n = _check_int("synthetic_size", synthetic_size, 1)
+        n = check_int("synthetic_size", synthetic_size, 1)
         return n, max(1, n // 5)
     if isinstance(synthetic_size, Sequence) and len(synthetic_size) == 2:
-        return (_check_int("synthetic_size[0] (train images)", synthetic_size[0], 1),
-                _check_int("synthetic_size[1] (test images)", synthetic_size[1], 1))
+        return (check_int("synthetic_size[0] (train images)", synthetic_size[0], 1),
+                check_int("synthetic_size[1] (test images)", synthetic_size[1], 1))
     raise ValueError(f"synthetic_size must be an int (train images; test = train // 5) or a pair "
                      f"(train images, test images), got {synthetic_size!r}")
-
-
-class LoaderArgs(NamedTuple):
-    """The arguments every input pipeline shares, checked and normalised."""
-
-    name: str                  #: canonical data set name (aliases resolved)
-    batch_size: int
-    eval_batch_size: int
-    workers: int
-    rank: int
-    world_size: int
-    num_classes: Optional[int]
-    image_size: Optional[int]
-    device: torch.device
-
-
-def check_loader_args(dataset, data_dir, *, batch_size, eval_batch_size, workers, device, seed,
-                      download, num_classes, image_size, synthetic_size, rank,
-                      world_size) -> LoaderArgs:
-    """Check the arguments of :func:`build_loaders` (and of the DALI path, which takes the same),
-    before anything is read or built; raise ValueError naming the argument and the fix."""
-    if not isinstance(dataset, str):
-        raise ValueError(f"dataset must be a string, one of {', '.join(DATASETS)}; got {dataset!r}")
-    name = _ALIASES.get(dataset.strip().lower(), dataset.strip().lower())
-    if name not in DATASETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, DATASETS, n=2)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise ValueError(f"unknown dataset {dataset!r}.{hint} Choose one of {', '.join(DATASETS)} "
-                         f"(imagefolder reads any train/ + val/ folder of class sub-folders)")
-    batch_size = _check_int("batch_size", batch_size, 1)
-    eval_batch_size = _check_int("eval_batch_size", eval_batch_size, 1, optional=True) or batch_size
-    workers = _check_int("workers", workers, 0)
-    world_size = _check_int("world_size", world_size, 1)
-    rank = _check_int("rank", rank, 0)
-    if rank >= world_size:
-        raise ValueError(f"rank must be in [0, world_size = {world_size}), got {rank}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    num_classes = _check_int("num_classes", num_classes, 1, optional=True)
-    image_size = _check_int("image_size", image_size, 8, optional=True)
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is cuda but no CUDA GPU is available: pass --device cpu")
-    if download and name not in _CIFAR:
-        raise ValueError(f"download is only possible for cifar10 and cifar100, not {name}")
-    if name == "synthetic" and data_dir is not None and str(data_dir) != "":
-        raise ValueError(f"a data directory ({str(data_dir)!r}) was given but the dataset is "
-                         f"synthetic, which reads no files: pass --dataset cifar10, cifar100 or "
-                         f"imagefolder to use it, or drop --data")
-    if synthetic_size is not None and name != "synthetic":
-        raise ValueError(f"synthetic_size only applies to the synthetic dataset, not {name}")
-    return LoaderArgs(name, batch_size, eval_batch_size, workers, rank, world_size, num_classes,
-                      image_size, device)
 
 
 def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.PathLike]] = None, *,
@@ -612,7 +503,7 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
     if name == "imagefolder":
         size = image_size or 224
         train_split, eval_split = scan_train_and_eval(data_dir, num_classes, name)
-        _check_shard(len(train_split), batch_size, world_size, name)
+        check_shard(len(train_split), batch_size, world_size, name)
         style = "cifar" if size <= SMALL_IMAGE_MAX else "imagenet"
         resize = int(round(size / IMAGENET_CROP_RATIO))
         kw = dict(common, image_size=size, style=style, resize_size=resize, mean=IMAGENET_MEAN,
@@ -658,7 +549,7 @@ def load_in_memory(name, data_dir, *, num_classes, image_size, synthetic_size, d
             raise ValueError(f"the synthetic dataset needs num_classes >= 2, got {k}")
         size = image_size or SYNTHETIC_DEFAULTS[1]
         n_train, n_test = _synthetic_sizes(synthetic_size)
-        _check_shard(n_train, batch_size, world_size, name)
+        check_shard(n_train, batch_size, world_size, name)
         x_train, y_train, x_test, y_test = make_synthetic(k, size, n_train, n_test)
         # Normalised with its own pixel statistics.
         pixels = x_train.reshape(-1, 3).to(torch.float64) / 255.0
@@ -668,15 +559,10 @@ def load_in_memory(name, data_dir, *, num_classes, image_size, synthetic_size, d
     else:
         x_train, y_train, x_test, y_test, classes = _load_cifar(name, data_dir, num_classes,
                                                                  download, workers)
-        _check_shard(len(y_train), batch_size, world_size, name)
-        mean, std = _CIFAR[name][3], _CIFAR[name][4]
+        check_shard(len(y_train), batch_size, world_size, name)
+        mean, std = CIFAR_SETS[name][3], CIFAR_SETS[name][4]
         size = image_size or 32
     return InMemoryData(x_train, y_train, x_test, y_test, tuple(classes), tuple(mean),
                         tuple(std), size)
 
 
-def _check_shard(n_train: int, batch_size: int, world_size: int, name: str) -> None:
-    if n_train // world_size < batch_size:
-        raise ValueError(f"{name} has {n_train} training images, {n_train // world_size} per "
-                         f"process ({world_size} processes): fewer than one batch of {batch_size} "
-                         f"(the last partial batch is dropped); use a smaller batch size")

@@ -15,10 +15,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from fastsd.data.catalog import DATASETS
+
 from .errors import ConfigError
 
 METHODS = ("bl", "se", "sd", "kd", "ban", "tt")
-DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 TEACHER_DTYPES = ("auto", "fp16", "bf16", "fp32")
 SCHEDULES = ("cosine", "step")
