@@ -380,19 +380,48 @@ class TinyNet(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-def _tiny_steps(compile, spec, teacher, n=3):
+def _tiny_steps(compile, spec, teacher, n=3, amp="none", return_step=False):
     from fastsd.train.step import TrainStep, build_optimizer
 
     torch.manual_seed(0)
     model = TinyNet()
     opt = build_optimizer(model, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           wd_norm_bias=False)
-    step = TrainStep(model, opt, device="cpu", amp="none", num_classes=5, compile=compile)
+    step = TrainStep(model, opt, device="cpu", amp=amp, num_classes=5, compile=compile)
     step.set_stage(spec, teacher)
     g = torch.Generator().manual_seed(1)
     for _ in range(n):
         step(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g))
+    if return_step:
+        return model, step
     return model, step.read_metrics()
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_steps_follow_the_fp32_step(amp):
+    """The AMP paths of the step (autocast, and for fp16 the GradScaler handing its scale and
+    found_inf to the fused SGD kernel) run on the CPU too: same training as fp32, to low-precision
+    tolerance, and a non-finite fp16 step is skipped on device with the loss scale halved."""
+    from fastsd.train.schedule import LossSpec
+
+    torch.manual_seed(2)
+    teacher_net = TinyNet().eval().requires_grad_(False)
+    spec = LossSpec(ce_weight=1.5, kd_weight=1.0, temperature=2.0, teacher=0)
+    full, m_full = _tiny_steps(False, spec, teacher_net)
+    mixed, step = _tiny_steps(False, spec, teacher_net, amp=amp, return_step=True)
+    for a, b in zip(full.parameters(), mixed.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=5e-3)
+    before = [p.detach().clone() for p in mixed.parameters()]
+    scale = step.scaler.get_scale() if step.scaler is not None else None
+    step(torch.full((16, 3, 8, 8), float("inf")), torch.zeros(16, dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(before, mixed.parameters()))
+    m = step.read_metrics()
+    assert m["steps"] == 4 and m["nonfinite"] == 1
+    assert m["loss"] == pytest.approx(m_full["loss"], rel=1e-2)
+    if amp == "fp16":
+        assert step.scaler.get_scale() == scale / 2
+    else:
+        assert step.scaler is None
 
 
 def test_compiled_step_runs_on_cpu_and_matches_eager():
