@@ -28,8 +28,9 @@ import triton.language as tl
 TERM_ROWS = 5
 # Rows up to this many classes are held in registers; longer rows take the chunked path.
 MAX_REGISTER_COLUMNS = 8192
-# Columns per chunk on the chunked path.
+# Columns per chunk on the chunked path, and its warps per program (one row per program).
 CHUNK_COLUMNS = 4096
+CHUNKED_NUM_WARPS = 8
 # Elements a program of the register path holds at once (rows x padded columns).
 REGISTER_TILE = 4096
 
@@ -292,15 +293,29 @@ def _chunked_kernel(
             tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
-def _rows_per_program(n_rows, block_c, device):
-    """Rows per program of the register path: several short rows share a program (fewer, fuller
-    programs), but never so many that the grid leaves streaming multiprocessors idle."""
-    most = max(1, min(64, REGISTER_TILE // block_c))
-    if device.type == "cuda":
+def topk_pad(topk):
+    """Slots of the chunked path's running top-K: a power of two >= TOPK."""
+    return triton.next_power_of_2(max(topk, 2))
+
+
+def register_path_config(n_rows, n_cols, multiprocessors=None):
+    """``(BLOCK_R, BLOCK_C, num_warps)`` of the register path for an [n_rows, n_cols] input.
+
+    Several short rows share a program (fewer, fuller programs), but never so many that the grid
+    leaves streaming multiprocessors idle (``multiprocessors``: the GPU's count; None on the CPU).
+    """
+    block_c = triton.next_power_of_2(n_cols)
+    block_r = max(1, min(64, REGISTER_TILE // block_c))
+    if multiprocessors is not None:
         # Aim for a few programs per multiprocessor; round down to a power of two.
-        enough = max(1, n_rows // (4 * _multiprocessors(device)))
-        most = min(most, 1 << (enough.bit_length() - 1))
-    return min(most, triton.next_power_of_2(n_rows))
+        enough = max(1, n_rows // (4 * multiprocessors))
+        block_r = min(block_r, 1 << (enough.bit_length() - 1))
+    block_r = min(block_r, triton.next_power_of_2(n_rows))
+    # At most 16 elements of the tile per thread (more spills registers), and no warps that would
+    # only hold masked-off lanes (a CIFAR-10 row is 16 wide).
+    tile = block_r * block_c
+    num_warps = min(16, max(1, tile // 512)) if tile > 2048 else max(1, min(4, tile // 256))
+    return block_r, block_c, num_warps
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,13 +360,12 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
             target if has_target else terms, terms, grad if write_grad else terms,
             grad.stride(0) if write_grad else 0)
     if n_cols <= MAX_REGISTER_COLUMNS:
-        block_c = triton.next_power_of_2(n_cols)
-        block_r = _rows_per_program(n_rows, block_c, logits.device)
-        num_warps = 4 if block_r * block_c <= 2048 else 8 if block_r * block_c <= 4096 else 16
+        block_r, block_c, num_warps = register_path_config(
+            n_rows, n_cols,
+            _multiprocessors(logits.device) if logits.device.type == "cuda" else None)
         _rows_kernel[(triton.cdiv(n_rows, block_r),)](
             *args, **common, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     else:
-        topk_pad = triton.next_power_of_2(max(topk, 2))
-        _chunked_kernel[(n_rows,)](*args, **common, CHUNK=CHUNK_COLUMNS, TOPK_PAD=topk_pad,
-                                   num_warps=8)
+        _chunked_kernel[(n_rows,)](*args, **common, CHUNK=CHUNK_COLUMNS,
+                                   TOPK_PAD=topk_pad(common["TOPK"]), num_warps=CHUNKED_NUM_WARPS)
     return terms, grad
