@@ -1,12 +1,15 @@
 // fastsd::pack_tensors: schema, argument checks and the CPU kernel (see snapshot_pack.h for the
-// semantics). The CUDA kernel is in snapshot_pack_cuda.cu, so that a CPU-only build links.
+// semantics). The CUDA kernel is in snapshot_pack_cuda.cu, so that a CPU-only build links; the
+// table it reads is built here, and fastsd::_pack_tensors_cuda_emulated runs its code on the CPU.
 #include "snapshot_pack.h"
+#include "snapshot_pack_kernel.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -340,7 +343,81 @@ void pack_tensors_cpu(at::TensorList srcs, const at::Tensor& dst, at::OptionalIn
   }
 }
 
+// The CUDA launch, block after block and thread after thread, on the CPU (see
+// snapshot_pack_kernel.h). For tests: it is as slow as it sounds.
+void pack_tensors_cuda_emulated(at::TensorList srcs, const at::Tensor& dst,
+                                at::OptionalIntArrayRef offsets) {
+  TORCH_CHECK(dst.device().is_cpu(), "fastsd::_pack_tensors_cuda_emulated runs on CPU tensors");
+  std::vector<at::Tensor> keep_alive;
+  const std::vector<PackItem> plan = plan_pack(srcs, dst, offsets, keep_alive);
+  const PackTable table = build_pack_table(plan, /*pinned=*/false);
+  const uint8_t* base = table.host.const_data_ptr<uint8_t>();
+  const auto run = [&](auto* out) {
+    using dst_t = std::remove_pointer_t<decltype(out)>;
+    for (int64_t block = 0; block < table.num_blocks; ++block) {
+      for (int thread = 0; thread < kThreads; ++thread) {
+        pack_block<dst_t>(table.tasks(base), table.items(base), table.layouts(base), out, block,
+                          thread, kThreads);
+      }
+    }
+  };
+  switch (dst.scalar_type()) {
+    case at::kHalf: return run(dst.data_ptr<c10::Half>());
+    case at::kBFloat16: return run(dst.data_ptr<c10::BFloat16>());
+    default: return run(dst.data_ptr<float>());
+  }
+}
+
+int64_t align_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
+
 }  // namespace
+
+PackTable build_pack_table(const std::vector<PackItem>& plan, bool pinned) {
+  PackTable table;
+  int64_t num_layouts = 0;
+  for (const PackItem& p : plan) {
+    table.num_blocks += (p.numel + kChunk - 1) / kChunk;
+    if (!item_is_contiguous(p)) ++num_layouts;
+  }
+  TORCH_CHECK(plan.size() <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
+              "fastsd::pack_tensors: too many sources for one launch (", plan.size(), ")");
+  table.items_bytes = align_up(plan.size() * sizeof(DeviceItem), 64);
+  table.layouts_bytes = align_up(num_layouts * sizeof(DeviceLayout), 64);
+  const int64_t bytes = table.items_bytes + table.layouts_bytes +
+                        table.num_blocks * static_cast<int64_t>(sizeof(BlockTask));
+  table.host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(pinned));
+  uint8_t* base = table.host.data_ptr<uint8_t>();
+  auto* items = reinterpret_cast<DeviceItem*>(base);
+  auto* layouts = reinterpret_cast<DeviceLayout*>(base + table.items_bytes);
+  auto* tasks = reinterpret_cast<BlockTask*>(base + table.items_bytes + table.layouts_bytes);
+  int32_t layout_index = 0;
+  int64_t block = 0;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    const PackItem& p = plan[i];
+    DeviceItem& d = items[i];
+    d.src = p.src;
+    d.dst_offset = p.dst_offset;
+    d.numel = p.numel;
+    d.src_type = p.src_type;
+    d.layout = -1;
+    if (!item_is_contiguous(p)) {
+      DeviceLayout& l = layouts[layout_index];
+      std::memset(&l, 0, sizeof(l));
+      for (int k = 0; k < p.ndim; ++k) {
+        l.sizes[k] = p.sizes[k];
+        l.strides[k] = p.strides[k];
+      }
+      l.ndim = p.ndim;
+      d.layout = layout_index++;
+    }
+    const int64_t chunks = (p.numel + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      tasks[block++] = BlockTask{static_cast<int32_t>(i), static_cast<int32_t>(c)};
+    }
+  }
+  return table;
+}
+
 }  // namespace snapshot
 }  // namespace fastsd
 
@@ -348,8 +425,11 @@ TORCH_LIBRARY_FRAGMENT(fastsd, m) {
   m.def(
       "pack_tensors(Tensor[] srcs, Tensor(a!) dst, int[]? offsets=None) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // the CUDA kernel's code run on the CPU, one thread at a time: for tests (snapshot_pack_kernel.h)
+  m.def("_pack_tensors_cuda_emulated(Tensor[] srcs, Tensor(a!) dst, int[]? offsets=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsd, CPU, m) {
   m.impl("pack_tensors", &fastsd::snapshot::pack_tensors_cpu);
+  m.impl("_pack_tensors_cuda_emulated", &fastsd::snapshot::pack_tensors_cuda_emulated);
 }

@@ -80,27 +80,40 @@ def _assert_bits_equal(actual, expected):
 
 
 # ------------------------------------------------------------------------------ the pack op
-@pytest.mark.parametrize("device", DEVICES)
+def _cuda_kernel_emulated(srcs, dst, offsets=None):
+    """The CUDA kernel's code (its table, blocks, threads, vector and strided paths) run on the
+    CPU one thread at a time by the extension: csrc/snapshot_pack_kernel.h."""
+    torch.ops.fastsd._pack_tensors_cuda_emulated(srcs, dst, offsets)
+
+
+# (device, pack function): the CPU kernel, the CUDA kernel, and the CUDA kernel emulated on the CPU
+PACKS = [pytest.param("cpu", pack_tensors, id="cpu"),
+         pytest.param("cuda", pack_tensors, id="cuda", marks=pytest.mark.gpu),
+         pytest.param("cpu", _cuda_kernel_emulated, id="cuda-kernel-emulated-on-cpu")]
+
+
+@pytest.mark.parametrize("device,pack", PACKS)
 @pytest.mark.parametrize("dst_dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_pack_equals_to_bit_for_bit(device, dst_dtype):
+def test_pack_equals_to_bit_for_bit(device, pack, dst_dtype):
     srcs = _sources(device)
     total = sum(s.numel() for s in srcs)
     dst = torch.full((total,), 7.0, dtype=dst_dtype, device=device)
-    pack_tensors(srcs, dst)
+    pack(srcs, dst)
     expected = torch.cat([s.to(dst_dtype).reshape(-1) for s in srcs])
     _assert_bits_equal(dst, expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_pack_offsets_leave_gaps_untouched(device):
+@pytest.mark.parametrize("device,pack", PACKS)
+@pytest.mark.parametrize("start", [0, 5])   # the vector path for aligned ranges, else scalar
+def test_pack_offsets_leave_gaps_untouched(device, pack, start):
     srcs = _sources(device)
-    offsets, at = [], 5
+    offsets, at = [], start
     for s in reversed(srcs):  # offsets need not follow the order of the list
         offsets.append(at)
-        at += s.numel() + 3
+        at += -(-s.numel() // 8) * 8 + (3 if start else 8)
     offsets.reverse()
     dst = torch.full((at + 2,), -2.0, dtype=torch.float16, device=device)
-    pack_tensors(srcs, dst, offsets)
+    pack(srcs, dst, offsets)
     written = torch.zeros(dst.numel(), dtype=torch.bool, device=device)
     for s, o in zip(srcs, offsets):
         _assert_bits_equal(dst[o:o + s.numel()], s.to(torch.float16).reshape(-1))

@@ -17,6 +17,10 @@ Source ``i`` lands in ``dst[offsets[i] : offsets[i] + srcs[i].numel()]`` in its 
 order, each value equal bit for bit to ``srcs[i].to(dst.dtype)`` (round to nearest even; NaNs
 stay NaN). On CUDA the whole list is one kernel launch on the current stream; on the CPU the work
 is split into equal pieces over ATen's thread pool.
+
+For tests, ``torch.ops.fastsd._pack_tensors_cuda_emulated`` (same arguments, CPU tensors) runs the
+CUDA kernel's own code on the CPU, every block and thread of the launch in turn
+(csrc/snapshot_pack_kernel.h): its indexing is checked where no GPU is.
 """
 
 import torch
