@@ -16,7 +16,8 @@ CIFAR_JPEG_TAR = Path(os.environ.get("FASTSD_CIFAR_JPEG_TAR") or
 
 @pytest.fixture(scope="session")
 def cifar_jpeg_tar() -> Path:
-    """The CIFAR-10 JPEG archive (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg); skips without it."""
+    """The CIFAR-10 JPEG archive (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg); skips without
+    it."""
     if not CIFAR_JPEG_TAR.is_file():
         pytest.skip(f"{CIFAR_JPEG_TAR} not found: set FASTSD_CIFAR_JPEG_TAR to the CIFAR-10 JPEG "
                     f"archive (shared/datasets/cifar10-jpeg.tar.gz)")

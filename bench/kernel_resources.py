@@ -48,7 +48,8 @@ def main(argv=None):
              "", "Compiled ahead of time (bench/kernel_resources.py, no GPU needed): what ptxas "
              "allocates for the configuration the launcher picks, not a measurement on a GPU.",
              "", "| rows x classes | terms | path | BLOCK_R x BLOCK_C | warps | registers | "
-             "spills (bytes) | shared (bytes) | warps/SM by registers |", "|---|---|---|---|---|---|---|---|---|"]
+             "spills (bytes) | shared (bytes) | warps/SM by registers |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for rows, classes, terms in CASES:
         flags = loss_constexprs(**TERMS[terms])
         if classes <= K.MAX_REGISTER_COLUMNS:

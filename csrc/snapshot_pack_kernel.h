@@ -149,14 +149,18 @@ FASTSD_HOST_DEVICE void pack_block(const BlockTask* __restrict__ tasks,
   const int n = static_cast<int>(item.numel - begin < kChunk ? item.numel - begin : kChunk);
   dst_t* out = dst + item.dst_offset + begin;
   switch (item.src_type) {
-    case kSrcFloat: pack_chunk<float, dst_t>(item, layouts, begin, n, out, thread, threads); break;
+    case kSrcFloat:
+      pack_chunk<float, dst_t>(item, layouts, begin, n, out, thread, threads);
+      break;
     case kSrcHalf:
       pack_chunk<c10::Half, dst_t>(item, layouts, begin, n, out, thread, threads);
       break;
     case kSrcBFloat16:
       pack_chunk<c10::BFloat16, dst_t>(item, layouts, begin, n, out, thread, threads);
       break;
-    case kSrcDouble: pack_chunk<double, dst_t>(item, layouts, begin, n, out, thread, threads); break;
+    case kSrcDouble:
+      pack_chunk<double, dst_t>(item, layouts, begin, n, out, thread, threads);
+      break;
     default: break;
   }
 }

@@ -73,7 +73,8 @@ def _fake_outputs(logits, write_grad):
     from fastsd.kernels.distill_loss import TERM_ROWS
 
     rows, classes = logits.shape
-    terms = logits.new_empty((TERM_ROWS, rows), dtype=torch.promote_types(logits.dtype, torch.float32))
+    terms = logits.new_empty((TERM_ROWS, rows),
+                             dtype=torch.promote_types(logits.dtype, torch.float32))
     return terms, logits.new_empty((rows if write_grad else 0, classes))
 
 
@@ -88,7 +89,8 @@ def _distill_loss_fwd(logits: Tensor, target: Optional[Tensor], teacher_logits: 
     ε makes the CE target (1 - ε) one-hot + ε/C. Returns
     ``(terms, grad)``: terms [5, N] float32 (float64 for float64 logits) holding each row's loss
     ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, its CE, KL and TOL (zero for ignored
-    rows), and whether the row counts (1 or 0: the divisor of a mean, summed on the device), and grad [N, C] in logits' dtype, d(row loss)/d(logits) (an empty [0, C] tensor when
+    rows), and whether the row counts (1 or 0: summed on the device, the divisor of a mean); and
+    grad [N, C] in logits' dtype, d(row loss)/d(logits) (an empty [0, C] tensor when
     ``write_grad`` is False).
     """
     if _runs_triton(logits):
