@@ -33,6 +33,19 @@ def _device(where):
     return "cuda" if where == "gpu" else "cpu"
 
 
+# Image folder splits are read every epoch (cache_bytes=0) or held in memory encoded (the default
+# for splits as small as these): both feeds of the pipeline get the numeric tests.
+CACHING = [pytest.param(0, id="files"), pytest.param(None, id="cached")]
+
+
+def _caching(cache_bytes):
+    return {} if cache_bytes is None else dict(cache_bytes=cache_bytes)
+
+
+def _assert_source(loader, cache_bytes):
+    assert loader._spec_args["source"] == ("files" if cache_bytes == 0 else "encoded")
+
+
 # ------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
@@ -160,9 +173,11 @@ def test_importing_the_module_does_not_import_dali():
 # ------------------------------------------------------------------------------------- evaluation
 
 @pytest.mark.parametrize("where", DEVICES)
-def test_cifar_jpeg_eval_matches_torchvision(cifar_jpeg, where):
+@pytest.mark.parametrize("cache_bytes", CACHING)
+def test_cifar_jpeg_eval_matches_torchvision(cifar_jpeg, where, cache_bytes):
     dl = build_dali_loaders("cifar10", cifar_jpeg, batch_size=40, eval_batch_size=30, workers=2,
-                            device=_device(where), dali_device=where)
+                            device=_device(where), dali_device=where, **_caching(cache_bytes))
+    _assert_source(dl.test, cache_bytes)
     ref = datasets.ImageFolder(cifar_jpeg / "test")
     assert dl.info.class_names == tuple(ref.classes)
     assert (dl.info.num_classes, dl.info.image_size, dl.info.test_size) == (10, 32, 100)
@@ -178,9 +193,12 @@ def test_cifar_jpeg_eval_matches_torchvision(cifar_jpeg, where):
 
 
 @pytest.mark.parametrize("where", DEVICES)
-def test_imagenet_eval_matches_torchvision(imagenet_like, where):
+@pytest.mark.parametrize("cache_bytes", CACHING)
+def test_imagenet_eval_matches_torchvision(imagenet_like, where, cache_bytes):
     dl = build_dali_loaders("imagenet", imagenet_like, batch_size=4, eval_batch_size=4,
-                            workers=2, device=_device(where), dali_device=where)
+                            workers=2, device=_device(where), dali_device=where,
+                            **_caching(cache_bytes))
+    _assert_source(dl.test, cache_bytes)
     ref = datasets.ImageFolder(imagenet_like / "val")
     assert dl.info.class_names == tuple(ref.classes) and dl.info.image_size == 224
     tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
@@ -221,8 +239,11 @@ def test_eval_matches_the_torch_path(cifar_jpeg, imagenet_like, data, image_size
 
 # ------------------------------------------------------------------------------------- training
 
-def test_cifar_jpeg_train_epoch_is_the_drawn_augmentation(cifar_jpeg):
-    dl = build_dali_loaders("cifar10", cifar_jpeg, batch_size=40, workers=2, seed=7)
+@pytest.mark.parametrize("cache_bytes", CACHING)
+def test_cifar_jpeg_train_epoch_is_the_drawn_augmentation(cifar_jpeg, cache_bytes):
+    dl = build_dali_loaders("cifar10", cifar_jpeg, batch_size=40, workers=2, seed=7,
+                            **_caching(cache_bytes))
+    _assert_source(dl.train, cache_bytes)
     train = dl.train
     ref = datasets.ImageFolder(cifar_jpeg / "train")
     images = [np.asarray(ref.loader(p)) for p, _ in ref.samples]
@@ -282,7 +303,8 @@ def _graph_devices(output):
 @pytest.mark.parametrize("source,augment,pre_resize", [
     ("memory", "cifar", False), ("memory", "none", False), ("files", "cifar", False),
     ("files", "cifar", True), ("files", "none", False), ("files", "imagenet", False),
-    ("files", "center", False)])
+    ("files", "center", False), ("encoded", "cifar", False), ("encoded", "none", False),
+    ("encoded", "imagenet", False), ("encoded", "center", False)])
 def test_gpu_graphs_pass_dalis_checks_without_a_gpu(source, augment, pre_resize):
     """Every GPU ("mixed") graph the loaders can ask for is defined and serialised with DALI's
     checks of argument names and of the device of every operator input, which need no GPU: the
@@ -300,10 +322,11 @@ def test_gpu_graphs_pass_dalis_checks_without_a_gpu(source, augment, pre_resize)
         (out,) = pipe._graph_out
         nodes = _graph_devices(out)
         assert out.device == "gpu" and nodes["CropMirrorNormalize"] == {"gpu"}
-        if source == "files":
+        if source != "memory":
             decoder = "ImageSlice" if augment == "imagenet" else "Image"
             assert nodes[decoder] == {"gpu"}, nodes             # device="mixed": GPU output
-            assert nodes["Read"] == {"cpu"} and nodes["ExternalSource"] == {"cpu"}
+            assert nodes["ExternalSource"] == {"cpu"}
+            assert nodes.get("Read") == ({"cpu"} if source == "files" else None)
         if augment in ("imagenet", "center") or pre_resize:
             assert nodes["Resize"] == {"gpu"}
         if augment == "cifar":
@@ -342,8 +365,11 @@ def test_random_resized_crop_window_is_torchvisions_rule():
         assert 0 <= x <= w - cw and 0 <= y <= h - ch
 
 
-def test_imagenet_train_is_resized_crop_of_the_drawn_window(imagenet_like):
-    dl = build_dali_loaders("imagefolder", imagenet_like, batch_size=3, workers=2, seed=11)
+@pytest.mark.parametrize("cache_bytes", CACHING)
+def test_imagenet_train_is_resized_crop_of_the_drawn_window(imagenet_like, cache_bytes):
+    dl = build_dali_loaders("imagefolder", imagenet_like, batch_size=3, workers=2, seed=11,
+                            **_caching(cache_bytes))
+    _assert_source(dl.train, cache_bytes)
     ref = datasets.ImageFolder(imagenet_like / "train")
     train = dl.train
     assert len(train) == 3
@@ -485,23 +511,50 @@ def test_training_drops_the_last_partial_batch(cifar_jpeg):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "deleted"])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_a_bad_file_is_named(imagenet_like, tmp_path, damage, split):
+@pytest.mark.parametrize("cached", [False, True], ids=["files", "cached"])
+def test_a_bad_file_is_named(imagenet_like, tmp_path, damage, split, cached):
+    """Files read every epoch are damaged after the loaders are built (the error comes from the
+    pipeline); a cached split is damaged before (read at build time, or decoded later)."""
     import shutil
+
+    from fastsd.data.dali import DEFAULT_CACHE_BYTES
 
     root = tmp_path / "data"
     shutil.copytree(imagenet_like, root)
     victim = sorted((root / split / "b").glob("*.jpg"))[0]
     data = victim.read_bytes()
-    dl = build_dali_loaders("imagefolder", root, batch_size=3, eval_batch_size=3, workers=2)
-    if damage == "truncated":
-        victim.write_bytes(data[:len(data) // 3])
-    elif damage == "garbage":
-        victim.write_bytes(b"this is not a JPEG file " * 40)
-    else:
-        victim.unlink()                                      # gone after the folder was scanned
-    loader = dl.train if split == "train" else dl.test
+
+    def build():
+        return build_dali_loaders("imagefolder", root, batch_size=3, eval_batch_size=3, workers=2,
+                                  cache_bytes=DEFAULT_CACHE_BYTES if cached else 0)
+
+    def damage_it():
+        if damage == "truncated":
+            victim.write_bytes(data[:len(data) // 3])
+        elif damage == "garbage":
+            victim.write_bytes(b"this is not a JPEG file " * 40)
+        else:
+            victim.unlink()                                  # gone after the folder was scanned
+
+    if cached and damage == "deleted":
+        pytest.skip("a cached split reads its files when it is built, right after the scan")
+    dl = None if cached else build()
+    damage_it()
     with pytest.raises(UnreadableImageError, match=str(victim).replace("\\", "\\\\")):
-        list(loader)
+        dl = dl or build()
+        list(dl.train if split == "train" else dl.test)
+
+
+def test_an_unreadable_file_is_named_when_cached(tmp_path):
+    from fastsd.data.dali import _read_files
+
+    good, bad = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    good.write_bytes(b"123")
+    bad.mkdir()                                   # open() fails, also for root
+    with pytest.raises(UnreadableImageError, match="b.jpg"):
+        _read_files([str(good), str(bad)])
+    rows = _read_files([str(good), str(good)])
+    assert rows.row(1) == b"123" and rows.batch(np.array([0]))[1].tolist() == [[3]]
 
 
 def test_bad_arguments(imagenet_like):

@@ -23,9 +23,11 @@ feeds it in, one batch per call:
   from a generator seeded with ``(derive_seed(seed, epoch, stream), rank, batch)``, so any batch of
   any epoch is a pure function of its coordinates.
 
-The files are still read and decoded by DALI, in its threads: the feed passes file *paths*
-(``fn.io.file.read`` reads them), or, for CIFAR held in memory, the uint8 images themselves. The
-crop window of RandomResizedCrop needs the image size, which only the encoded file knows; it is
+The images are still decoded by DALI, in its threads. The feed passes file *paths*
+(``fn.io.file.read`` reads them), or the files' bytes when a split is small enough to be held in
+memory encoded (``cache_bytes``: CIFAR-10 as JPEGs is 56 MB; reading 50 000 small files each epoch
+took as much CPU time as decoding them), or, for CIFAR in torchvision's binary layout, the uint8
+images themselves. The crop window of RandomResizedCrop needs the image size, which only the encoded file knows; it is
 computed inside the graph (``fn.peek_image_shape`` + DALI arithmetic, the same rule as torchvision,
 see :mod:`fastsd.data.dali_graph`) and the decoder decodes only that region.
 
@@ -63,6 +65,8 @@ __all__ = ["build_dali_loaders", "DaliEpochLoader", "dali_available", "require_d
 DALI_INSTALL = 'pip install "fastsd[dali]"'
 
 DALI_DEVICES = ("auto", "gpu", "cpu")
+#: image folder splits up to this size are held in memory, encoded (see build_dali_loaders)
+DEFAULT_CACHE_BYTES = 512 << 20
 _AUG_STREAM = 2            # derive_seed stream of the DALI augmentation parameters
 _LOG_RATIO = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
 
@@ -115,37 +119,64 @@ def _half(dtype) -> bool:
     raise ValueError(f"dtype must be torch.float32 or torch.float16 (or 'fp32' / 'fp16'), got {dtype!r}")
 
 
-class _PathTable:
-    """Many file paths as one padded uint8 matrix: ``batch(idx)`` is what the graph's feed needs.
+class _PaddedRows:
+    """Many byte strings as one zero-padded uint8 matrix plus their lengths.
 
-    A batch is fed as one [B, L] array plus lengths, trimmed back to paths inside the graph: a list of
-    B small arrays costs DALI's external_source ~10 us of Python per sample (measured: a third of
-    the throughput on the CIFAR JPEGs with 2 cores). The common leading folder is stored once and
-    put back in the graph, so the matrix holds only the part that differs (ImageNet: ~30 bytes a file).
+    ``batch(idx)`` is what the graph's feed passes for a batch: one [B, L] array and int32 [B, 1]
+    lengths, trimmed back to the strings inside the graph. (A list of B small arrays costs DALI's
+    external_source ~10 us of Python per sample: measured, a third of the throughput on the CIFAR
+    JPEGs with 2 cores.) ``skip`` drops that many leading bytes of every string.
     """
 
-    def __init__(self, paths: Sequence[str]):
-        encoded = [os.fsencode(p) for p in paths]
-        prefix = os.path.commonprefix(encoded) if len(encoded) > 1 else b""
-        prefix = prefix[:prefix.rfind(os.sep.encode()) + 1]      # a whole folder, never part of a name
-        self.prefix = prefix
-        cut = len(prefix)
-        self.lengths = np.fromiter((len(b) - cut for b in encoded), dtype=np.int32,
-                                   count=len(encoded))
-        width = int(self.lengths.max()) if len(encoded) else 1
-        self.matrix = np.zeros((len(encoded), width), dtype=np.uint8)
-        for i, b in enumerate(encoded):
-            self.matrix[i, :len(b) - cut] = np.frombuffer(b, dtype=np.uint8, offset=cut)
+    def __init__(self, rows: Sequence[bytes], skip: int = 0):
+        self.lengths = np.fromiter((len(r) - skip for r in rows), dtype=np.int32, count=len(rows))
+        width = max(1, int(self.lengths.max())) if len(rows) else 1
+        self.matrix = np.zeros((len(rows), width), dtype=np.uint8)
+        for i, r in enumerate(rows):
+            self.matrix[i, :len(r) - skip] = np.frombuffer(r, dtype=np.uint8, offset=skip)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def path(self, i: int) -> str:
-        return os.fsdecode(self.prefix + self.matrix[i, :self.lengths[i]].tobytes())
+    def row(self, i: int) -> bytes:
+        return self.matrix[i, :self.lengths[i]].tobytes()
 
     def batch(self, idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """(uint8 [B, L] zero-padded path tails, int32 [B, 1] their lengths)."""
+        """(uint8 [B, L] zero-padded rows, int32 [B, 1] their lengths)."""
         return self.matrix[idx], self.lengths[idx].reshape(-1, 1)
+
+
+class _PathTable(_PaddedRows):
+    """File paths as padded rows. The common leading folder is stored once (``prefix``) and put
+    back in the graph, so the matrix holds only the part that differs (ImageNet: ~30 bytes a file)."""
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [os.fsencode(p) for p in paths]
+        prefix = os.path.commonprefix(encoded) if len(encoded) > 1 else b""
+        self.prefix = prefix[:prefix.rfind(os.sep.encode()) + 1]  # a whole folder, never a name
+        super().__init__(encoded, skip=len(self.prefix))
+
+    def path(self, i: int) -> str:
+        return os.fsdecode(self.prefix + self.row(i))
+
+
+def _read_files(paths: Sequence[str]) -> _PaddedRows:
+    """The bytes of every file, read now (the cache of small image files, see build_dali_loaders)."""
+    contents = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                contents.append(f.read())
+        except OSError as e:
+            raise UnreadableImageError(f"cannot read image file {path!r} "
+                                       f"({type(e).__name__}: {e.strerror or e}): replace or "
+                                       f"delete the file") from e
+    return _PaddedRows(contents)
+
+
+def _padded_bytes(paths: Sequence[str]) -> int:
+    """What _read_files(paths) would hold: files x the largest file's size."""
+    return len(paths) * max((os.path.getsize(p) for p in paths), default=0)
 
 
 class _Feed:
@@ -186,6 +217,8 @@ class DaliEpochLoader:
     Args:
         images: uint8 [N, H, W, 3] held in memory (CIFAR), or None when ``paths`` are given.
         paths: image files decoded by DALI, or None.
+        cache_files: with ``paths``: read the files once and keep their (encoded) bytes in memory;
+            DALI still decodes them every epoch, but reads no file.
         labels: int [N].
         train: training (shuffled, augmented, last partial batch dropped) or evaluation.
         augment: "cifar" (pad crop + flip), "imagenet" (random-resized crop + flip); evaluation:
@@ -203,7 +236,8 @@ class DaliEpochLoader:
                  mean, std, device: torch.device, dali_device: str, half: bool = False,
                  channels_last: bool = False, resize_size: int = 256, native_size: int = 0,
                  pre_resize: bool = False, pad: int = CIFAR_PAD, num_threads: int = 2,
-                 prefetch: int = 2, rank: int = 0, world_size: int = 1):
+                 prefetch: int = 2, rank: int = 0, world_size: int = 1,
+                 cache_files: bool = False):
         if (images is None) == (paths is None):
             raise ValueError("give exactly one of images (in memory) and paths (files)")
         self.train = bool(train)
@@ -221,6 +255,9 @@ class DaliEpochLoader:
             native_size = images.shape[1]
         self.images = images
         self.paths = _PathTable(paths) if paths is not None else None
+        cache_files = bool(cache_files) and paths is not None
+        # what the feed passes per batch for the files: their bytes, or their paths
+        self._file_rows = _read_files(paths) if cache_files else self.paths
         self.labels = np.asarray(labels, dtype=np.int64)
         n = len(self.labels)
         if n != (len(images) if images is not None else len(self.paths)):
@@ -239,7 +276,8 @@ class DaliEpochLoader:
         self._dtype = torch.float16 if half else torch.float32
         self._channels_last = bool(channels_last)
         self._spec_args = dict(
-            source="memory" if images is not None else "files", augment=augment,
+            source="memory" if images is not None else "encoded" if cache_files else "files",
+            augment=augment,
             image_size=int(image_size), resize_size=int(resize_size),
             native_size=int(native_size or image_size), pre_resize=bool(pre_resize),
             mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
@@ -302,7 +340,7 @@ class DaliEpochLoader:
         if self.images is not None:
             data = (self.images[idx[0]:idx[-1] + 1] if not self.train else self.images[idx],)
         else:
-            data = self.paths.batch(idx)
+            data = self._file_rows.batch(idx)
         return data + self.augmentation(self._pass_epoch, k, len(idx))
 
     # ------------------------------------------------------------------ the pipeline
@@ -468,7 +506,8 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
                        synthetic_size: Optional[Union[int, Tuple[int, int]]] = None,
                        rank: int = 0, world_size: int = 1, dali_device: str = "auto",
                        dtype: Union[str, torch.dtype] = torch.float32,
-                       prefetch: int = 2) -> DataLoaders:
+                       prefetch: int = 2,
+                       cache_bytes: int = DEFAULT_CACHE_BYTES) -> DataLoaders:
     """The DALI counterpart of :func:`fastsd.data.build_loaders`: same arguments, same data sets.
 
     Args (those of build_loaders, see there, plus):
@@ -479,6 +518,11 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
             the batches are then copied to ``device``).
         dtype: images as torch.float32 or torch.float16 (also "fp32" / "fp16").
         prefetch: batches each pipeline prepares ahead (DALI's prefetch_queue_depth).
+        cache_bytes: an image folder split whose files fit in this many bytes (counted as files
+            x the largest file) is read once and held in memory, encoded; DALI decodes it every
+            epoch but reads no file: on the CIFAR-10 JPEGs (56 MB) that doubles the images/s of
+            the CPU mode on 2 cores, where reading files takes the decoding threads' time. 0
+            reads the files every epoch. Every process of a distributed run holds its own copy.
 
     Data sets: cifar10 / cifar100 from torchvision's binary layout (held in memory, fed to DALI) or
     from ``train/`` + ``test/`` JPEG folders (decoded by DALI every epoch); imagefolder (ImageNet
@@ -497,6 +541,7 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
         workers=workers, device=device, seed=seed, download=download, num_classes=num_classes,
         image_size=image_size, synthetic_size=synthetic_size, rank=rank, world_size=world_size)
     prefetch = check_int("prefetch", prefetch, 1)
+    cache_bytes = check_int("cache_bytes", cache_bytes, 0)
     where = resolve_dali_device(dali_device, device)
     common = dict(seed=int(seed), device=device, dali_device=where, half=_half(dtype),
                   channels_last=bool(channels_last), num_threads=max(1, workers),
@@ -515,12 +560,14 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
         shared = dict(image_size=size, mean=mean, std=std,
                       resize_size=int(round(size / IMAGENET_CROP_RATIO)),
                       native_size=size if pre_resize else 32, pre_resize=pre_resize)
-        train_kw = dict(shared, paths=[p for p, _ in train_split.samples],
-                        labels=[y for _, y in train_split.samples],
-                        augment="cifar" if small else "imagenet")
-        test_kw = dict(shared, paths=[p for p, _ in eval_split.samples],
-                       labels=[y for _, y in eval_split.samples],
-                       augment="none" if small else "center")
+        train_paths = [p for p, _ in train_split.samples]
+        eval_paths = [p for p, _ in eval_split.samples]
+        train_kw = dict(shared, paths=train_paths, labels=[y for _, y in train_split.samples],
+                        augment="cifar" if small else "imagenet",
+                        cache_files=_padded_bytes(train_paths) <= cache_bytes)
+        test_kw = dict(shared, paths=eval_paths, labels=[y for _, y in eval_split.samples],
+                       augment="none" if small else "center",
+                       cache_files=_padded_bytes(eval_paths) <= cache_bytes)
         info = DatasetInfo(info_name, len(train_split.classes), size, tuple(mean), tuple(std),
                            len(train_split), len(eval_split), train_split.classes)
         return loaders(train_kw, test_kw, info)

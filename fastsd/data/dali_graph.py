@@ -10,6 +10,8 @@ Per-sample inputs of each graph, in the order the feed returns them (B = samples
 source="memory"         images uint8 [B, H, W, 3]
 source="files"          path tails uint8 [B, L] (``os.fsencode(path)`` after ``path_prefix``, zero
                         padded), their lengths int32 [B, 1]
+source="encoded"        the files' bytes, read once and held in memory: uint8 [B, L] zero padded,
+                        their lengths int32 [B, 1]
 augment="cifar"         + anchor int32 [B, 2]: (x, y) of the crop in the unpadded image, in [-pad, pad];
                         flip int32 [B]
 augment="imagenet"      + area float32 [B, K], ratio float32 [B, K], uv float32 [B, 2] in [0, 1);
@@ -41,7 +43,8 @@ RRC_ATTEMPTS = 10
 
 @dataclass(frozen=True)
 class GraphSpec:
-    source: str                        #: "memory" (uint8 HWC arrays) or "files" (paths, decoded by DALI)
+    source: str                        #: "memory" (uint8 HWC arrays), "files" (paths) or "encoded"
+    #: (the files' bytes in memory); DALI decodes the last two
     augment: str                       #: "cifar", "imagenet", "none" or "center" (see module docstring)
     image_size: int                    #: output side (square)
     resize_size: int                   #: shorter side before the centre crop ("center" only)
@@ -131,12 +134,13 @@ def _graph(spec: GraphSpec, feed: Callable):
     if spec.source == "memory":
         data = inputs[0]
     else:
-        tails = fn.slice(inputs[0], np.array([0], dtype=np.int32), inputs[1], axes=[0])
-        if spec.path_prefix:
-            prefix = types.Constant(np.frombuffer(spec.path_prefix, dtype=np.uint8).copy(),
-                                    dtype=types.UINT8)
-            tails = fn.cat(prefix, tails, axis=0)
-        data = tails                  # the encoded path of each sample, for fn.io.file.read
+        data = fn.slice(inputs[0], np.array([0], dtype=np.int32), inputs[1], axes=[0])
+        if spec.source == "files":
+            if spec.path_prefix:
+                prefix = types.Constant(np.frombuffer(spec.path_prefix, dtype=np.uint8).copy(),
+                                        dtype=types.UINT8)
+                data = fn.cat(prefix, data, axis=0)
+            data = fn.io.file.read(data)  # from the encoded path of each sample
     inputs = [data] + inputs[n_data:]
     flip = 0
     crop_args = {}
@@ -145,17 +149,15 @@ def _graph(spec: GraphSpec, feed: Callable):
         images = fn.reshape(data, layout="HWC")
         if is_gpu:
             images = images.gpu()
-    elif spec.augment == "imagenet":
-        raw = fn.io.file.read(data)
+    elif spec.augment == "imagenet":      # data: the encoded images (JPEG or other bytes)
         area, ratio, uv, flip = inputs[1:]
-        shape = fn.peek_image_shape(raw, dtype=types.FLOAT, adjust_orientation=False)
+        shape = fn.peek_image_shape(data, dtype=types.FLOAT, adjust_orientation=False)
         start, window = random_resized_crop_window(shape, area, ratio, uv)
-        images = _decode(raw, spec, start, window)     # decodes only the window where it can
+        images = _decode(data, spec, start, window)    # decodes only the window where it can
     else:
-        raw = fn.io.file.read(data)
         if spec.augment == "center":
-            shape = fn.peek_image_shape(raw, dtype=types.FLOAT, adjust_orientation=False)
-        images = _decode(raw, spec)
+            shape = fn.peek_image_shape(data, dtype=types.FLOAT, adjust_orientation=False)
+        images = _decode(data, spec)
 
     size = [spec.image_size, spec.image_size]
     if spec.augment in ("cifar", "none"):
