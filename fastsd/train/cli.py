@@ -106,10 +106,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     first and leaves it on the way out."""
     from . import distributed
 
+    from .errors import NonFiniteLossError
+
+    status = 1
     try:
-        return _run(argv)
+        status = _run(argv)
+        return status
     finally:
-        distributed.shutdown()
+        # The end of a run, a stop and a non-finite loss are decided by all processes together:
+        # they leave together. After an error that may be one process's own, none waits.
+        distributed.shutdown(synchronize=status in (0, NonFiniteLossError.exit_code, 130, 143))
 
 
 def _run(argv: Optional[List[str]]) -> int:

@@ -60,9 +60,19 @@ def init(device: str, world_size: int) -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(synchronize: bool = True) -> None:
+    """Leave the process group. ``synchronize``: wait for every process first (an end the
+    processes agreed on), so that none tears its connections down while another still uses them
+    (gloo then aborts the late process); after an error that may be one process's own, a barrier
+    could wait for a peer that never comes, so do not."""
+    if not dist.is_initialized():
+        return
+    if synchronize:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer is gone: leave anyway
+            pass
+    dist.destroy_process_group()
 
 
 def rank_and_size() -> Tuple[int, int]:
