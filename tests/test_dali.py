@@ -557,6 +557,18 @@ def test_an_unreadable_file_is_named_when_cached(tmp_path):
     assert rows.row(1) == b"123" and rows.batch(np.array([0]))[1].tolist() == [[3]]
 
 
+def test_a_split_is_cached_when_files_times_the_largest_fit(tmp_path):
+    from fastsd.data.dali import _fits_in_memory
+
+    paths = []
+    for i, size in enumerate([10, 30, 20]):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(b"x" * size)
+        paths.append(str(path))
+    assert _fits_in_memory(paths, 90) and not _fits_in_memory(paths, 89)
+    assert not _fits_in_memory(paths + [str(tmp_path / "gone.jpg")], 10**6)
+
+
 def test_bad_arguments(imagenet_like):
     with pytest.raises(ValueError, match="dali_device"):
         build_dali_loaders("imagefolder", imagenet_like, batch_size=2, dali_device="tpu")

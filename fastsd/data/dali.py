@@ -27,8 +27,8 @@ The images are still decoded by DALI, in its threads. The feed passes file *path
 (``fn.io.file.read`` reads them), or the files' bytes when a split is small enough to be held in
 memory encoded (``cache_bytes``: CIFAR-10 as JPEGs is 56 MB; reading 50 000 small files each epoch
 took as much CPU time as decoding them), or, for CIFAR in torchvision's binary layout, the uint8
-images themselves. The crop window of RandomResizedCrop needs the image size, which only the encoded file knows; it is
-computed inside the graph (``fn.peek_image_shape`` + DALI arithmetic, the same rule as torchvision,
+images themselves. The crop window of RandomResizedCrop needs the image size, which only the
+encoded file knows; it is computed inside the graph (``fn.peek_image_shape`` + DALI arithmetic, the same rule as torchvision,
 see :mod:`fastsd.data.dali_graph`) and the decoder decodes only that region.
 
 Epoch semantics (as :mod:`fastsd.data.torch_data`): iterating again without ``set_epoch`` repeats
@@ -174,9 +174,18 @@ def _read_files(paths: Sequence[str]) -> _PaddedRows:
     return _PaddedRows(contents)
 
 
-def _padded_bytes(paths: Sequence[str]) -> int:
-    """What _read_files(paths) would hold: files x the largest file's size."""
-    return len(paths) * max((os.path.getsize(p) for p in paths), default=0)
+def _fits_in_memory(paths: Sequence[str], budget: int) -> bool:
+    """Whether _read_files(paths) would hold at most ``budget`` bytes (files x the largest file).
+    Stops at the first file that settles it: an ImageNet split costs one stat, not a million."""
+    largest = 0
+    try:
+        for path in paths:
+            largest = max(largest, os.path.getsize(path))
+            if len(paths) * largest > budget:
+                return False
+    except OSError:
+        return False              # read it every epoch: the pipeline names a file it cannot read
+    return True
 
 
 class _Feed:
@@ -564,10 +573,10 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
         eval_paths = [p for p, _ in eval_split.samples]
         train_kw = dict(shared, paths=train_paths, labels=[y for _, y in train_split.samples],
                         augment="cifar" if small else "imagenet",
-                        cache_files=_padded_bytes(train_paths) <= cache_bytes)
+                        cache_files=_fits_in_memory(train_paths, cache_bytes))
         test_kw = dict(shared, paths=eval_paths, labels=[y for _, y in eval_split.samples],
                        augment="none" if small else "center",
-                       cache_files=_padded_bytes(eval_paths) <= cache_bytes)
+                       cache_files=_fits_in_memory(eval_paths, cache_bytes))
         info = DatasetInfo(info_name, len(train_split.classes), size, tuple(mean), tuple(std),
                            len(train_split), len(eval_split), train_split.classes)
         return loaders(train_kw, test_kw, info)
