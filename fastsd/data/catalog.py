@@ -44,7 +44,7 @@ TRAIN_STREAM = 1       #: derive_seed stream of the training order and augmentat
 
 
 def list_datasets() -> List[str]:
-    """The dataset names :func:`build_loaders` accepts."""
+    """The dataset names :func:`fastsd.data.build_loaders` accepts."""
     return list(DATASETS)
 
 
@@ -56,6 +56,7 @@ def derive_seed(seed: int, epoch: int, stream: int = TRAIN_STREAM) -> int:
 
 
 def check_epoch(epoch) -> int:
+    """``epoch`` as an int >= 0, else a ValueError."""
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
         raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
     return int(epoch)

@@ -34,8 +34,8 @@ from nvidia.dali import Pipeline
 
 from .catalog import RRC_RATIO
 
-__all__ = ["GraphSpec", "define_pipeline", "build_pipeline", "build_probe_pipeline", "random_resized_crop_window",
-           "center_crop_position", "RRC_ATTEMPTS"]
+__all__ = ["GraphSpec", "define_pipeline", "build_pipeline", "build_probe_pipeline",
+           "random_resized_crop_window", "center_crop_position", "RRC_ATTEMPTS"]
 
 #: candidate crops per sample, as torchvision's RandomResizedCrop.get_params tries
 RRC_ATTEMPTS = 10
