@@ -333,9 +333,10 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
     term's factor ``kd_weight * s``; ``tolerance_weight`` 0 switches the penalty off;
     ``label_smoothing`` ε makes the CE target (1 - ε) one-hot + ε/C. Returns
     ``(terms, grad)``: terms [5, N] float32 (each row's loss
-    ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, then CE, KL, TOL, all zero for rows whose
-    label is ignore_index; then 1 for the rows that count and 0 for those) and grad [N, C] in logits' dtype, the gradient of each row's loss (an
-    empty [0, C] tensor when ``write_grad`` is False).
+    ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, then CE, KL, TOL, all zero for rows
+    whose label is ignore_index; then 1 for the rows that count and 0 for those) and grad [N, C]
+    in logits' dtype, the gradient of each row's loss (an empty [0, C] tensor when ``write_grad``
+    is False).
     """
     n_rows, n_cols = logits.shape
     terms = torch.empty((TERM_ROWS, n_rows), dtype=torch.float32, device=logits.device)

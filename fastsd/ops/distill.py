@@ -114,7 +114,7 @@ distill_loss_fwd = torch.library.custom_op("fastsd::distill_loss_fwd", mutates_a
 
 def run_distill_loss_fwd(logits: Tensor, target: Optional[Tensor],
                          teacher_logits: Optional[Tensor], *args) -> Tuple[Tensor, Tensor]:
-    """``torch.ops.fastsd.distill_loss_fwd(...)``, with plain eager calls going straight to its body.
+    """``torch.ops.fastsd.distill_loss_fwd(...)``; plain eager calls go straight to its body.
 
     The op is what torch.compile, export, fake tensors and dispatch modes see; a plain call on plain
     tensors gains nothing from the trip through the dispatcher and the custom-op machinery, which
