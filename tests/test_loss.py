@@ -139,6 +139,27 @@ def test_long_rows_chunked(backend, classes, dtype):
         assert_matches(backend, logits, target, teacher, **kw)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not triton_interpreting(), reason="Triton's interpreter is off")
+@pytest.mark.parametrize("rows,classes", [(300, 10), (600, 300), (1100, 1000)])
+def test_kernels_in_the_tiles_the_launcher_picks_for_a_gpu(monkeypatch, rows, classes):
+    """On CUDA the launcher sizes the row tiles by the number of SMs (fewer rows per program than
+    on the CPU); run those tiles under the interpreter: an H100's 132 SMs, and a small GPU's 8."""
+    from fastsd.kernels import distill_loss as K
+
+    picked = []
+    config = K.register_path_config
+    for sms in (132, 8):
+        def gpu_config(n_rows, n_cols, multiprocessors=None, sms=sms):
+            picked.append(config(n_rows, n_cols, sms))
+            return picked[-1]
+
+        monkeypatch.setattr(K, "register_path_config", gpu_config)
+        logits, target, teacher = make_inputs(rows, classes, seed=rows)
+        assert_matches("triton", logits, target, teacher, **TERM_SETS["all"]["kw"])
+    assert len({block_r for block_r, _, _ in picked}) > 1     # the two GPUs tile differently
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_b_equals_one_and_leading_dims(backend):
     logits, target, teacher = make_inputs(1, 50)
