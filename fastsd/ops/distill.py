@@ -122,7 +122,7 @@ def run_distill_loss_fwd(logits: Tensor, target: Optional[Tensor],
     """
     plain = (type(logits) is Tensor and type(target) in (Tensor, type(None))
              and type(teacher_logits) in (Tensor, type(None)))
-    if (plain and not torch.compiler.is_compiling()
+    if (plain and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()):
         return _distill_loss_fwd(logits, target, teacher_logits, *args)
