@@ -1,6 +1,6 @@
-"""Turn a pytest-benchmark JSON file into markdown tables with ratios measured in the same run.
+"""Turn pytest-benchmark JSON files into markdown tables with ratios measured in the same run.
 
-    python bench/report.py RESULTS.json > RESULTS.md
+    python bench/report.py RESULTS.json [MORE.json ...] > RESULTS.md
 
 One table per benchmark group (one shape and mode); each row is a provider with its best time,
 its GB/s or images/s where the benchmark recorded them, and its speed relative to the group's
@@ -44,12 +44,23 @@ def render(report):
             ratio = base["stats"]["min"] / bench["stats"]["min"]
             lines.append(f"| {provider} | {_fmt_time(bench['stats']['min'])} | {throughput} | "
                          f"{ratio:.2f}x |")
+        for bench in benches:                 # the training-step benchmark: its own ratio
+            info = bench.get("extra_info", {})
+            if "sd_over_bl" in info:
+                lines += ["", f"{info.get('arch')} batch {info.get('batch')}, amp "
+                          f"{info.get('amp')}, teacher {info.get('teacher_dtype')}: BL "
+                          f"{info['bl_images_per_s']:.0f} img/s, SD {info['sd_images_per_s']:.0f} "
+                          f"img/s, SD/BL step time {info['sd_over_bl']:.3f} (target <= "
+                          f"{info.get('target_sd_over_bl')})"]
         lines.append("")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python bench/report.py RESULTS.json")
-    with open(sys.argv[1]) as handle:
-        print(render(json.load(handle)))
+    if len(sys.argv) < 2:
+        sys.exit("usage: python bench/report.py RESULTS.json [MORE.json ...]")
+    for path in sys.argv[1:]:
+        with open(path) as handle:
+            report = json.load(handle)
+        if report["benchmarks"]:        # a run whose cases all skipped has none
+            print(render(report))

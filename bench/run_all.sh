@@ -6,18 +6,20 @@
 #
 #   core   GPU tests of the loss kernels, snapshots, trainer and torch data path; loss and snapshot
 #          benchmarks (Triton kernels, pack_tensors CUDA kernel, copy bandwidth)
-#   train  training-step benchmarks: SD vs BL on ResNet-50/152 (AMP, channels_last, compiled),
-#          ResNet-50 step images/s (what a data pipeline must deliver), DDP scaling (needs 2+ GPUs)
+#   train  training-step benchmarks: SD vs BL on ResNet-50, then ResNet-152 (AMP, channels_last,
+#          compiled), the ResNet-50 step's images/s (what a data pipeline must deliver), DDP
+#          scaling (needs 2+ GPUs)
 #   dali   GPU tests and the loader benchmark of the DALI pipelines (DALI must be importable)
 #
-# Each phase is time-boxed (PHASE_TIMEOUT seconds per pytest call, default 240) so that one call of
-# the lent GPU machine (at most 10 minutes) returns results even when something hangs. When $OUT is
-# set (the device tool), the results are copied there too. Without the CIFAR archive beside the
-# checkout, set FASTSD_CIFAR_JPEG_TAR to it (the CIFAR benchmarks and tests skip otherwise).
+# Every pytest call is time-boxed on its own (CALL_TIMEOUT seconds, default 240; the compiled
+# ResNet steps get twice that) and writes its own files, so that one call of a lent GPU machine
+# (at most 10 minutes) returns what finished even when something hangs or runs long. When $OUT is
+# set (the device tool), the phase's markdown and logs are copied there too. Without the CIFAR
+# archive beside the checkout, set FASTSD_CIFAR_JPEG_TAR to it (those cases skip otherwise).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-limit=${PHASE_TIMEOUT:-240}
+limit=${CALL_TIMEOUT:-240}
 export PYTHONUNBUFFERED=1
 device=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')") || exit 1
 mkdir -p bench/results
@@ -25,32 +27,50 @@ status=0
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] || [ "${phases[0]}" = all ] && phases=(core train dali)
 
-run_phase() {  # run_phase NAME "GPU TEST FILES" BENCH PYTEST ARGS...
-  local name=$1 tests=$2
-  shift 2
-  local stem=bench/results/$device-$name-$(date +%Y%m%d-%H%M)
-  if [ "$device" != cpu ] && [ -n "$tests" ]; then
-    # shellcheck disable=SC2086
-    timeout "$limit" $python -m pytest $tests -m gpu -q -p no:cacheprovider -rs 2>&1 \
-      | tee "$stem-gpu-tests.txt" || status=1
-  fi
+gpu_tests() {  # gpu_tests STEM TEST_FILE...
+  local stem=$1
+  shift
+  [ "$device" = cpu ] && return
+  timeout "$limit" $python -m pytest "$@" -m gpu -q -p no:cacheprovider -rs 2>&1 \
+    | tee -a "$stem-gpu-tests.txt" || status=1
+}
+
+bench() {  # bench STEM PART SECONDS PYTEST_ARGS...
+  local stem=$1 part=$2 seconds=$3
+  shift 3
   # shellcheck disable=SC2086
-  timeout "$limit" $python -m pytest "$@" --benchmark-only --benchmark-max-time=0.5 \
-    --benchmark-json="$stem.json" -q -p no:cacheprovider -rs ${BENCH_ARGS:-} 2>&1 \
-    | tee "$stem-bench.txt" || status=1
-  [ -s "$stem.json" ] && $python bench/report.py "$stem.json" > "$stem.md"
+  timeout "$seconds" $python -m pytest "$@" --benchmark-only --benchmark-max-time=0.5 \
+    --benchmark-json="$stem-$part.json" -q -p no:cacheprovider -rs ${BENCH_ARGS:-} 2>&1 \
+    | tee -a "$stem-bench.txt" || status=1
+}
+
+finish() {  # finish STEM: one markdown file from the phase's JSON files
+  local stem=$1
+  local jsons=("$stem"-*.json)
+  [ -e "${jsons[0]}" ] && $python bench/report.py "${jsons[@]}" > "$stem.md"
   echo "results: $stem.*"
-  if [ -n "${OUT:-}" ]; then cp "$stem"* "$OUT"/ 2>/dev/null; fi
+  if [ -n "${OUT:-}" ]; then cp "$stem.md" "$stem"-*.txt "$OUT"/ 2>/dev/null; fi
 }
 
 for phase in "${phases[@]}"; do
+  stem=bench/results/$device-$phase-$(date +%Y%m%d-%H%M)
   case $phase in
-    core)  run_phase core "tests/test_loss.py tests/test_snapshots.py tests/test_train_loop.py tests/test_data.py" \
-             bench/bench_loss.py bench/bench_snapshots.py ;;
-    train) run_phase train "" bench/bench_train.py bench/bench_ddp.py bench/bench_data.py \
-             -k "train_step or sd_over_bl or ddp" ;;
-    dali)  run_phase dali "tests/test_dali.py" bench/bench_data.py -k "not train_step" ;;
+    core)
+      gpu_tests "$stem" tests/test_loss.py tests/test_snapshots.py tests/test_train_loop.py \
+        tests/test_data.py
+      bench "$stem" loss "$limit" bench/bench_loss.py
+      bench "$stem" snapshots "$limit" bench/bench_snapshots.py ;;
+    train)
+      bench "$stem" step-cpu "$limit" bench/bench_train.py -k cpu
+      bench "$stem" step-resnet50 $((2 * limit)) bench/bench_train.py -k "gpu and resnet50"
+      bench "$stem" step-resnet152 $((2 * limit)) bench/bench_train.py -k "gpu and resnet152"
+      bench "$stem" data-step "$limit" bench/bench_data.py -k train_step
+      bench "$stem" ddp "$limit" bench/bench_ddp.py ;;
+    dali)
+      gpu_tests "$stem" tests/test_dali.py
+      bench "$stem" data "$limit" bench/bench_data.py -k "not train_step" ;;
     *) echo "unknown phase $phase (core, train, dali, all)"; exit 2 ;;
   esac
+  finish "$stem"
 done
 exit $status
