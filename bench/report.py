@@ -2,7 +2,7 @@
 
     python bench/report.py RESULTS.json [MORE.json ...] > RESULTS.md
 
-One table per benchmark group (one shape and mode); each row is a provider with its best time,
+One table per benchmark group (one shape and mode), over all the files given; each row is a provider with its best time,
 its GB/s or images/s where the benchmark recorded them, and its speed relative to the group's
 baseline (the eager reference where there is one, else the group's slowest entry).
 """
@@ -59,8 +59,11 @@ def render(report):
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: python bench/report.py RESULTS.json [MORE.json ...]")
+    reports = []
     for path in sys.argv[1:]:
         with open(path) as handle:
-            report = json.load(handle)
-        if report["benchmarks"]:        # a run whose cases all skipped has none
-            print(render(report))
+            reports.append(json.load(handle))
+    # Several files of one session (bench/run_all.sh runs each part on its own) make one report:
+    # a group split over files (fastsd and the compiled reference, say) is still one table.
+    merged = dict(reports[0], benchmarks=[b for r in reports for b in r["benchmarks"]])
+    print(render(merged))

@@ -27,12 +27,22 @@ status=0
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] || [ "${phases[0]}" = all ] && phases=(core train dali)
 
+publish() {  # publish STEM: the phase's markdown from its JSON files so far, and to $OUT
+  local stem=$1
+  local jsons=("$stem"-*.json)
+  [ -e "${jsons[0]}" ] && $python bench/report.py "${jsons[@]}" > "$stem.md"
+  # after every call, not once at the end: a device call cut short still returns what finished
+  if [ -n "${OUT:-}" ]; then cp "$stem".md "$stem"-*.txt "$OUT"/ 2>/dev/null; fi
+  return 0
+}
+
 gpu_tests() {  # gpu_tests STEM TEST_FILE...
   local stem=$1
   shift
   [ "$device" = cpu ] && return
   timeout "$limit" $python -m pytest "$@" -m gpu -q -p no:cacheprovider -rs 2>&1 \
     | tee -a "$stem-gpu-tests.txt" || status=1
+  publish "$stem"
 }
 
 bench() {  # bench STEM PART SECONDS PYTEST_ARGS...
@@ -42,14 +52,7 @@ bench() {  # bench STEM PART SECONDS PYTEST_ARGS...
   timeout "$seconds" $python -m pytest "$@" --benchmark-only --benchmark-max-time=0.5 \
     --benchmark-json="$stem-$part.json" -q -p no:cacheprovider -rs ${BENCH_ARGS:-} 2>&1 \
     | tee -a "$stem-bench.txt" || status=1
-}
-
-finish() {  # finish STEM: one markdown file from the phase's JSON files
-  local stem=$1
-  local jsons=("$stem"-*.json)
-  [ -e "${jsons[0]}" ] && $python bench/report.py "${jsons[@]}" > "$stem.md"
-  echo "results: $stem.*"
-  if [ -n "${OUT:-}" ]; then cp "$stem.md" "$stem"-*.txt "$OUT"/ 2>/dev/null; fi
+  publish "$stem"
 }
 
 for phase in "${phases[@]}"; do
@@ -58,7 +61,8 @@ for phase in "${phases[@]}"; do
     core)
       gpu_tests "$stem" tests/test_loss.py tests/test_snapshots.py tests/test_train_loop.py \
         tests/test_data.py
-      bench "$stem" loss "$limit" bench/bench_loss.py
+      bench "$stem" loss "$limit" bench/bench_loss.py -k "not compiled_reference"
+      bench "$stem" loss-compiled "$limit" bench/bench_loss.py -k compiled_reference
       bench "$stem" snapshots "$limit" bench/bench_snapshots.py ;;
     train)
       bench "$stem" step-cpu "$limit" bench/bench_train.py -k cpu
@@ -71,6 +75,6 @@ for phase in "${phases[@]}"; do
       bench "$stem" data "$limit" bench/bench_data.py -k "not train_step" ;;
     *) echo "unknown phase $phase (core, train, dali, all)"; exit 2 ;;
   esac
-  finish "$stem"
+  echo "results: $stem.md"
 done
 exit $status
