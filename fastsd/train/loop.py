@@ -93,6 +93,10 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = not cfg.deterministic
             torch.backends.cudnn.deterministic = cfg.deterministic
+            if not cfg.deterministic:
+                # float32 matmuls (the classifier, and everything with --amp none) on tensor
+                # cores as TF32, as cuDNN already does for convolutions
+                torch.set_float32_matmul_precision("high")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         _seed_all(cfg.seed)
