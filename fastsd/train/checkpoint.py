@@ -85,9 +85,8 @@ def save_safetensors(state: Dict[str, torch.Tensor], path: str,
     _atomic(path, lambda fh: fh.write(data))
 
 
-def model_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's state_dict as torchvision names it (no compile / DDP wrapper prefixes)."""
-    state = model.state_dict()
+def _without_wrapper_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` with the key prefixes of torch.compile and DDP wrappers removed."""
     out = {}
     for key, value in state.items():
         for prefix in ("_orig_mod.", "module."):
@@ -95,6 +94,11 @@ def model_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
                 key = key[len(prefix):]
         out[key] = value
     return out
+
+
+def model_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state_dict as torchvision names it (no compile / DDP wrapper prefixes)."""
+    return _without_wrapper_prefixes(model.state_dict())
 
 
 # ----------------------------------------------------------------------------------- RNG states
@@ -197,12 +201,7 @@ def read_model_file(path: str, what: str) -> Tuple[Dict[str, torch.Tensor], Dict
 
 def load_into(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """Load weights strictly, with prefixes of wrappers removed; ValueError lists what differs."""
-    clean = {}
-    for key, value in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        clean[key] = value
+    clean = _without_wrapper_prefixes(state)
     own = model.state_dict()
     missing = [k for k in own if k not in clean]
     unexpected = [k for k in clean if k not in own]
