@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def cifar_jpeg(cifar_jpeg_tar, tmp_path_factory):
-    """A subset of the real CIFAR-10 JPEGs: train/<class>/00{00..19}.jpg, test/<class>/000{0..9}.jpg
-    (200 training and 100 test images, ImageFolder layout)."""
+    """A subset of the real CIFAR-10 JPEGs: train/<class>/00{00..19}.jpg and
+    test/<class>/000{0..9}.jpg (200 training and 100 test images, ImageFolder layout)."""
     root = tmp_path_factory.mktemp("cifar10-jpeg")
     patterns = ["train/*/00[01]?.jpg", "test/*/000?.jpg"]
     if shutil.which("tar"):
@@ -26,7 +26,9 @@ def cifar_jpeg(cifar_jpeg_tar, tmp_path_factory):
         import fnmatch
 
         with tarfile.open(cifar_jpeg_tar) as tf:
-            members = [m for m in tf if m.isfile() and any(fnmatch.fnmatch(m.name, p) for p in patterns)]
+            members = [m for m in tf
+                       if m.isfile() and any(fnmatch.fnmatch(m.name, p) for p in patterns)]
             tf.extractall(root, members=members, filter="data")
-    assert len(list(root.glob("train/*/*.jpg"))) == 200 and len(list(root.glob("test/*/*.jpg"))) == 100
+    assert len(list(root.glob("train/*/*.jpg"))) == 200
+    assert len(list(root.glob("test/*/*.jpg"))) == 100
     return root

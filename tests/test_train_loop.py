@@ -380,7 +380,8 @@ class TinyNet(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-def _tiny_steps(compile, spec, teacher, n=3, amp="none", return_step=False):
+def _tiny_steps(compile, spec, teacher, n=3, amp="none"):
+    """(model, its TrainStep) after n steps on random batches."""
     from fastsd.train.step import TrainStep, build_optimizer
 
     torch.manual_seed(0)
@@ -392,9 +393,7 @@ def _tiny_steps(compile, spec, teacher, n=3, amp="none", return_step=False):
     g = torch.Generator().manual_seed(1)
     for _ in range(n):
         step(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g))
-    if return_step:
-        return model, step
-    return model, step.read_metrics()
+    return model, step
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -407,8 +406,9 @@ def test_mixed_precision_steps_follow_the_fp32_step(amp):
     torch.manual_seed(2)
     teacher_net = TinyNet().eval().requires_grad_(False)
     spec = LossSpec(ce_weight=1.5, kd_weight=1.0, temperature=2.0, teacher=0)
-    full, m_full = _tiny_steps(False, spec, teacher_net)
-    mixed, step = _tiny_steps(False, spec, teacher_net, amp=amp, return_step=True)
+    full, full_step = _tiny_steps(False, spec, teacher_net)
+    m_full = full_step.read_metrics()
+    mixed, step = _tiny_steps(False, spec, teacher_net, amp=amp)
     for a, b in zip(full.parameters(), mixed.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=5e-3)
     before = [p.detach().clone() for p in mixed.parameters()]
@@ -434,9 +434,11 @@ def test_compiled_step_runs_on_cpu_and_matches_eager():
         return teacher_net(images.to(torch.bfloat16))
 
     spec = LossSpec(ce_weight=1.5, kd_weight=1.0, temperature=2.0, teacher=0)
-    eager, m_eager = _tiny_steps(False, spec, teacher)
+    eager, eager_step = _tiny_steps(False, spec, teacher)
+    m_eager = eager_step.read_metrics()
     torch._dynamo.reset()
-    compiled, m_comp = _tiny_steps(True, spec, teacher)
+    compiled, compiled_step = _tiny_steps(True, spec, teacher)
+    m_comp = compiled_step.read_metrics()
     assert m_comp["steps"] == 3 and m_comp["kl"] > 0
     for key in ("loss", "ce", "kl"):
         assert m_comp[key] == pytest.approx(m_eager[key], rel=1e-4, abs=1e-5)
