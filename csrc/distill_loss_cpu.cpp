@@ -44,9 +44,9 @@ namespace baseline {
 #include "distill_loss_cpu_kernel.h"
 }  // namespace baseline
 
-template <typename scalar_t, typename teacher_t, typename acc_t>
+template <typename scalar_t, typename teacher_t, typename acc_t, typename grad_t>
 void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_t* target,
-                  acc_t* terms, scalar_t* grad, int64_t rows, int64_t cols, const Options& o) {
+                  acc_t* terms, grad_t* grad, int64_t rows, int64_t cols, const Options& o) {
 #ifdef FASTSD_CPU_DISPATCH
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                __builtin_cpu_supports("f16c");
@@ -88,18 +88,22 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_fwd_cpu(
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // loss, CE, KL, TOL, counted: the layout of TERM_ROWS in kernels/distill_loss.py
   at::Tensor terms = at::empty({5, rows}, logits.options().dtype(acc_type));
-  at::Tensor grad = at::empty({write_grad ? rows : 0, cols}, logits.options());
+  // float16 logits get a float32 gradient, rounded to float16 only after backward scales it
+  // (gradient_dtype in kernels/distill_loss.py says why).
+  const auto grad_type = logits.scalar_type() == at::kHalf ? at::kFloat : logits.scalar_type();
+  at::Tensor grad = at::empty({write_grad ? rows : 0, cols}, logits.options().dtype(grad_type));
   const at::ScalarType teacher_type = o.has_teacher ? t.scalar_type() : logits.scalar_type();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "distill_z", [&] {
     using student_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<student_t, double>, double, float>;
+    using grad_t = std::conditional_t<std::is_same_v<student_t, at::Half>, float, student_t>;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher_type, "distill_t", [&] {
-      distill_rows<student_t, scalar_t, acc_t>(
+      distill_rows<student_t, scalar_t, acc_t, grad_t>(
           z.const_data_ptr<student_t>(),
           o.has_teacher ? t.const_data_ptr<scalar_t>() : nullptr,
           o.has_target ? y.const_data_ptr<int64_t>() : nullptr, terms.mutable_data_ptr<acc_t>(),
-          write_grad ? grad.mutable_data_ptr<student_t>() : nullptr, rows, cols, o);
+          write_grad ? grad.mutable_data_ptr<grad_t>() : nullptr, rows, cols, o);
     });
   });
   return {terms, grad};

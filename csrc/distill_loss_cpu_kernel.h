@@ -110,9 +110,9 @@ int64_t top_k(const acc_t* z, int64_t n, int64_t k, int64_t* index, acc_t* value
   return found;
 }
 
-template <typename scalar_t, typename teacher_t, typename acc_t>
+template <typename scalar_t, typename teacher_t, typename acc_t, typename grad_t>
 void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_t* target,
-                  acc_t* terms, scalar_t* grad, int64_t rows, int64_t cols, const Options& o) {
+                  acc_t* terms, grad_t* grad, int64_t rows, int64_t cols, const Options& o) {
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const acc_t inv_t = static_cast<acc_t>(o.inv_temperature);
   const acc_t inv_ts = static_cast<acc_t>(o.inv_student_temperature);
@@ -122,12 +122,14 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
   const acc_t smoothing = static_cast<acc_t>(o.label_smoothing);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
 
-  // float32 rows are read, and their gradient written, in place; other dtypes go through a
-  // float buffer (which, once the logits are consumed, holds the gradient before its one write).
-  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+  // acc_t rows are read in place, other dtypes through a float buffer; an acc_t gradient (also
+  // that of float16 logits: see gradient_dtype in kernels/distill_loss.py) is written in place,
+  // another one goes through the buffer (the logits are consumed by then) before its one write.
+  constexpr bool kReadInPlace = std::is_same_v<scalar_t, acc_t>;
+  constexpr bool kWriteInPlace = std::is_same_v<grad_t, acc_t>;
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> z_buffer(kInPlace ? 0 : cols), f(cols), t, p, q;
+    std::vector<acc_t> z_buffer(kReadInPlace && kWriteInPlace ? 0 : cols), f(cols), t, p, q;
     if (o.has_teacher) {
       t.resize(cols);
       p.resize(cols);
@@ -138,7 +140,7 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
     for (int64_t row = begin; row < end; ++row) {
       // The row as acc_t: read in place when it already is, else converted into the buffer.
       const acc_t* z = z_buffer.data();
-      if constexpr (kInPlace) {
+      if constexpr (kReadInPlace) {
         z = logits + row * cols;
       } else {
         load_scaled(logits + row * cols, acc_t(1), z_buffer.data(), cols);
@@ -222,9 +224,9 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       row_terms[4 * rows] = counted ? acc_t(1) : acc_t(0);
       if (!o.write_grad) continue;
 
-      scalar_t* g_row = grad + row * cols;
+      grad_t* g_row = grad + row * cols;
       if (!counted) {
-        std::fill(g_row, g_row + cols, scalar_t(0));
+        std::fill(g_row, g_row + cols, grad_t(0));
         continue;
       }
       // Dense part: ce_w (f - ε/C) + kd_grad (q - p) - tol_w TOL f; then the few sparse
@@ -233,7 +235,7 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       const acc_t f_coef = (o.has_target ? ce_w : acc_t(0)) - (o.has_tol ? tol_w * tol : acc_t(0));
       const acc_t uniform = o.has_target ? -ce_w * smoothing / acc_t(cols) : acc_t(0);
       acc_t* g = nullptr;
-      if constexpr (kInPlace) {
+      if constexpr (kWriteInPlace) {
         g = g_row;
       } else {
         g = z_buffer.data();  // the logits are consumed: the buffer takes the float gradient
@@ -264,8 +266,8 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
         for (int64_t k = 0; k < found; ++k)
           g[top_index[k]] += tol_w * (f[top_index[k]] * inv_z_sum) * (k == 0 ? acc_t(1) : other_w);
       }
-      if constexpr (!kInPlace) {
-        for (int64_t c = 0; c < cols; ++c) g_row[c] = static_cast<scalar_t>(g[c]);
+      if constexpr (!kWriteInPlace) {
+        for (int64_t c = 0; c < cols; ++c) g_row[c] = static_cast<grad_t>(g[c]);
       }
     }
   });

@@ -66,6 +66,7 @@ class DistillLossFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(parts)
         ctx.reduction = reduction
         ctx.logits_shape = logits.shape
+        ctx.logits_dtype = logits.dtype
         if write_grad:
             ctx.save_for_backward(grad, *([] if count is None else [count]))
         return loss, parts
@@ -85,6 +86,9 @@ class DistillLossFunction(torch.autograd.Function):
             grad_logits = grad.mul_(scale)
         else:
             grad_logits = grad * scale  # the graph is kept (retain_graph): leave it intact
+        # float16 logits have a float32 stored gradient (kernels' gradient_dtype): it is rounded
+        # to float16 only now, after the loss scale of fp16 training is applied.
+        grad_logits = grad_logits.to(ctx.logits_dtype)
         return (grad_logits.reshape(ctx.logits_shape),) + (None,) * 12
 
 

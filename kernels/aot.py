@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from typing import Dict
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -20,11 +21,13 @@ from . import distill_loss as K
 
 #: integer scalar arguments of the kernels (the other scalars are float32)
 _INT_ARGS = ("z_stride", "t_stride", "grad_stride", "n_rows", "n_cols", "ignore_index")
+_TRITON_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def signature(fn, dtype: str, constexprs: Dict[str, int]) -> Dict[str, str]:
-    """Triton's signature of a loss kernel: logits, teacher and gradient in ``dtype`` ("fp32",
-    "bf16", "fp16"), int64 labels, float32 terms."""
+    """Triton's signature of a loss kernel: logits and teacher in ``dtype`` ("fp32", "bf16",
+    "fp16"), the gradient in ``gradient_dtype`` of it, int64 labels, float32 terms."""
+    grad_dtype = K.gradient_dtype(_TRITON_DTYPES[dtype])
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -33,6 +36,8 @@ def signature(fn, dtype: str, constexprs: Dict[str, int]) -> Dict[str, str]:
             sig[name] = "*i64"
         elif name == "terms_ptr":
             sig[name] = "*fp32"
+        elif name == "grad_ptr":
+            sig[name] = "*" + next(k for k, v in _TRITON_DTYPES.items() if v == grad_dtype)
         elif name.endswith("_ptr"):
             sig[name] = "*" + dtype
         elif name in _INT_ARGS:

@@ -35,6 +35,18 @@ CHUNKED_NUM_WARPS = 8
 REGISTER_TILE = 4096
 
 
+def gradient_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored d(loss)/d(logits): float32 for float16 logits, else the logits' own.
+
+    The gradient is written in the forward pass, before the loss scale of fp16 training is
+    applied to it in backward. Stored in float16, its small entries (softmax probabilities below
+    ~6e-5, most of a confident student's row) would lose their precision or flush to zero first:
+    the very loss the GradScaler exists to prevent. bfloat16 has float32's range, so bf16 logits
+    keep a bf16 gradient. (The C++ CPU kernel follows the same rule.)
+    """
+    return torch.float32 if logits_dtype == torch.float16 else logits_dtype
+
+
 @triton.jit
 def _rows_kernel(
     z_ptr, z_stride, t_ptr, t_stride, y_ptr, terms_ptr, grad_ptr, grad_stride,
@@ -335,13 +347,13 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
     ``(terms, grad)``: terms [5, N] float32 (each row's loss
     ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, then CE, KL, TOL, all zero for rows
     whose label is ignore_index; then 1 for the rows that count and 0 for those) and grad [N, C]
-    in logits' dtype, the gradient of each row's loss (an empty [0, C] tensor when ``write_grad``
-    is False).
+    in ``gradient_dtype(logits.dtype)``, the gradient of each row's loss (an empty [0, C] tensor
+    when ``write_grad`` is False).
     """
     n_rows, n_cols = logits.shape
     terms = torch.empty((TERM_ROWS, n_rows), dtype=torch.float32, device=logits.device)
-    grad = torch.empty((n_rows if write_grad else 0, n_cols), dtype=logits.dtype,
-                       device=logits.device)
+    grad = torch.empty((n_rows if write_grad else 0, n_cols),
+                       dtype=gradient_dtype(logits.dtype), device=logits.device)
     has_target = target is not None
     has_teacher = teacher_logits is not None
     has_tol = tolerance_weight > 0

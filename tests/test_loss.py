@@ -21,8 +21,9 @@ BACKENDS = [
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 
-# Gradient tolerances: the kernels round the row gradient to the logits' dtype once and scale it
-# once more in backward; the reference rounds once. Loss values are float32 in both.
+# Gradient tolerances: for bf16 logits the kernels round the row gradient to bf16 and scale it in
+# backward, a second rounding (float16 logits keep a float32 gradient until it is scaled); the
+# reference rounds once. Loss values are float32 in both.
 GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 4e-3), torch.float16: (3e-3, 5e-4),
             torch.float64: (1e-10, 1e-12)}
 
@@ -337,6 +338,35 @@ def test_no_gradient_written_without_requires_grad():
     assert grad.numel() == 0 and terms.shape == (5, 3)
     loss = distill_loss(logits, target, teacher)
     torch.testing.assert_close(loss, distill_loss_ref(logits, target, teacher))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("classes", [100, 9000])
+def test_fp16_gradient_survives_the_loss_scale(backend, classes):
+    """fp16 training: backward receives the GradScaler's scale (2**16 at first) and the gradient
+    of float16 logits must be the exact one rounded to float16 once, after scaling. A confident
+    student's small softmax entries (here 1e-9 .. 1e-4) flush to zero or lose most of their
+    digits if the stored gradient is float16 (it is float32: kernels' gradient_dtype)."""
+    rows = 32 if classes < 1000 else 4
+    logits, target, teacher = make_inputs(rows, classes, seed=5, spread=1.0)
+    g = torch.Generator().manual_seed(6)
+    logits[torch.arange(rows), target] += 10 + 10 * torch.rand(rows, generator=g)
+    logits = logits.half()
+    teacher = (teacher * 3).half()
+    kw = TERM_SETS["sd"]["kw"]
+    _, _, grad, _, _, ref_grad = run_both(backend, logits, target, teacher,
+                                          upstream=torch.tensor(2.0 ** 16, dtype=torch.float64),
+                                          **kw)
+    assert grad.dtype == torch.float16
+    expected = ref_grad.to(torch.float16).float()
+    assert (expected != 0).sum() > 0.9 * expected.numel()
+    # One rounding each (fused kernel in float32, reference in float64): at most one fp16 step
+    # apart, the smallest subnormal (6e-8) for the tiniest entries.
+    torch.testing.assert_close(grad.float(), expected, rtol=2 ** -10, atol=6e-8)
+    if backend != "cuda":
+        _, stored = torch.ops.fastsd.distill_loss_fwd(logits, target, teacher, 3.0, 1.0, 1.0, 1.0,
+                                                      0.0, 5, -100, True)
+        assert stored.dtype == torch.float32
 
 
 def test_retained_graph_gives_the_same_gradient_twice():

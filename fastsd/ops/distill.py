@@ -70,12 +70,13 @@ def _native_cpu_op():
 
 
 def _fake_outputs(logits, write_grad):
-    from fastsd.kernels.distill_loss import TERM_ROWS
+    from fastsd.kernels.distill_loss import TERM_ROWS, gradient_dtype
 
     rows, classes = logits.shape
     terms = logits.new_empty((TERM_ROWS, rows),
                              dtype=torch.promote_types(logits.dtype, torch.float32))
-    return terms, logits.new_empty((rows if write_grad else 0, classes))
+    return terms, logits.new_empty((rows if write_grad else 0, classes),
+                                   dtype=gradient_dtype(logits.dtype))
 
 
 def _distill_loss_fwd(logits: Tensor, target: Optional[Tensor], teacher_logits: Optional[Tensor],
@@ -90,8 +91,9 @@ def _distill_loss_fwd(logits: Tensor, target: Optional[Tensor], teacher_logits: 
     ``(terms, grad)``: terms [5, N] float32 (float64 for float64 logits) holding each row's loss
     ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, its CE, KL and TOL (zero for ignored
     rows), and whether the row counts (1 or 0: summed on the device, the divisor of a mean); and
-    grad [N, C] in logits' dtype, d(row loss)/d(logits) (an empty [0, C] tensor when
-    ``write_grad`` is False).
+    grad [N, C], d(row loss)/d(logits), in the logits' dtype except float32 for float16 logits
+    (``kernels.distill_loss.gradient_dtype``: backward scales it before it is rounded to
+    float16); an empty [0, C] tensor when ``write_grad`` is False.
     """
     if _runs_triton(logits):
         if logits.dtype == torch.float64:
