@@ -541,6 +541,43 @@ def test_cuda_step_has_no_host_sync(amp):
 
 
 @pytest.mark.gpu
+def test_compiled_step_is_captured_as_cuda_graphs():
+    """--compile-mode reduce-overhead: the student's step runs as CUDA graphs (nothing makes
+    inductor skip them, e.g. the metrics it adds into in place) and trains as the eager step."""
+    from torch._dynamo.utils import counters
+
+    from fastsd.models import create_model
+    from fastsd.train.schedule import LossSpec
+    from fastsd.train.step import TrainStep, build_optimizer
+    from fastsd.train.teachers import Teachers
+
+    spec = LossSpec(ce_weight=1.5, kd_weight=1.0, temperature=2.0, teacher=0)
+    x = torch.randn(32, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = create_model("resnet20", 10).cuda()
+        opt = build_optimizer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                              wd_norm_bias=False)
+        step = TrainStep(model, opt, device="cuda", amp="bf16", num_classes=10, compile=compile,
+                         compile_mode="reduce-overhead")
+        teachers = Teachers(model, 1, "fp16", "cuda")
+        teachers.capture(model, 0)
+        step.set_stage(spec, teachers.forward(0))
+        torch._dynamo.reset()
+        counters.clear()
+        for _ in range(5):
+            step(x, y)
+        results.append(step.read_metrics())
+        if compile:
+            assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    eager, compiled = results
+    assert compiled["steps"] == 5 and compiled["nonfinite"] == 0
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=2e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_sd_end_to_end_on_cuda(tmp_path, amp):
     trainer, results = train(tiny(tmp_path, device="cuda", amp=amp, method="sd", epochs=2,

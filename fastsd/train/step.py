@@ -75,6 +75,10 @@ class TrainStep:
         self.compile_mode = compile_mode
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.metrics = torch.zeros(_NUM_SLOTS, dtype=torch.float32, device=self.device)
+        if compile:
+            # The compiled forward adds into this tensor in place. CUDA graphs (reduce-overhead,
+            # max-autotune) skip a function that mutates an input unless its address is static.
+            torch._dynamo.mark_static_address(self.metrics)
         self._found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
         self._one = torch.ones(1, dtype=torch.float32, device=self.device)
         self._forwards: Dict[LossSpec, Callable] = {}
@@ -184,8 +188,13 @@ class TrainStep:
         self.metrics[_RUN] = state.get("nonfinite_run", 0.0)
 
 
+@torch.no_grad()
 def _accumulate(metrics: torch.Tensor, loss: torch.Tensor, terms, correct: torch.Tensor) -> None:
-    """Add one step to the accumulator, keeping non-finite steps out of the sums."""
+    """Add one step to the accumulator, keeping non-finite steps out of the sums.
+
+    Under no_grad: the accumulator must stay out of autograd. (torch 2.11's compile traces the
+    loss terms as requiring grad, and the in-place updates below then broke the step's backward.)
+    """
     nonfinite = ~torch.isfinite(loss)
     values = torch.stack([loss, terms.ce.float(), terms.kl.float(), terms.tolerance.float(),
                           correct])
