@@ -285,18 +285,28 @@ def test_cifar_binary_in_memory_is_exact(cifar_binary, trust_cifar_files, where)
         assert y.cpu().tolist() == arrays["train"][1][idx].tolist()
 
 
-def _graph_devices(output):
-    """{operator kind: the devices of its outputs} over the DALI graph that ends in ``output``."""
-    devices, seen, todo = {}, set(), [output]
+def _node_inputs(node):
+    """The nodes feeding ``node``: its data first, then parameter (argument) inputs."""
+    return [i for inp in node.source.inputs for i in (inp if isinstance(inp, list) else [inp])]
+
+
+def _graph_nodes(output):
+    """Every node of the DALI graph that ends in ``output``."""
+    nodes, todo = {}, [output]
     while todo:
         node = todo.pop()
-        if node.name in seen:
-            continue
-        seen.add(node.name)
+        if node.name not in nodes:
+            nodes[node.name] = node
+            todo.extend(_node_inputs(node))
+    return list(nodes.values())
+
+
+def _graph_devices(nodes):
+    """{operator kind: the devices of its outputs}."""
+    devices = {}
+    for node in nodes:
         kind = node.name.rsplit("_", 1)[0].strip("_")        # "__Resize_90" -> "Resize"
         devices.setdefault(kind, set()).add(node.device)
-        for inp in node.source.inputs:                      # positional and argument inputs
-            todo.extend(inp if isinstance(inp, list) else [inp])
     return devices
 
 
@@ -318,13 +328,20 @@ def test_gpu_graphs_pass_dalis_checks_without_a_gpu(source, augment, pre_resize)
                          channels_last=channels_last, path_prefix=b"/data/")
         pipe = define_pipeline(spec, lambda: None, batch_size=4, num_threads=1, device_id=None,
                                prefetch=2, seed=0)
-        assert len(pipe.serialize()) > 0
+        serialized = pipe.serialize()
         (out,) = pipe._graph_out
-        nodes = _graph_devices(out)
+        graph = _graph_nodes(out)
+        nodes = _graph_devices(graph)
         assert out.device == "gpu" and nodes["CropMirrorNormalize"] == {"gpu"}
+        # Parameters (crop windows, shapes, flips, sizes) stay on the CPU, constants included:
+        # a GPU one would be read back to the host every batch, where DALI accepts it at all.
+        gpu_params = [(node.name, i.name) for node in graph for i in _node_inputs(node)[1:]
+                      if i.device != "cpu"]
+        assert not gpu_params
         if source != "memory":
             decoder = "ImageSlice" if augment == "imagenet" else "Image"
             assert nodes[decoder] == {"gpu"}, nodes             # device="mixed": GPU output
+            assert b"jpeg_fancy_upsampling" in serialized          # PIL's chroma upsampling
             assert nodes["ExternalSource"] == {"cpu"}
             assert nodes.get("Read") == ({"cpu"} if source == "files" else None)
         if augment in ("imagenet", "center") or pre_resize:

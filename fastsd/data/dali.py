@@ -277,6 +277,9 @@ class DaliEpochLoader:
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # DALI needs a device id, and the batches' device (cuda:N) must compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dali_device = dali_device
         self.num_threads = max(1, int(num_threads))
         self.prefetch = max(1, int(prefetch))
@@ -355,9 +358,7 @@ class DaliEpochLoader:
     # ------------------------------------------------------------------ the pipeline
 
     def _device_id(self):
-        if self.dali_device != "gpu":
-            return None
-        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return self.device.index if self.dali_device == "gpu" else None
 
     def _build(self):
         from .dali_graph import GraphSpec, build_pipeline
@@ -392,10 +393,13 @@ class DaliEpochLoader:
         self._fresh = False
         feed = self._feed
         feed.start(batches)
+        # GPU output bound to torch's stream: the consumer's kernels wait for DALI's, not the host
+        bind_stream = self.dali_device == "gpu" and self._pipe.exec_dynamic
         try:
             for _ in range(len(batches)):
                 try:
-                    (out,) = self._pipe.run()
+                    (out,) = self._pipe.run(torch.cuda.current_stream(self.device)
+                                            if bind_stream else None)
                 except StopIteration:
                     raise RuntimeError("DALI pipeline ended the epoch early (internal error)") from None
                 except RuntimeError as e:
@@ -434,10 +438,8 @@ class DaliEpochLoader:
             on_gpu = self.dali_device == "gpu"
             x = torch.empty(t.shape(), dtype=self._dtype, device=self.device if on_gpu else "cpu")
             feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
-        if x.device != self.device:
-            if self.device.type == "cuda":
-                x = x.pin_memory()
-            x = x.to(self.device, non_blocking=True)
+        if x.device.type != self.device.type:   # CPU DALI feeding a GPU
+            x = x.pin_memory().to(self.device, non_blocking=True)
         if self._channels_last:
             x = x.permute(0, 3, 1, 2)   # NHWC bytes seen as NCHW: channels_last memory format
         return x

@@ -61,12 +61,18 @@ class GraphSpec:
 
 def _decode(data, spec: GraphSpec, start=None, size=None):
     """JPEG (or any image) bytes -> uint8 HWC RGB, on the GPU with device="mixed"."""
-    device = "mixed" if spec.device == "gpu" else "cpu"
-    # torchvision's ImageFolder loader (PIL) ignores EXIF orientation: so must we, or the pixels differ
+    # torchvision's ImageFolder loader (PIL) ignores EXIF orientation: so must we, or the pixels
+    # differ. PIL and DALI's CPU decoder (libjpeg-turbo) interpolate subsampled chroma ("fancy
+    # upsampling"); the GPU decoder uses a cruder one unless told otherwise, which can move colour
+    # edges by tens of levels on the 4:2:0 CIFAR JPEGs.
+    args = dict(output_type=types.RGB, adjust_orientation=False)
+    if spec.device == "gpu":
+        args.update(device="mixed", jpeg_fancy_upsampling=True)
+    else:
+        args.update(device="cpu")
     if start is None:
-        return fn.decoders.image(data, device=device, output_type=types.RGB, adjust_orientation=False)
-    return fn.decoders.image_slice(data, start, size, device=device, output_type=types.RGB,
-                                   adjust_orientation=False)
+        return fn.decoders.image(data, **args)
+    return fn.decoders.image_slice(data, start, size, **args)
 
 
 def _round(x):
@@ -169,8 +175,10 @@ def _graph(spec: GraphSpec, feed: Callable):
             anchor, flip = inputs[1:]
             # torchvision RandomCrop(padding=pad) pads with zeros before normalising: slice past
             # the edges of the unpadded image
-            images = fn.slice(images, anchor, np.array([side, side], dtype=np.int32),
-                              axis_names="WH", out_of_bounds_policy="pad", fill_values=0)
+            # (a bare numpy shape would become a GPU constant next to GPU images)
+            crop_shape = types.Constant(np.array([side, side], dtype=np.int32), device="cpu")
+            images = fn.slice(images, anchor, crop_shape, axis_names="WH",
+                              out_of_bounds_policy="pad", fill_values=0)
         if side != spec.image_size:  # CIFAR asked at another size: resize the crop, in float
             images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True,
                                dtype=types.FLOAT)

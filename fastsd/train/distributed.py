@@ -82,10 +82,14 @@ def rank_and_size() -> Tuple[int, int]:
 
 
 def local_device(device: str, world_size: int) -> torch.device:
-    """This process's device: ``cuda`` means the GPU of ``LOCAL_RANK`` when there are several."""
+    """This process's device: ``cuda`` means the GPU of ``LOCAL_RANK`` when there are several,
+    else the current GPU. Always with its index: tensors carry one (``cuda:0``), and
+    ``torch.device("cuda") != torch.device("cuda", 0)``."""
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None and world_size > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda" and dev.index is None:
+        index = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else \
+            torch.cuda.current_device()
+        return torch.device("cuda", index)
     return dev
 
 
