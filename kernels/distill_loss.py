@@ -17,6 +17,7 @@ so that the backward pass only scales the stored gradient by the incoming one. T
 All arithmetic is float32 whatever the input dtype. This module never imports fastsd.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -372,13 +373,16 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
             teacher_logits.stride(0) if has_teacher else 0,
             target if has_target else terms, terms, grad if write_grad else terms,
             grad.stride(0) if write_grad else 0)
-    if n_cols <= MAX_REGISTER_COLUMNS:
-        block_r, block_c, num_warps = register_path_config(
-            n_rows, n_cols,
-            _multiprocessors(logits.device) if logits.device.type == "cuda" else None)
-        _rows_kernel[(triton.cdiv(n_rows, block_r),)](
-            *args, **common, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
-    else:
-        _chunked_kernel[(n_rows,)](*args, **common, CHUNK=CHUNK_COLUMNS,
-                                   TOPK_PAD=topk_pad(common["TOPK"]), num_warps=CHUNKED_NUM_WARPS)
+    on_gpu = logits.device.type == "cuda"
+    # Triton launches on the current device (and its current stream): make that the logits'.
+    with torch.cuda.device(logits.device) if on_gpu else contextlib.nullcontext():
+        if n_cols <= MAX_REGISTER_COLUMNS:
+            block_r, block_c, num_warps = register_path_config(
+                n_rows, n_cols, _multiprocessors(logits.device) if on_gpu else None)
+            _rows_kernel[(triton.cdiv(n_rows, block_r),)](
+                *args, **common, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        else:
+            _chunked_kernel[(n_rows,)](*args, **common, CHUNK=CHUNK_COLUMNS,
+                                       TOPK_PAD=topk_pad(common["TOPK"]),
+                                       num_warps=CHUNKED_NUM_WARPS)
     return terms, grad

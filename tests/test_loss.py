@@ -274,6 +274,22 @@ def test_logged_terms_recombine_to_the_loss(backend):
     assert not any(term.requires_grad for term in terms)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_run_on_the_logits_gpu_not_the_current_one():
+    logits, target, teacher = make_inputs(8, 100)
+    kw = TERM_SETS["sd"]["kw"]
+    ref_x = logits.double().requires_grad_()
+    ref = distill_loss_ref(ref_x, target, teacher.double(), **kw)
+    ref.backward()
+    with torch.cuda.device(0):
+        x = logits.to("cuda:1").requires_grad_()
+        loss = distill_loss(x, target.to("cuda:1"), teacher.to("cuda:1"), **kw)
+        loss.backward()
+    torch.testing.assert_close(loss.cpu().double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.cpu().double(), ref_x.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_gradcheck_float64_native():
     """float64 runs the C++ kernel in float64: its analytic gradient against finite differences."""
     logits, target, teacher = make_inputs(3, 7, dtype=torch.float64, spread=1.0)
