@@ -63,10 +63,11 @@ def evaluate_models(forwards: Sequence[Tuple[str, Callable[[torch.Tensor], torch
             top = logits.argmax(-1)
             top_now.append(top)
             b = state["b"]
+            # summed on the device (0 becomes a tensor): read once, after the pass
             if prev_top is not None:
-                state["agree"] += int((top == prev_top[b]).sum())
+                state["agree"] = state["agree"] + (top == prev_top[b]).sum()
             log_p = torch.log_softmax(logits / temperature, dim=-1)
-            state["entropy"] += float(-(log_p.exp() * log_p).sum())
+            state["entropy"] = state["entropy"] - (log_p.exp() * log_p).sum(dtype=torch.float64)
             probs = torch.softmax(logits, dim=-1)
             if m == 0:
                 labels_all.append(labels)
@@ -78,10 +79,10 @@ def evaluate_models(forwards: Sequence[Tuple[str, Callable[[torch.Tensor], torch
         out = evaluate(forward, loader, collect=collect)
         n = out["samples"]
         entry = dict(label=label, top1_error=out["top1_error"], top5_error=out["top5_error"],
-                     confidence_top4=meter.mean(), entropy_T=state["entropy"] / n,
+                     confidence_top4=meter.mean(), entropy_T=float(state["entropy"]) / n,
                      second_confusion=meter.second_confusion(), samples=n)
         if prev_top is not None:
-            entry["agreement_prev"] = 100.0 * state["agree"] / n
+            entry["agreement_prev"] = 100.0 * float(state["agree"]) / n
         results.append(entry)
         prev_top = top_now
     ensemble = None

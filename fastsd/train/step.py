@@ -274,8 +274,10 @@ class SecondaryMeter:
         if self.second is not None and k >= 2:
             C = self.num_classes
             keep = (labels >= 0) & (labels < C)
-            flat = labels.long() * C + top.indices[:, 1]
-            self.second += torch.bincount(flat[keep], minlength=C * C)
+            flat = (labels.long() * C + top.indices[:, 1]).clamp_(0, C * C - 1)
+            # index_add_ of 0/1 rather than bincount of flat[keep]: a mask index and a CUDA
+            # bincount each wait for the host
+            self.second.index_add_(0, flat, keep.long())
 
     def mean(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
              ) -> "list[float]":
