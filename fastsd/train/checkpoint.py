@@ -102,8 +102,14 @@ def model_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------- RNG states
-def rng_state() -> Dict[str, Any]:
-    """Every generator the run could draw from, as ``torch.load(weights_only=True)`` reads it."""
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """Every generator the run could draw from, as ``torch.load(weights_only=True)`` reads it.
+
+    On CUDA, the generator of ``device``, the process's GPU. Only rank 0 writes the checkpoint,
+    and every rank restores it into its own GPU: the ranks are seeded alike and draw alike, so
+    rank 0's generator stands for each of them (its copies of the other GPUs' generators, which
+    it never draws from, would not).
+    """
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
@@ -111,22 +117,22 @@ def rng_state() -> Dict[str, Any]:
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
     np.random.set_state(("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"],
                          npst["has_gauss"], npst["cached"]))
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    if state.get("cuda") and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+    cuda_state = state.get("cuda")
+    if device.type == "cuda" and isinstance(cuda_state, torch.Tensor):
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 # ------------------------------------------------------------------------------- the checkpoint

@@ -239,7 +239,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step.state_dict(),
             "teachers": self.teachers.state_dict() if self.teachers is not None else None,
-            "rng": rng_state(), "snapshots": self.snapshots, "epochs": self.epochs_log,
+            "rng": rng_state(self.device), "snapshots": self.snapshots, "epochs": self.epochs_log,
             "wall_time_s": self.wall_time + self.monitor.elapsed(),
             "config": self.cfg.to_dict(), "world_size": self.world_size,
         }
@@ -264,7 +264,7 @@ class Trainer:
         self.step.load_state_dict(state["step"])
         if self.teachers is not None and state.get("teachers") is not None:
             self.teachers.load_state_dict(state["teachers"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.iteration = state["iteration"]
         self.snapshots, self.epochs_log = list(state["snapshots"]), list(state["epochs"])
