@@ -7,6 +7,7 @@
 #include "snapshot_pack_kernel.h"
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -26,6 +27,13 @@ pack_tensors_kernel(const BlockTask* __restrict__ tasks, const DeviceItem* __res
 
 void pack_tensors_cuda(at::TensorList srcs, const at::Tensor& dst,
                        at::OptionalIntArrayRef offsets) {
+  // The destination's device first: the temporaries and the pinned table below belong to it.
+  const c10::cuda::CUDAGuard guard(dst.device());
+  // The table reaches the device by a copy from a pinned host block that is recycled once the
+  // copy completes: a CUDA graph replaying the launch would read a block reused since.
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "fastsd::pack_tensors cannot be captured in a CUDA graph: call "
+              "SnapshotStore.capture outside torch.cuda.graph / reduce-overhead regions");
   std::vector<at::Tensor> keep_alive;
   const std::vector<PackItem> plan = plan_pack(srcs, dst, offsets, keep_alive);
   const PackTable table = build_pack_table(plan, /*pinned=*/true);
@@ -34,7 +42,6 @@ void pack_tensors_cuda(at::TensorList srcs, const at::Tensor& dst,
               "fastsd::pack_tensors: too many elements for one launch (", table.num_blocks,
               " chunks of ", kChunk, ")");
 
-  const c10::cuda::CUDAGuard guard(dst.device());
   // non_blocking from pinned memory: the copy is queued on the current stream and the caching
   // host allocator keeps the pinned block until it has completed.
   const at::Tensor on_device = table.host.to(dst.device(), at::kByte, /*non_blocking=*/true);

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from fastsd.ops.snapshot import pack_tensors
+from fastsd.ops.snapshot import PACK_SRC_DTYPES, pack_tensors
 
 __all__ = ["SnapshotStore"]
 
@@ -100,6 +100,15 @@ def _contiguous_strides(shape):
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+def _check_packable(kind: str, name: str, t: torch.Tensor) -> None:
+    """Floating-point tensors are converted by the pack op, which reads these dtypes only."""
+    if t.is_floating_point() and t.dtype not in PACK_SRC_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in PACK_SRC_DTYPES)
+        raise ValueError(f"{kind} '{name}' has dtype {t.dtype}, which SnapshotStore cannot "
+                         f"convert (it reads {names}): keep the model in one of those, e.g. "
+                         f"model.float()")
 
 
 def _normalisation_tensor_ids(model):
@@ -234,6 +243,7 @@ class SnapshotStore:
         named = [("parameter", n, t) for n, t in model.named_parameters()]
         named += [("buffer", n, t) for n, t in model.named_buffers()]
         for kind, name, t in named:
+            _check_packable(kind, name, t)
             if t.is_floating_point():
                 region = "float" if id(t) in norm_ids else "half"
             else:
@@ -312,6 +322,7 @@ class SnapshotStore:
                     e.region == "exact" and t.dtype != e.dtype):
                 raise ValueError(f"{e.kind} '{name}' has dtype {t.dtype} but the store was "
                                  f"built for {e.dtype}; build a new SnapshotStore for this model")
+            _check_packable(e.kind, name, t)
             if t.device != self.device:
                 raise ValueError(f"{e.kind} '{name}' is on {t.device} but the store is on "
                                  f"{self.device}: capture the model on the store's device, or "
@@ -369,9 +380,9 @@ class SnapshotStore:
         for the slot sees the new weights at once (it is a view of the slot).
         """
         tensors = self._model_tensors(model)
-        if slot is None:
+        ring = slot is None
+        if ring:
             slot = self._next
-            self._next = (slot + 1) % self.capacity
         else:
             self._check_slot(slot)
         with torch.no_grad():
@@ -387,6 +398,8 @@ class SnapshotStore:
                 dsts = [self._exact[self._entries[i].name][slot] for i in self._order["exact"]]
                 torch._foreach_copy_(dsts, [tensors[i] for i in self._order["exact"]])
         self._filled[slot] = True
+        if ring:   # only once the copy was accepted: a refused capture leaves the ring as it was
+            self._next = (slot + 1) % self.capacity
         return slot
 
     def _view(self, entry, slot):

@@ -479,7 +479,7 @@ def test_bad_slots(small):
 
 
 def test_bad_models(small):
-    store = SnapshotStore(small)
+    store = SnapshotStore(small, capacity=2)
     with pytest.raises(ValueError, match=r"'fc.weight' has shape \(7, 8\).*\(5, 8\)"):
         store.capture(SmallNet(num_classes=7))
     other = SmallNet()
@@ -490,6 +490,13 @@ def test_bad_models(small):
         store.capture(nn.Sequential(nn.Linear(3, 3)))
     with pytest.raises(ValueError, match="is on meta but the store is on cpu"):
         store.capture(SmallNet().to("meta"))
+    float8 = SmallNet()
+    float8.fc.weight.data = float8.fc.weight.data.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"parameter 'fc.weight' has dtype torch.float8_e4m3fn"):
+        store.capture(float8)
+    with pytest.raises(ValueError, match=r"parameter 'fc.weight' has dtype torch.float8_e4m3fn"):
+        SnapshotStore(float8)
+    assert store.capture(small) == 0 and store.capture(small) == 1   # refusals left the ring
 
 
 def test_bad_state_dicts(small):
@@ -543,6 +550,19 @@ def test_cuda_pack_resnet50_parameter_list():
     dst = torch.empty(sum(s.numel() for s in srcs), dtype=torch.float16, device="cuda")
     pack_tensors(srcs, dst)
     _assert_bits_equal(dst, torch.cat([s.half().reshape(-1) for s in srcs]))
+
+
+@pytest.mark.gpu
+def test_cuda_pack_refuses_graph_capture():
+    """The launch table comes from a recycled pinned block: a CUDA graph must not capture it."""
+    src = torch.randn(1000, device="cuda")
+    dst = torch.empty(1000, dtype=torch.float16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            pack_tensors([src], dst)
+    pack_tensors([src], dst)     # outside a capture, as usual
+    _assert_bits_equal(dst, src.half())
 
 
 @pytest.mark.gpu
