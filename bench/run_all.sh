@@ -13,13 +13,17 @@
 #
 # Every pytest call is time-boxed on its own (CALL_TIMEOUT seconds, default 240; the compiled
 # ResNet steps get twice that) and writes its own files, so that one call of a lent GPU machine
-# (at most 10 minutes) returns what finished even when something hangs or runs long. When $OUT is
-# set (the device tool), the phase's markdown and logs are copied there too. Without the CIFAR
-# archive beside the checkout, set FASTSD_CIFAR_JPEG_TAR to it (those cases skip otherwise).
+# (at most 10 minutes) returns what finished even when something hangs or runs long. DEADLINE_S
+# bounds the whole script as well: each call gets at most what is left of it (less a margin to
+# publish), and calls that would get under 20 s are skipped and say so. The calls run in order of
+# importance (GPU tests first). When $OUT is set (the device tool), the phase's markdown and logs
+# are copied there too. Without the CIFAR archive beside the checkout, set FASTSD_CIFAR_JPEG_TAR
+# to it (those cases skip otherwise).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 limit=${CALL_TIMEOUT:-240}
+deadline=$((SECONDS + ${DEADLINE_S:-1000000}))
 export PYTHONUNBUFFERED=1
 device=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')") || exit 1
 mkdir -p bench/results
@@ -36,18 +40,27 @@ publish() {  # publish STEM: the phase's markdown from its JSON files so far, an
   return 0
 }
 
+budget() {  # budget SECONDS: the call's time box, cut to what DEADLINE_S leaves (0: skip it)
+  local left=$((deadline - SECONDS - 15))
+  if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+
 gpu_tests() {  # gpu_tests STEM TEST_FILE...
-  local stem=$1
+  local stem=$1 seconds
   shift
   [ "$device" = cpu ] && return
-  timeout "$limit" $python -m pytest "$@" -m gpu -q -p no:cacheprovider -rs 2>&1 \
+  seconds=$(budget "$limit")
+  if [ "$seconds" -eq 0 ]; then echo "skipped (DEADLINE_S): GPU tests $*" | tee -a "$stem-gpu-tests.txt"; return; fi
+  timeout "$seconds" $python -m pytest "$@" -m gpu -q -p no:cacheprovider -rs 2>&1 \
     | tee -a "$stem-gpu-tests.txt" || status=1
   publish "$stem"
 }
 
 bench() {  # bench STEM PART SECONDS PYTEST_ARGS...
-  local stem=$1 part=$2 seconds=$3
+  local stem=$1 part=$2 seconds
+  seconds=$(budget "$3")
   shift 3
+  if [ "$seconds" -eq 0 ]; then echo "skipped (DEADLINE_S): $part" | tee -a "$stem-bench.txt"; return; fi
   # shellcheck disable=SC2086
   timeout "$seconds" $python -m pytest "$@" --benchmark-only --benchmark-max-time=0.5 \
     --benchmark-json="$stem-$part.json" -q -p no:cacheprovider -rs ${BENCH_ARGS:-} 2>&1 \
@@ -62,8 +75,8 @@ for phase in "${phases[@]}"; do
       gpu_tests "$stem" tests/test_loss.py tests/test_snapshots.py tests/test_train_loop.py \
         tests/test_data.py
       bench "$stem" loss "$limit" bench/bench_loss.py -k "not compiled_reference"
-      bench "$stem" loss-compiled "$limit" bench/bench_loss.py -k compiled_reference
-      bench "$stem" snapshots "$limit" bench/bench_snapshots.py ;;
+      bench "$stem" snapshots "$limit" bench/bench_snapshots.py
+      bench "$stem" loss-compiled "$limit" bench/bench_loss.py -k compiled_reference ;;
     train)
       bench "$stem" step-cpu "$limit" bench/bench_train.py -k cpu
       bench "$stem" step-resnet50 $((2 * limit)) bench/bench_train.py -k "gpu and resnet50"
