@@ -41,6 +41,16 @@ def test_method_dependent_defaults():
                                                                            **CPU).epochs
 
 
+def test_auto_learning_rate_follows_the_linear_rule_for_imagenet_models():
+    """0.1 for the CIFAR models; 0.1 per 256 images of the global batch for torchvision ones."""
+    assert TrainConfig(**CPU).lr == 0.1                                   # resnet20, batch 64
+    assert TrainConfig(arch="resnet18", **CPU).lr == pytest.approx(0.025)  # batch 64
+    imnet = TrainConfig(dataset="imagefolder", data="/x", arch="resnet50", **CPU)
+    assert imnet.batch_size == 256 and imnet.lr == pytest.approx(0.1)
+    assert TrainConfig(arch="resnet50", batch_size=512, **CPU).lr == pytest.approx(0.2)
+    assert TrainConfig(arch="resnet50", lr=0.3, **CPU).lr == 0.3          # given: used as is
+
+
 def test_cycles_leftover_epochs_go_to_the_last_cycle():
     assert TrainConfig(epochs=10, cycles=3, **CPU).cycle_epochs == [3, 3, 4]
     assert TrainConfig(epochs=10, cycle_epochs=[4, 2], **CPU).cycle_epochs == [4, 6]

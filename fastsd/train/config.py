@@ -135,9 +135,11 @@ class TrainConfig:
     epochs: Optional[int] = _f(None, "training epochs (per generation for ban/tt) [auto: 300 on "
                                "CIFAR, 90 on ImageNet folders, 6 on synthetic; the sum of "
                                "--cycle-epochs when given]", "optim")
-    lr: float = _f(0.1, "peak learning rate (lr_max of every cycle), used as given for the "
-                   "global batch: it is not rescaled with --world-size (scale it yourself, e.g. "
-                   "linearly with the global batch)", "optim")
+    lr: Optional[float] = _f(
+        None, "peak learning rate (lr_max of every cycle) for the global batch; a given value is "
+        "used as is, never rescaled with --world-size [auto: 0.1 for the CIFAR models; for "
+        "torchvision (ImageNet) models the linear scaling rule, 0.1 x global batch / 256]",
+        "optim")
     lr_min: float = _f(0.0, "learning rate the cosine decays towards", "optim")
     schedule: str = _f("cosine", "bl/kd/ban/tt: cosine or step (multi-step); se/sd always use "
                        "the cyclic cosine", "optim", choices=SCHEDULES)
@@ -414,6 +416,13 @@ class TrainConfig:
                 f"a separate teacher is used by --method kd only, not {self.method}")
 
         # --- optimisation
+        if self.lr is None:
+            from fastsd.models import get_model_info
+
+            # The ImageNet recipes' 0.1 is for 256 images (Goyal et al.'s linear rule); at 0.1 a
+            # ResNet-18 on the batch-64 synthetic demo diverges, at 0.025 it learns.
+            imagenet = get_model_info(self.arch).family == "imagenet"
+            self.lr = 0.1 * self.global_batch_size / 256 if imagenet else 0.1
         if not (math.isfinite(self.lr) and self.lr > 0):
             bad("lr", f"must be a finite number > 0, got {self.lr}")
         if not (0 <= self.lr_min < self.lr):
