@@ -12,7 +12,15 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
+
+# pyproject.toml's license is an SPDX string (PEP 639), which older setuptools reject with a
+# schema error that does not say what to do. (--no-build-isolation builds with whatever
+# setuptools is installed: pip checks no build requirement then.)
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"fastsd needs setuptools >= 77 to build, found {setuptools.__version__}: "
+             f"pip install -U 'setuptools>=77', then install fastsd again")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_ARCHS = ["80", "86", "89", "90"]  # A100, A10/A40/RTX 30, L4/L40/RTX 40, H100/H200
