@@ -4,6 +4,7 @@ Runs use ResNet-20 on 16x16 synthetic images, a few iterations per epoch.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -365,7 +366,47 @@ def test_nonfinite_steps_are_skipped_on_device():
                for m, p in zip(momentum, model.parameters()))
     m = step.read_metrics()
     assert m["steps"] == 2 and m["nonfinite"] == 1 and m["max_nonfinite_run"] == 1
+    assert m["skipped"] == 1
     assert m["loss"] == pytest.approx(m["ce"])
+
+
+def test_a_finite_loss_with_a_nonfinite_gradient_is_a_skipped_step():
+    """sqrt(|g(x)|) is finite at g(x) = 0, its gradient is not: no update, counted as skipped,
+    and the run of such steps is what --max-nonfinite bounds (the loss alone never stops it)."""
+    from fastsd.train.schedule import LossSpec
+    from fastsd.train.step import TrainStep, build_optimizer
+
+    class SqrtNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 3)
+            self.g = nn.Linear(12, 1, bias=False)
+
+        def forward(self, x):
+            h = x.flatten(1)
+            return self.fc(h) + torch.sqrt(self.g(h).abs())
+
+    torch.manual_seed(0)
+    model = SqrtNet()
+    opt = build_optimizer(model, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                          wd_norm_bias=False)
+    step = TrainStep(model, opt, device="cpu", amp="none", num_classes=3)
+    step.set_stage(LossSpec(), None)
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+    step(x, y)                                   # a good step
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = torch.zeros_like(x)                    # g(0) = 0: loss finite, d/dg.weight NaN
+    for _ in range(3):
+        step(bad, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    m = step.read_metrics()
+    assert m["steps"] == 4 and m["nonfinite"] == 0 and math.isfinite(m["loss"])
+    assert m["skipped"] == 3 and m["max_nonfinite_run"] == 3
+    step(x, y)                                   # a good step ends the run
+    m = step.read_metrics()
+    assert m["skipped"] == 0 and m["max_nonfinite_run"] == 3   # the run that was still going on
+    step(x, y)
+    assert step.read_metrics()["max_nonfinite_run"] == 0
 
 
 # --------------------------------------------------------------------------- the step itself

@@ -192,7 +192,9 @@ class TrainConfig:
                         "run")
     eval_every: int = _f(1, "evaluate on the test split every N epochs (and at every cycle or "
                          "generation end)", "run")
-    max_nonfinite: int = _f(20, "stop after this many consecutive steps with a non-finite loss",
+    max_nonfinite: int = _f(20, "stop after this many consecutive steps whose update was skipped "
+                            "for a non-finite loss or gradient (under fp16 AMP: consecutive "
+                            "non-finite losses; its loss scaler skips overflows by itself)",
                             "run")
     progress: str = _f("auto", "progress display: bar (tqdm), plain lines, none [auto: bar on a "
                        "terminal, plain otherwise]", "run", choices=PROGRESS_MODES)

@@ -385,7 +385,7 @@ class Trainer:
         skip = self.batch_in_epoch
         self.monitor.epoch_start(epoch, plan.total_epochs, plan.iters_per_epoch, initial=skip)
         self._epoch_sums = dict(loss=0.0, ce=0.0, kl=0.0, tolerance=0.0, correct=0.0, images=0,
-                                steps=0, finite=0)
+                                steps=0, finite=0, skipped=0)
         epoch_start = window_start = time.perf_counter()
         window_images = epoch_images = 0
         groups = self.optimizer.param_groups
@@ -424,7 +424,7 @@ class Trainer:
             loss=s["loss"] / finite, ce=s["ce"] / finite, kl=s["kl"] / finite,
             tolerance=s["tolerance"] / finite,
             train_top1_error=100.0 * (1 - s["correct"] / max(s["images"], 1)),
-            nonfinite=s["steps"] - s["finite"], epoch_time=seconds,
+            nonfinite=s["steps"] - s["finite"], skipped=s["skipped"], epoch_time=seconds,
             images_per_s=epoch_images / seconds if seconds > 0 else None)
 
     def _log_window(self, epoch, lr, images, seconds, to_log=True) -> None:
@@ -438,6 +438,7 @@ class Trainer:
         s["images"] += finite_images
         s["steps"] += m["steps"]
         s["finite"] += finite
+        s["skipped"] += m["skipped"]
         if m["max_nonfinite_run"] >= self.cfg.max_nonfinite:
             self._raise_nonfinite(m["max_nonfinite_run"])
         if not to_log:
@@ -445,7 +446,8 @@ class Trainer:
         row = dict(iteration=self.iteration, epoch=epoch + 1, stage=self.active_stage.index,
                    lr=lr, loss=m["loss"], ce=m["ce"], kl=m["kl"], tolerance=m["tolerance"],
                    train_top1_error=100.0 * (1 - m["correct"] / max(finite_images, 1)),
-                   nonfinite=m["nonfinite"], images_per_s=images / seconds if seconds else None,
+                   nonfinite=m["nonfinite"], skipped=m["skipped"],
+                   images_per_s=images / seconds if seconds else None,
                    time=self.monitor.elapsed())
         self.monitor.log("step", row, tb_prefix="train")
         postfix = dict(lr=f"{lr:.4g}", loss=f"{m['loss']:.4f}",
@@ -454,7 +456,8 @@ class Trainer:
             self.monitor.advance(0, postfix)
         elif self.monitor.progress == "plain":
             terms = f"ce {m['ce']:.4f}" + (f" kl {m['kl']:.4f}" if m["kl"] else "") + (
-                f" tol {m['tolerance']:.4f}" if m["tolerance"] else "")
+                f" tol {m['tolerance']:.4f}" if m["tolerance"] else "") + (
+                f", {m['skipped']} updates skipped" if m["skipped"] else "")
             self.monitor.message(
                 f"epoch {epoch + 1}/{self.plan.total_epochs} it {self.iteration}/"
                 f"{self.plan.total_iters} lr {lr:.4g} loss {m['loss']:.4f} ({terms}) "
@@ -466,7 +469,8 @@ class Trainer:
                  f"{self.run_dir} after changing the settings)" if os.path.isfile(ckpt)
                  else "no checkpoint had been written yet")
         raise NonFiniteLossError(
-            f"the loss was not finite for {run} steps in a row (limit {flag('max_nonfinite')} "
+            f"for {run} steps in a row the loss or a gradient was not finite and the update was "
+            f"skipped (limit {flag('max_nonfinite')} "
             f"{self.cfg.max_nonfinite}), up to iteration {self.iteration}; {where}. Lower --lr, "
             f"add --warmup-epochs, or use --amp bf16 / none")
 

@@ -15,9 +15,10 @@ import torch.nn as nn
 
 from .schedule import LossSpec
 
-# Slots of the device-side metrics accumulator.
-_LOSS, _CE, _KL, _TOL, _CORRECT, _STEPS, _NONFINITE, _RUN, _MAX_RUN = range(9)
-_NUM_SLOTS = 9
+# Slots of the device-side metrics accumulator: sums over the window up to _RUN, then the
+# current run of bad steps and the window's longest one.
+_LOSS, _CE, _KL, _TOL, _CORRECT, _STEPS, _NONFINITE, _SKIPPED, _RUN, _MAX_RUN = range(10)
+_NUM_SLOTS = 10
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -112,6 +113,9 @@ class TrainStep:
         model, device, amp = self.model, self.device, self.amp
         distill_loss = _loss_fn()
         kwargs = spec.loss_kwargs()
+        # fp16: the run of bad steps counts non-finite losses (the GradScaler's own skips of
+        # overflowing steps are routine). Otherwise __call__ counts skipped updates after backward.
+        loss_run = self.scaler is not None
 
         def forward(images, labels, teacher_logits, metrics):
             with autocast(device, amp):
@@ -119,7 +123,7 @@ class TrainStep:
             loss, terms = distill_loss(logits, labels, teacher_logits, return_terms=True,
                                        check_labels=False, **kwargs)
             correct = (logits.detach().argmax(-1) == labels).sum().to(torch.float32)
-            _accumulate(metrics, loss.detach(), terms, correct)
+            _accumulate(metrics, loss.detach(), terms, correct, loss_run)
             return loss
 
         return forward
@@ -146,6 +150,12 @@ class TrainStep:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
             opt.grad_scale, opt.found_inf = None, self._found_inf
             opt.step()
+            # A skipped update is counted, and extends the run of bad steps that --max-nonfinite
+            # bounds: a non-finite loss always skips, and so does a finite loss whose gradient is
+            # not (which would otherwise stop the training silently).
+            with torch.no_grad():
+                self.metrics[_SKIPPED] += self._found_inf[0]
+            _extend_run(self.metrics, self._found_inf[0])
         opt.zero_grad(set_to_none=True)
 
     # --------------------------------------------------------------------------------- metrics
@@ -159,8 +169,10 @@ class TrainStep:
 
         Returns loss, ce, kl, tolerance (means over the finite steps), correct (top-1 hits on the
         training batches of the finite steps), steps, nonfinite (steps in the window with a
-        non-finite loss), max_nonfinite_run (longest run of consecutive non-finite steps,
-        including one still going on across windows).
+        non-finite loss), skipped (steps whose update was skipped on device for a non-finite
+        gradient; bf16 and fp32 only, fp16's GradScaler skips on its own), max_nonfinite_run
+        (longest run of consecutive bad steps, including one still going on across windows:
+        non-finite losses under fp16, skipped updates otherwise).
         """
         values = self.metrics
         if all_reduce is not None:
@@ -172,7 +184,7 @@ class TrainStep:
         out = dict(loss=values[_LOSS] / finite, ce=values[_CE] / finite, kl=values[_KL] / finite,
                    tolerance=values[_TOL] / finite, steps=int(steps),
                    correct=values[_CORRECT], nonfinite=int(values[_NONFINITE]),
-                   max_nonfinite_run=int(values[_MAX_RUN]))
+                   skipped=int(values[_SKIPPED]), max_nonfinite_run=int(values[_MAX_RUN]))
         with torch.no_grad():
             self.metrics[:_RUN].zero_()
             self.metrics[_MAX_RUN] = self.metrics[_RUN]
@@ -189,8 +201,10 @@ class TrainStep:
 
 
 @torch.no_grad()
-def _accumulate(metrics: torch.Tensor, loss: torch.Tensor, terms, correct: torch.Tensor) -> None:
-    """Add one step to the accumulator, keeping non-finite steps out of the sums.
+def _accumulate(metrics: torch.Tensor, loss: torch.Tensor, terms, correct: torch.Tensor,
+                loss_run: bool) -> None:
+    """Add one step to the accumulator, keeping non-finite steps out of the sums; ``loss_run``:
+    a non-finite loss extends the run of bad steps (fp16).
 
     Under no_grad: the accumulator must stay out of autograd. (torch 2.11's compile traces the
     loss terms as requiring grad, and the in-place updates below then broke the step's backward.)
@@ -203,7 +217,14 @@ def _accumulate(metrics: torch.Tensor, loss: torch.Tensor, terms, correct: torch
     metrics[_STEPS] += 1
     nf = nonfinite.to(torch.float32)
     metrics[_NONFINITE] += nf
-    run = (metrics[_RUN] + 1) * nf
+    if loss_run:
+        _extend_run(metrics, nf)
+
+
+@torch.no_grad()
+def _extend_run(metrics: torch.Tensor, bad: torch.Tensor) -> None:
+    """One more step in the run of bad steps (``bad`` 1.0), or its end (0.0)."""
+    run = (metrics[_RUN] + 1) * bad
     metrics[_RUN] = run
     metrics[_MAX_RUN] = torch.maximum(metrics[_MAX_RUN], run)
 
