@@ -72,8 +72,11 @@ for phase in "${phases[@]}"; do
   stem=bench/results/$device-$phase-$(date +%Y%m%d-%H%M)
   case $phase in
     core)
-      gpu_tests "$stem" tests/test_loss.py tests/test_snapshots.py tests/test_train_loop.py \
-        tests/test_data.py
+      # one time box each: the loss and trainer tests compile many kernels and models, and one
+      # running long must not cost the others their run
+      gpu_tests "$stem" tests/test_snapshots.py tests/test_data.py
+      gpu_tests "$stem" tests/test_loss.py
+      gpu_tests "$stem" tests/test_train_loop.py
       bench "$stem" loss "$limit" bench/bench_loss.py -k "not compiled_reference"
       bench "$stem" snapshots "$limit" bench/bench_snapshots.py
       bench "$stem" loss-compiled "$limit" bench/bench_loss.py -k compiled_reference ;;
