@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from fastsd.train.config import auto_image_size
 from fastsd.train.errors import SetupError, TrainError
 
 __all__ = ["evaluate_models", "resolve_models", "main"]
@@ -212,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "run's]")
     p.add_argument("--arch", help="architecture [default: recorded in the weights file]")
     p.add_argument("--num-classes", type=int, help="[default: recorded in the weights file]")
-    p.add_argument("--image-size", type=int, help="[default: the run's]")
+    p.add_argument("--image-size", type=int, help="[default: the run's; without a run, as "
+                   "fastsd.train chooses: on image folders the model's input size]")
     p.add_argument("--batch-size", type=int, help="evaluation batch size [default: the run's]")
     p.add_argument("--temperature", type=float,
                    help="T of the entropy column [default: the run's, else 1]")
@@ -284,10 +286,13 @@ def _main(args) -> Dict[str, Any]:
     data = args.data if args.data is not None else (cfg.get("data") if not args.dataset else None)
     synthetic = cfg.get("synthetic_size") if dataset == "synthetic" else None
     batch = args.batch_size or cfg.get("eval_batch_size") or 256
+    image_size = args.image_size or cfg.get("image_size") or auto_image_size(dataset, arch)
     try:
-        loaders = build_loaders(dataset, data, batch_size=batch, eval_batch_size=batch, workers=0,
+        # Only the test split is read; a training batch of 1 keeps the loaders' check that every
+        # process gets a full training batch from refusing a small folder for no reason.
+        loaders = build_loaders(dataset, data, batch_size=1, eval_batch_size=batch, workers=0,
                                 device=device, num_classes=num_classes,
-                                image_size=args.image_size or cfg.get("image_size"),
+                                image_size=image_size,
                                 synthetic_size=tuple(synthetic) if synthetic else None)
     except (ValueError, OSError) as e:
         raise SetupError(f"data (--dataset {dataset}" + (f", --data {data}" if data else "")

@@ -181,6 +181,41 @@ def test_evaluate_prints_the_same_numbers(runs, capsys):
     assert f"| {hand[1]['top1']:.2f} |" in capsys.readouterr().out
 
 
+def test_evaluate_crops_a_folder_to_the_models_input_size(tmp_path, monkeypatch, capsys):
+    """Without a run's config.yaml the image size follows fastsd.train's rule: a CIFAR ResNet
+    evaluates a folder at its own 32 px, not at the ImageNet 224. The folder's training split
+    (4 images) is smaller than the evaluation batch: it is not read, so it is not refused."""
+    import fastsd.data
+    from PIL import Image
+
+    from fastsd.evaluate import main
+    from fastsd.models import create_model
+    from fastsd.train.checkpoint import save_safetensors
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "folder" / split / c)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "folder" / split / c / f"{i}.png")
+    weights = str(tmp_path / "resnet20.safetensors")
+    save_safetensors(create_model("resnet20", 2).state_dict(), weights)
+    seen = {}
+    build = fastsd.data.build_loaders
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(fastsd.data, "build_loaders", spy)
+    args = ["--checkpoint", weights, "--arch", "resnet20", "--num-classes", "2", "--dataset",
+            "imagefolder", "--data", str(tmp_path / "folder"), "--device", "cpu"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert seen["image_size"] == 32
+    assert main(args + ["--image-size", "40"]) == 0 and seen["image_size"] == 40
+
+
 def test_evaluate_names_a_missing_snapshot(runs, capsys):
     from fastsd.evaluate import main
 
