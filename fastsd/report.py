@@ -4,7 +4,9 @@ Writes ``DIR/report.md`` and the PNG files it shows:
 
 - the error table laid out like the SD paper's (one top-1 and one top-5 row per run, titled by
   method and temperature; columns M#L1 … M#Ln / G#0 … G#n, best, ensemble), made by
-  :func:`fastsd.train.results.format_table`, the same code as each run's results.md;
+  :func:`fastsd.train.results.format_table`, the same code as each run's results.md; and where
+  several runs repeat one experiment with other seeds, the same table as mean ± standard
+  deviation over them;
 - ``lr.png``: the learning rate over iterations (the schedule rebuilt from config.yaml by the
   trainer's own :func:`~fastsd.train.schedule.build_plan`, with the logged values as dots), one
   panel per run, stage starts (snapshots taken, teacher switched) marked;
@@ -31,8 +33,10 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from fastsd.train.config import RESUME_OVERRIDABLE
 from fastsd.train.errors import TrainError
-from fastsd.train.results import METHOD_NAMES, format_table, run_title
+from fastsd.train.results import (METHOD_NAMES, format_table, run_title, stage_labels,
+                                  table_columns)
 
 __all__ = ["ReportError", "load_run", "build_report", "main"]
 
@@ -182,6 +186,53 @@ def secondary_table(runs: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# Settings in which repeats of one experiment may differ: the seed, and where a run ran and how
+# it was fed and watched (what --resume may change, the device and the speed settings).
+REPEAT_FREE_SETTINGS = frozenset(RESUME_OVERRIDABLE) | {
+    "seed", "device", "threads", "compile", "compile_mode", "deterministic", "dali",
+    "channels_last"}
+
+
+def repeat_groups(runs: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    """Groups of two or more runs that repeat one experiment (their config.yaml are equal but for
+    :data:`REPEAT_FREE_SETTINGS`), in the order the runs were given; a directory given twice
+    counts once."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    seen = set()
+    for run in runs:
+        where = os.path.realpath(run["dir"])
+        if where in seen:
+            continue
+        seen.add(where)
+        experiment = {k: v for k, v in run["config"].items() if k not in REPEAT_FREE_SETTINGS}
+        groups.setdefault(json.dumps(experiment, sort_keys=True, default=str), []).append(run)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _mean_std(values: Sequence[Optional[float]]) -> str:
+    """"mean ± sample standard deviation", blank unless every run has the value."""
+    if any(v is None for v in values):
+        return ""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def repeats_table(groups: Sequence[Sequence[Dict[str, Any]]]) -> str:
+    """The error table of :func:`format_table` as mean ± standard deviation over each group."""
+    labels = stage_labels([r["results"] for g in groups for r in g])
+    header = ["experiment", "runs (seed)", "error (%)"] + labels + ["best", "ensemble"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for group in groups:
+        members = ", ".join(f"{r['name']} ({r['config'].get('seed', '?')})" for r in group)
+        for i, key in enumerate(("top1_error", "top5_error")):
+            columns = zip(*(table_columns(r["results"], labels, key) for r in group))
+            cells = [run_title(group[0]["results"]), members] if i == 0 else ["", ""]
+            cells += ["top-1" if i == 0 else "top-5"] + [_mean_std(c) for c in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def teacher_rows(run: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Stages with a snapshot teacher: label, teacher label, agreement, teacher entropy."""
     out = []
@@ -285,12 +336,7 @@ def plot_curves(runs, path, plt) -> None:
 
 
 def plot_stage_errors(runs, path, plt) -> None:
-    labels: List[str] = []
-    for run in runs:
-        for e in run["results"]["snapshots"]:
-            if e["label"] not in labels:
-                labels.append(e["label"])
-    labels.append("ensemble")
+    labels = stage_labels([run["results"] for run in runs]) + ["ensemble"]
     width = 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(runs) / 2)), 4))
     for i, (run, title) in enumerate(zip(runs, titles(runs))):
@@ -365,6 +411,11 @@ def build_report(run_dirs: Sequence[str], out: str, *, plots: bool = True) -> Di
            "and the ensemble of the snapshots' softmax outputs (SE/SD: every cycle; BAN/TT: "
            "generations 1..N), as in the tables of the SD paper.", "",
            format_table(results, titles=titles(runs)), ""]
+    groups = repeat_groups(runs)
+    if groups:
+        md += ["Repeated runs: mean ± standard deviation (sample, n − 1) over the runs of one "
+               "experiment, whose config.yaml are equal but for the seed and where and how fast "
+               "they ran.", "", repeats_table(groups), ""]
     settings = ["| run | method | T | λ_S | λ_T | epochs | cycles / generations | arch | data |",
                 "|---|---|---|---|---|---|---|---|---|"]
     for run, res in zip(runs, results):

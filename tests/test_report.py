@@ -154,6 +154,45 @@ def test_report_numbers_equal_a_hand_computation(runs, tmp_path):
         assert at[r["iteration"] - 1] == pytest.approx(r["lr"], rel=1e-12)
 
 
+def test_repeated_runs_get_mean_and_standard_deviation(runs, tmp_path):
+    """Runs that differ only in seed (and where and how they ran) are one experiment: the report
+    adds its table as mean ± sample standard deviation, computed here from results.json."""
+    from fastsd.ops.distill import cpu_backend
+    from fastsd.report import build_report
+
+    root, _ = runs
+    repeats = []
+    with cpu_backend("native"):
+        for seed, threads in ((0, None), (1, 1)):  # --threads differs too: still a repeat
+            cfg = tiny(str(tmp_path), f"sd-seed{seed}", method="sd", epochs=2, cycles=2,
+                       seed=seed, threads=threads, num_classes=10, synthetic_size=[256, 100],
+                       batch_size=16, log_every=4)
+            repeats.append(Trainer(cfg, quiet=True).run())
+    dirs = [repeats[0]["run_dir"], os.path.join(root, "bl"), repeats[1]["run_dir"],
+            repeats[0]["run_dir"]]  # the same directory twice counts once
+    md = open(build_report(dirs, str(tmp_path / "rep"), plots=False)["report"]).read()
+    lines = md.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("| experiment |")))
+    assert lines[at].split("|")[1:-1] == [" experiment ", " runs (seed) ", " error (%) ",
+                                          " M#L1 ", " M#L2 ", " best ", " ensemble "]
+    table = lines[at + 2:at + 4]
+    assert table[0].startswith("| SD (T=2), resnet20 | sd-seed0 (0), sd-seed1 (1) | top-1 |")
+    assert lines[at + 4] == ""  # the one repeated experiment: bl has no repeat
+
+    def mean_std(values):
+        return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+    a, b = repeats
+    stds = []
+    for row, key in zip(table, ("top1_error", "top5_error")):
+        expected = [mean_std([x[key], y[key]]) for x, y in zip(a["snapshots"], b["snapshots"])]
+        expected += [mean_std([a["best"][key], b["best"][key]]),
+                     mean_std([a["ensemble"][key], b["ensemble"][key]])]
+        assert [c.strip() for c in row.split("|")[4:-1]] == expected
+        stds += [float(e.split(" ± ")[1]) for e in expected]
+    assert max(stds) > 0  # the seeds gave different numbers: the deviation was computed
+
+
 def test_evaluate_prints_the_same_numbers(runs, capsys):
     from fastsd.evaluate import main
 

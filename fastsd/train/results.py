@@ -42,26 +42,38 @@ def run_title(results: Dict[str, Any]) -> str:
     return f"{name}, {results['arch']}"
 
 
-def format_table(runs: Sequence[Dict[str, Any]], titles: Optional[Sequence[str]] = None) -> str:
-    """A markdown table of one or more runs: a top-1 and a top-5 row per run, one column per
-    snapshot / generation label, then best and ensemble (blank where a run has none).
-    ``titles``: the first cell of each run's rows [default: :func:`run_title`]."""
+def stage_labels(runs: Sequence[Dict[str, Any]]) -> List[str]:
+    """The snapshot / generation labels of the runs' results, in order of first appearance:
+    the columns of a table that shows them side by side."""
     labels: List[str] = []
     for run in runs:
         for entry in run["snapshots"]:
             if entry["label"] not in labels:
                 labels.append(entry["label"])
+    return labels
+
+
+def table_columns(run: Dict[str, Any], labels: Sequence[str], key: str) -> List[Optional[float]]:
+    """``key`` ("top1_error" or "top5_error") of a run under each label, then best and ensemble;
+    None where the run has no such column."""
+    by_label = {e["label"]: e for e in run["snapshots"]}
+    ens = run.get("ensemble")
+    return ([by_label[l][key] if l in by_label else None for l in labels]
+            + [run["best"][key], ens[key] if ens else None])
+
+
+def format_table(runs: Sequence[Dict[str, Any]], titles: Optional[Sequence[str]] = None) -> str:
+    """A markdown table of one or more runs: a top-1 and a top-5 row per run, one column per
+    snapshot / generation label, then best and ensemble (blank where a run has none).
+    ``titles``: the first cell of each run's rows [default: :func:`run_title`]."""
+    labels = stage_labels(runs)
     header = ["run", "error (%)"] + labels + ["best", "ensemble"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for n, run in enumerate(runs):
-        by_label = {e["label"]: e for e in run["snapshots"]}
         title = titles[n] if titles is not None else run_title(run)
         for i, key in enumerate(("top1_error", "top5_error")):
             cells = [title if i == 0 else "", "top-1" if i == 0 else "top-5"]
-            cells += [_fmt(by_label[l][key]) if l in by_label else "" for l in labels]
-            cells.append(_fmt(run["best"][key]))
-            ens = run.get("ensemble")
-            cells.append(_fmt(ens[key]) if ens else "")
+            cells += [_fmt(v) for v in table_columns(run, labels, key)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
