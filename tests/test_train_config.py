@@ -330,3 +330,16 @@ def test_teacher_of_another_architecture_or_class_count(tmp_path, capsys):
 def test_resume_without_a_checkpoint(tmp_path, capsys):
     _fails(capsys, ["--resume", str(tmp_path)], "holds no checkpoint")
     _fails(capsys, ["--resume", str(tmp_path / "absent")], "not a directory")
+
+
+def test_resume_of_an_image_folder_run_from_before_the_crop_followed_the_model(tmp_path):
+    """Such a config.yaml says image_size: null, which then meant 224: a resumed run keeps it."""
+    dump_yaml(TrainConfig(dataset="imagefolder", data=str(tmp_path), arch="resnet20", **CPU),
+              str(tmp_path / "x"))
+    text = (tmp_path / "x").read_text()
+    assert "\nimage_size: 32\n" in text  # what a run writes now
+    (tmp_path / "config.yaml").write_text(text.replace("\nimage_size: 32\n",
+                                                       "\nimage_size: null\n"))
+    assert config_from_args(["--resume", str(tmp_path)]).image_size == 224
+    (tmp_path / "config.yaml").write_text(text)
+    assert config_from_args(["--resume", str(tmp_path)]).image_size == 32

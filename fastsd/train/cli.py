@@ -86,7 +86,11 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
         from .checkpoint import find_checkpoint
 
         find_checkpoint(resume)  # raises the message that fits what is missing
-    saved = TrainConfig(**load_yaml(saved_path))
+    saved_values = load_yaml(saved_path)
+    if saved_values.get("dataset") == "imagefolder" and saved_values.get("image_size") is None:
+        # Written before the crop followed the model (config.yaml now records it): it was 224.
+        saved_values["image_size"] = 224
+    saved = TrainConfig(**saved_values)
     resumed = TrainConfig(**{**saved.to_dict(), **values, "resume": resume, "out": resume})
     changed = [name for name, value in resumed.to_dict().items()
                if name not in RESUME_OVERRIDABLE and saved.to_dict()[name] != value]
