@@ -404,16 +404,23 @@ def test_teacher_compiles_on_cpu(small, dtype):
     store.capture(small)
     compiled = torch.compile(store.teacher(0), fullgraph=True)
     x = _inputs(size=12).to(dtype)
+    # Compiled and eager agree to rounding (seen: 0 in fp16, 1 bf16 step of 4.9e-4 at ~0.4),
+    # far closer than the capture below moves the output (0.14): a compiled teacher that kept
+    # any stale weights (say the half-precision ones, with BatchNorm's float32 ones re-pointed)
+    # fails.
+    def gap(a, b):
+        return (a.float() - b.float()).abs().max().item()
+
     with torch.no_grad():
         out = compiled(x)
-        assert torch.allclose(out.float(), store.teacher(0)(x).float(), atol=3e-2, rtol=3e-2)
-    _warm_up(small, steps=1, size=12, seed=9)
+        assert gap(out, store.teacher(0)(x)) <= 2e-3
+    _warm_up(small, steps=3, size=12, seed=9)
     store.capture(small)  # new weights in place: the compiled teacher follows
     with torch.no_grad():
         out2 = compiled(x)
         eager2 = store.teacher(0)(x)
-    assert not torch.allclose(out2, out)
-    assert torch.allclose(out2.float(), eager2.float(), atol=3e-2, rtol=3e-2)
+    assert gap(eager2, out) > 0.05
+    assert gap(out2, eager2) <= 2e-3
 
 
 def test_wrapped_and_tied_models():
