@@ -3,6 +3,7 @@
 Runs use ResNet-20 on 16x16 synthetic images, a few iterations per epoch.
 """
 
+import itertools
 import json
 import math
 import os
@@ -101,8 +102,14 @@ def test_every_method_end_to_end(tmp_path, method, extra, n_snapshots, has_ensem
         assert on_disk["ensemble"]["members"] == list(range(1, n_snapshots))
     elif method in ("se", "sd"):
         assert [e["label"] for e in snaps] == [f"M#L{i + 1}" for i in range(n_snapshots)]
-    # the epochs of the cycles, leftover to the last (sd: 3 epochs as 1,2)
-    assert snaps[-1]["epoch"] == cfg.total_epochs
+    # taken at the end of every cycle / generation (sd: 3 epochs as cycles of 1 and 2)
+    if method in ("se", "sd"):
+        ends = list(itertools.accumulate(cfg.cycle_epochs))
+    else:
+        ends = [cfg.epochs * (g + 1) for g in range(n_snapshots)]
+    assert [e["epoch"] for e in snaps] == ends
+    if extra.get("cycle_epochs") == [1, 1]:
+        assert [e["epoch"] for e in snaps] == [1, 3]
     md = (run / "results.md").read_text()
     assert "| run | error (%) |" in md and "best" in md and "ensemble" in md
     # config.yaml is the resolved configuration
@@ -158,10 +165,16 @@ def test_kd_from_a_teacher_of_another_architecture(tmp_path):
 
 # ------------------------------------------------------------------------------- SD teachers
 class Recorder:
-    """Student weights at every stage end; the teacher module at every stage start."""
+    """Student weights at every stage end; the teacher module at every stage start; the step's
+    teacher output on one fixed input at every stage start and epoch end."""
 
     def __init__(self):
-        self.ends, self.starts = {}, {}
+        self.ends, self.starts, self.outputs = {}, {}, {}
+        self.probe = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+    def on_epoch_end(self, trainer, epoch):
+        if isinstance(trainer.active_stage.loss.teacher, int):
+            self.outputs[trainer.active_stage.index].append(trainer.step.teacher(self.probe))
 
     def on_stage_end(self, trainer, stage):
         start, end = trainer.plan.stage_bounds(stage)
@@ -178,13 +191,16 @@ class Recorder:
                 grad=any(p.requires_grad for p in module.parameters()),
                 state={k: v.detach().clone() for k, v in module.state_dict().items()},
                 step_out=trainer.step.teacher(x), module_out=module(x.to(trainer.teachers.dtype)))
+            self.outputs[stage.index] = [trainer.step.teacher(self.probe)]
 
 
 @pytest.mark.parametrize("teacher_dtype", ["auto", "fp32"])
 def test_sd_teacher_is_the_snapshot_of_the_previous_cycles_last_iteration(tmp_path,
                                                                           teacher_dtype):
     rec = Recorder()
-    trainer, _ = train(tiny(tmp_path, method="sd", epochs=3, cycles=3,
+    # cycles of 2 epochs: a snapshot taken at every epoch end, or a teacher that follows the
+    # student during its cycle, would show
+    trainer, _ = train(tiny(tmp_path, method="sd", cycle_epochs=[1, 2, 2],
                             teacher_dtype=teacher_dtype), hooks=[rec])
     assert trainer.teachers.dtype == (torch.float32 if teacher_dtype == "fp32" else
                                       trainer.teachers.store_dtype)
@@ -202,6 +218,11 @@ def test_sd_teacher_is_the_snapshot_of_the_previous_cycles_last_iteration(tmp_pa
             rounded = student[name].to(dtype).to(value.dtype)
             assert torch.equal(value, exact) or torch.equal(value, rounded), name
         assert torch.equal(info["step_out"], info["module_out"])
+        # the same teacher for the whole cycle, through its last epoch (after the capture of
+        # the cycle's own snapshot into the next slot)
+        assert len(rec.outputs[c]) == 3
+        for out in rec.outputs[c][1:]:
+            assert torch.equal(out, rec.outputs[c][0])
 
 
 def test_se_and_sd_give_the_same_first_cycle_snapshot(tmp_path):
