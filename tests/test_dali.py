@@ -252,6 +252,9 @@ def test_cifar_jpeg_train_epoch_is_the_drawn_augmentation(cifar_jpeg, cache_byte
     assert len(train) == len(batches) == 5
     seen = np.concatenate(batches)
     assert sorted(seen.tolist()) == list(range(200))          # one epoch: every sample once
+    anchors = np.concatenate([train.augmentation(2, k, len(b))[0] for k, b in enumerate(batches)])
+    for axis in (0, 1):  # the pad-4 crop takes every offset -4..4 on both axes over the epoch
+        assert set(anchors[:, axis].tolist()) == set(range(-4, 5))
     for k, (x, y) in enumerate(train):
         assert x.shape == (40, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
         idx = batches[k]
