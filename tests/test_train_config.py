@@ -85,14 +85,18 @@ def test_yaml_round_trip_and_flag_precedence(tmp_path):
 
 
 def test_every_field_has_help_and_a_flag():
+    import dataclasses
+    import re
+
     parser = build_parser()
     text = parser.format_help()
-    import dataclasses
-
+    options = parser._option_string_actions  # whole flags: --data is not --dataset's prefix
     for f in dataclasses.fields(TrainConfig):
-        assert f.metadata["help"]
-        assert "--" + f.name.replace("_", "-") in text
-    assert "--no-nesterov" in text and "--compile" in text
+        name = "--" + f.name.replace("_", "-")
+        assert f.metadata["help"] and name in options, name
+        assert options[name].dest == f.name
+        assert re.search(re.escape(name) + r"[ ,\n=]", text), name  # listed in --help
+    assert "--no-nesterov" in options and "--compile" in options
 
 
 # ------------------------------------------------------------------------------------ schedules
