@@ -653,9 +653,13 @@ def test_sd_end_to_end_on_cuda(tmp_path, amp):
 def test_a_fresh_generation_learns_under_its_teacher(tmp_path):
     """Regression: generation 1 of BAN starts from fresh weights under a teacher. With SD's
     λ_S = 1 + 1/T and no warm-up it diverged to chance on this data; the ban/tt defaults
-    (λ_S = 1, one warm-up epoch per generation) must let it learn."""
-    cfg = tiny(tmp_path, method="ban", generations=1, epochs=3, synthetic_size=[1024, 256],
-               log_every=50)
+    (λ_S = 1, one warm-up epoch per generation) must let it learn.
+
+    The quick demo's data and batch (2048 images, 64 a batch): generation 1 reaches about 50 %
+    error here, and 90 % with λ_S = 1.5 and no warm-up. With 1024 images in batches of 32 its
+    error swung between 69 % and 90 % with the seed, the teacher precision and the CPU."""
+    cfg = tiny(tmp_path, method="ban", generations=1, epochs=3, synthetic_size=[2048, 256],
+               batch_size=64, log_every=50)
     assert cfg.lambda_s == 1.0 and cfg.warmup_epochs == 1.0
     _, results = train(cfg)
     chance = 90.0
