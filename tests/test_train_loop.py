@@ -347,6 +347,52 @@ def test_sigterm_writes_a_checkpoint_mid_epoch_and_resumes_bit_exactly(tmp_path,
     _assert_same_run(run, reference_run)
 
 
+class StopAtIteration:
+    """Hook: a SIGTERM arrives during iteration ``iteration`` (the handler's flag, set directly)."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def on_step_end(self, trainer):
+        if trainer.iteration == self.iteration:
+            trainer._stop_signal = signal.SIGTERM
+
+
+def _epoch_rows(run):
+    timing = ("epoch_time", "images_per_s", "time")
+    return [{k: v for k, v in r.items() if k not in timing}
+            for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+
+
+@pytest.mark.parametrize("stop", [2, 3, 4, 6, 7], ids=lambda i: f"iteration{i}")
+def test_a_stop_anywhere_resumes_to_the_same_run_and_epoch_rows(tmp_path, stop):
+    """3 iterations an epoch, a line logged every 2, cycles of 1 and 2 epochs: a stop in the
+    middle of a log window (2 and 4: the steps not yet logged), at an epoch's last step (3 and
+    6; 3 also a cycle's), and right after a log line (7). The resumed epoch's row covers the whole
+    epoch, as in the run that never stopped, not the steps after the resume."""
+    from fastsd.train.cli import main
+    from fastsd.train.errors import Interrupted
+
+    settings = dict(method="sd", epochs=5, cycle_epochs=[1, 2, 2], synthetic_size=[96, 48],
+                    log_every=2)
+    train(tiny(tmp_path, "reference", **settings))
+    with pytest.raises(Interrupted, match=f"at iteration {stop} "):
+        train(tiny(tmp_path, "run", **settings), hooks=[StopAtIteration(stop)])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["iteration"] == stop
+    assert main(["--resume", str(tmp_path / "run"), "--progress", "none"]) == 0
+    assert_same_tensors(load_safetensors(str(tmp_path / "run" / "model.safetensors")),
+                        load_safetensors(str(tmp_path / "reference" / "model.safetensors")))
+    rows, reference = _epoch_rows(tmp_path / "run"), _epoch_rows(tmp_path / "reference")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    for row, expected in zip(rows, reference):
+        assert row.keys() == expected.keys()
+        for key, value in expected.items():
+            # float32 window means summed over other windows: equal to rounding
+            assert row[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float)
+                                else value), (row["epoch"], key)
+
+
 # ------------------------------------------------------------------------------------- faults
 def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     class Poison:

@@ -41,6 +41,13 @@ def stage_file_name(stage: Stage) -> str:
     return "final"
 
 
+def _empty_epoch_sums() -> Dict[str, float]:
+    """An epoch's running totals: loss terms summed over finite steps, top-1 hits and the images
+    they count over, step counts, and the images and seconds of its timed windows."""
+    return dict(loss=0.0, ce=0.0, kl=0.0, tolerance=0.0, correct=0.0, images=0.0, steps=0,
+                finite=0, skipped=0, timed_images=0, seconds=0.0)
+
+
 def model_seed(seed: int, generation: int) -> int:
     """Seed of the initial weights of a generation (generation 0 for every method but ban/tt)."""
     return seed + 1_000_003 * generation
@@ -71,6 +78,9 @@ class Trainer:
         self.run_dir: Optional[str] = None
         self.epoch = 0              # the next epoch to train (global)
         self.batch_in_epoch = 0     # batches of ``epoch`` already trained (mid-epoch resume)
+        # The running totals of ``epoch`` (loss, errors, images, seconds): a mid-epoch checkpoint
+        # keeps them, so the epoch row after a resume covers the whole epoch, not its tail.
+        self._epoch_sums: Dict[str, float] = _empty_epoch_sums()
         self.iteration = 0          # global iterations done
         self.snapshots: List[Dict[str, Any]] = []
         self.epochs_log: List[Dict[str, Any]] = []
@@ -239,6 +249,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step.state_dict(),
             "teachers": self.teachers.state_dict() if self.teachers is not None else None,
+            "epoch_sums": dict(self._epoch_sums) if self.batch_in_epoch else None,
             "rng": rng_state(self.device), "snapshots": self.snapshots, "epochs": self.epochs_log,
             "wall_time_s": self.wall_time + self.monitor.elapsed(),
             "config": self.cfg.to_dict(), "world_size": self.world_size,
@@ -266,6 +277,7 @@ class Trainer:
             self.teachers.load_state_dict(state["teachers"])
         set_rng_state(state["rng"], self.device)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self._epoch_sums = dict(state.get("epoch_sums") or _empty_epoch_sums())
         self.iteration = state["iteration"]
         self.snapshots, self.epochs_log = list(state["snapshots"]), list(state["epochs"])
         self.wall_time = float(state.get("wall_time_s", 0.0))
@@ -384,12 +396,14 @@ class Trainer:
         self.model.train()
         skip = self.batch_in_epoch
         self.monitor.epoch_start(epoch, plan.total_epochs, plan.iters_per_epoch, initial=skip)
-        self._epoch_sums = dict(loss=0.0, ce=0.0, kl=0.0, tolerance=0.0, correct=0.0, images=0,
-                                steps=0, finite=0, skipped=0)
-        epoch_start = window_start = time.perf_counter()
-        window_images = epoch_images = 0
+        if not skip:
+            self._epoch_sums = _empty_epoch_sums()
+        s = self._epoch_sums  # a resumed epoch goes on from the checkpoint's totals
+        window_start = time.perf_counter()
+        epoch_start = window_start - s["seconds"]
+        window_images = 0
         groups = self.optimizer.param_groups
-        lr = plan.lr_at(self.iteration)
+        lr = plan.lr_at(max(self.iteration - 1, 0))  # the last step's, if none is left to train
         for b, (images, labels) in enumerate(loader):
             if b < skip:
                 continue  # a resumed epoch: the same order and augmentation, its head trained
@@ -407,17 +421,22 @@ class Trainer:
             if self.iteration % cfg.log_every == 0:
                 now = time.perf_counter()
                 self._log_window(epoch, lr, window_images, now - window_start)
-                epoch_images += window_images
+                s["timed_images"] += window_images
                 window_start, window_images = now, 0
             if self._stop_requested():
+                # The steps since the last log line go into the epoch's totals, which the
+                # checkpoint keeps; the epoch's clock stops here and goes on after the resume.
+                if window_images:
+                    self._log_window(epoch, lr, window_images, 0.0, to_log=False)
+                    s["timed_images"] += window_images
+                s["seconds"] = time.perf_counter() - epoch_start
                 self._interrupt()
         if window_images:
             self._log_window(epoch, lr, window_images, time.perf_counter() - window_start,
                              to_log=False)
-            epoch_images += window_images
+            s["timed_images"] += window_images
         self.monitor.epoch_end()
         seconds = time.perf_counter() - epoch_start
-        s = self._epoch_sums
         finite = max(s["finite"], 1)
         self._epoch_row = dict(
             epoch=epoch + 1, iteration=self.iteration, stage=self.active_stage.index, lr=lr,
@@ -425,7 +444,7 @@ class Trainer:
             tolerance=s["tolerance"] / finite,
             train_top1_error=100.0 * (1 - s["correct"] / max(s["images"], 1)),
             nonfinite=s["steps"] - s["finite"], skipped=s["skipped"], epoch_time=seconds,
-            images_per_s=epoch_images / seconds if seconds > 0 else None)
+            images_per_s=s["timed_images"] / seconds if seconds > 0 else None)
 
     def _log_window(self, epoch, lr, images, seconds, to_log=True) -> None:
         m = self.step.read_metrics(self._all_reduce if self.world_size > 1 else None)
