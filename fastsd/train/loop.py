@@ -371,8 +371,10 @@ class Trainer:
 
     def _announce(self) -> None:
         cfg, info = self.cfg, self.data.info
-        shape = {"cycle": f" in {len(self.plan.stages)} cycles {cfg.cycle_epochs}",
-                 "generation": f" per generation, {len(self.plan.stages)} generations"}.get(
+        n = len(self.plan.stages)
+        plural = "" if n == 1 else "s"
+        shape = {"cycle": f" in {n} cycle{plural} {cfg.cycle_epochs}",
+                 "generation": f" per generation, {n} generation{plural}"}.get(
                      self.plan.stages[0].kind, "")
         teacher = (f", teacher {cfg.teacher_dtype}" if self.teachers is not None
                    or self.kd_teacher is not None else "")
