@@ -45,4 +45,3 @@ for seed in ${SEEDS:-0}; do
   done
 done
 $python -m fastsd.report "${runs[@]}" --out "$out/report" --no-plots
-echo "report: $out/report/report.md"

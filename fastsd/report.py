@@ -491,7 +491,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainError as e:
         print(f"fastsd.report: error: {e}", file=sys.stderr)
         return e.exit_code
-    print(f"report: {done['report']} ({len(done['images'])} images, {len(done['runs'])} runs)")
+    n_images, n_runs = len(done["images"]), len(done["runs"])
+    print(f"report: {done['report']} ({n_images} image{'' if n_images == 1 else 's'}, "
+          f"{n_runs} run{'' if n_runs == 1 else 's'})")
     return 0
 
 
