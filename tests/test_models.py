@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fastsd.models import DenseNetBC, create_model, get_model_info, list_models, model_input_size
 
@@ -69,6 +70,30 @@ def test_torchvision_state_dict_matches_torchvision_model():
     ours = create_model("resnet18", 10)
     theirs = torchvision.models.resnet18(weights=None, num_classes=10)
     theirs.load_state_dict(ours.state_dict())  # strict: same keys and shapes
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_torchvision_resnets_start_with_identity_residual_blocks(name):
+    """Each block's last BatchNorm scale starts at zero, so a block starts as the identity and the
+    whole net as stem -> pool -> fc; zero_init_residual=False gives torchvision's init back."""
+    model = create_model(name, 10).eval()
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    assert blocks
+    for block in blocks:
+        last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+        assert torch.count_nonzero(last.weight) == 0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        stream = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for block in layer:  # identity, or the downsampling shortcut
+                stream = torch.relu(block.downsample(stream) if block.downsample is not None
+                                    else stream)
+        expected = model.fc(torch.flatten(model.avgpool(stream), 1))
+        torch.testing.assert_close(model(x), expected)
+    default = create_model(name, 10, zero_init_residual=False)
+    assert all(torch.all(b.bn2.weight == 1) for b in default.modules() if isinstance(b, BasicBlock))
+    assert all(torch.all(b.bn3.weight == 1) for b in default.modules() if isinstance(b, Bottleneck))
 
 
 def _small_densenet(**kw):

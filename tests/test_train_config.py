@@ -51,7 +51,8 @@ def test_auto_image_size_is_the_models_on_image_folders():
     assert size(dataset="imagefolder", data="/x", arch="resnet50") == 224
     assert size(dataset="imagefolder", data="/x", arch="inception_v3") == 299
     assert size(dataset="imagefolder", data="/x", arch="resnet20", image_size=64) == 64
-    assert size(dataset="synthetic", arch="resnet50") == 16             # the quick demo's
+    assert size(dataset="synthetic", arch="resnet56") == 16             # the quick demo's
+    assert size(dataset="synthetic", arch="resnet50") == 32             # past an ImageNet stem
     assert size(dataset="cifar10", data="/x", arch="resnet50") is None  # the data set's 32
 
 
