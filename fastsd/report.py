@@ -35,8 +35,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from fastsd.train.config import RESUME_OVERRIDABLE
 from fastsd.train.errors import TrainError
-from fastsd.train.results import (METHOD_NAMES, format_table, run_title, stage_labels,
-                                  table_columns)
+from fastsd.train.results import (METHOD_NAMES, counted, format_table, run_title,
+                                  stage_labels, table_columns)
 
 __all__ = ["ReportError", "load_run", "build_report", "main"]
 
@@ -491,9 +491,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainError as e:
         print(f"fastsd.report: error: {e}", file=sys.stderr)
         return e.exit_code
-    n_images, n_runs = len(done["images"]), len(done["runs"])
-    print(f"report: {done['report']} ({n_images} image{'' if n_images == 1 else 's'}, "
-          f"{n_runs} run{'' if n_runs == 1 else 's'})")
+    print(f"report: {done['report']} ({counted(len(done['images']), 'image')}, "
+          f"{counted(len(done['runs']), 'run')})")
     return 0
 
 

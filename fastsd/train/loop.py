@@ -27,7 +27,7 @@ from .checkpoint import (FORMAT_VERSION, atomic_torch_save, checkpoint_path, fin
 from .config import GENERATION_METHODS, TrainConfig, dump_yaml, flag
 from .errors import ConfigError, Interrupted, NonFiniteLossError, SetupError
 from .monitor import Monitor
-from .results import format_table, summarise, write_results
+from .results import counted, format_table, summarise, write_results
 from .schedule import Plan, Stage, build_plan
 from .step import SecondaryMeter, TrainStep, autocast, build_optimizer, evaluate, topk_correct
 
@@ -372,9 +372,8 @@ class Trainer:
     def _announce(self) -> None:
         cfg, info = self.cfg, self.data.info
         n = len(self.plan.stages)
-        plural = "" if n == 1 else "s"
-        shape = {"cycle": f" in {n} cycle{plural} {cfg.cycle_epochs}",
-                 "generation": f" per generation, {n} generation{plural}"}.get(
+        shape = {"cycle": f" in {counted(n, 'cycle')} {cfg.cycle_epochs}",
+                 "generation": f" per generation, {counted(n, 'generation')}"}.get(
                      self.plan.stages[0].kind, "")
         teacher = (f", teacher {cfg.teacher_dtype}" if self.teachers is not None
                    or self.kd_teacher is not None else "")
@@ -385,7 +384,7 @@ class Trainer:
         self.monitor.message(
             f"fastsd.train: {cfg.method} {cfg.arch} on {cfg.dataset} ({info.train_size} training /"
             f" {info.test_size} test images, {self.num_classes} classes, {info.image_size}px), "
-            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}{shape}, batch {cfg.batch_size}"
+            f"{counted(cfg.epochs, 'epoch')}{shape}, batch {cfg.batch_size}"
             f"{procs},"
             f" {self.plan.iters_per_epoch} iterations per epoch; {self.device}, amp {cfg.amp}"
             f"{teacher}"
@@ -423,20 +422,17 @@ class Trainer:
             if self.iteration % cfg.log_every == 0:
                 now = time.perf_counter()
                 self._log_window(epoch, lr, window_images, now - window_start)
-                s["timed_images"] += window_images
                 window_start, window_images = now, 0
             if self._stop_requested():
                 # The steps since the last log line go into the epoch's totals, which the
                 # checkpoint keeps; the epoch's clock stops here and goes on after the resume.
                 if window_images:
                     self._log_window(epoch, lr, window_images, 0.0, to_log=False)
-                    s["timed_images"] += window_images
                 s["seconds"] = time.perf_counter() - epoch_start
                 self._interrupt()
         if window_images:
             self._log_window(epoch, lr, window_images, time.perf_counter() - window_start,
                              to_log=False)
-            s["timed_images"] += window_images
         self.monitor.epoch_end()
         seconds = time.perf_counter() - epoch_start
         finite = max(s["finite"], 1)
@@ -449,6 +445,8 @@ class Trainer:
             images_per_s=s["timed_images"] / seconds if seconds > 0 else None)
 
     def _log_window(self, epoch, lr, images, seconds, to_log=True) -> None:
+        """Read the steps since the last window (``images`` global images in ``seconds``), add
+        them to the epoch's totals, and log them as a step row unless ``to_log`` is False."""
         m = self.step.read_metrics(self._all_reduce if self.world_size > 1 else None)
         finite = m["steps"] - m["nonfinite"]
         finite_images = images * finite / max(m["steps"], 1)
@@ -460,6 +458,7 @@ class Trainer:
         s["steps"] += m["steps"]
         s["finite"] += finite
         s["skipped"] += m["skipped"]
+        s["timed_images"] += images
         if m["max_nonfinite_run"] >= self.cfg.max_nonfinite:
             self._raise_nonfinite(m["max_nonfinite_run"])
         if not to_log:

@@ -23,6 +23,11 @@ from typing import Any, Dict, List, Optional, Sequence
 METHOD_NAMES = {"bl": "BL", "se": "SE", "sd": "SD", "kd": "KD", "ban": "BAN", "tt": "TT"}
 
 
+def counted(n: int, noun: str) -> str:
+    """``"1 run"``, ``"3 runs"``: a count with its noun, singular for one."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def summarise(entries: List[Dict[str, Any]]):
     """``(final, best)`` of a list of snapshot entries."""
     final = dict(entries[-1])
