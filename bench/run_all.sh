@@ -7,9 +7,10 @@
 #   core   GPU tests of the loss kernels, snapshots, trainer and torch data path; loss and snapshot
 #          benchmarks (Triton kernels, pack_tensors CUDA kernel, copy bandwidth)
 #   train  training-step benchmarks: SD vs BL on ResNet-50, then ResNet-152 (AMP, channels_last,
-#          compiled), the ResNet-50 step's images/s (what a data pipeline must deliver), DDP
-#          scaling (needs 2+ GPUs)
-#   dali   GPU tests and the loader benchmark of the DALI pipelines (DALI must be importable)
+#          compiled), DDP scaling (needs 2+ GPUs)
+#   dali   GPU tests and the loader benchmark of the DALI pipelines (DALI must be importable), then
+#          the images/s a ResNet-50 step consumes, in the same process so that its row carries the
+#          ratio of the mixed pipeline's rate to it
 #
 # Every pytest call is time-boxed on its own (CALL_TIMEOUT seconds, default 240; the compiled
 # ResNet steps get twice that) and writes its own files, so that one call of a lent GPU machine
@@ -84,11 +85,10 @@ for phase in "${phases[@]}"; do
       bench "$stem" step-cpu "$limit" bench/bench_train.py -k cpu
       bench "$stem" step-resnet50 $((2 * limit)) bench/bench_train.py -k "gpu and resnet50"
       bench "$stem" step-resnet152 $((2 * limit)) bench/bench_train.py -k "gpu and resnet152"
-      bench "$stem" data-step "$limit" bench/bench_data.py -k train_step
       bench "$stem" ddp "$limit" bench/bench_ddp.py ;;
     dali)
       gpu_tests "$stem" tests/test_dali.py
-      bench "$stem" data "$limit" bench/bench_data.py -k "not train_step" ;;
+      bench "$stem" data "$limit" bench/bench_data.py ;;
     *) echo "unknown phase $phase (core, train, dali, all)"; exit 2 ;;
   esac
   echo "results: $stem.md"
