@@ -76,10 +76,10 @@ for phase in "${phases[@]}"; do
       # one time box each: the loss and trainer tests compile many kernels and models, and one
       # running long must not cost the others their run
       gpu_tests "$stem" tests/test_snapshots.py tests/test_data.py
+      bench "$stem" snapshots "$limit" bench/bench_snapshots.py  # short: before the long loss tests
       gpu_tests "$stem" tests/test_loss.py
       gpu_tests "$stem" tests/test_train_loop.py
       bench "$stem" loss "$limit" bench/bench_loss.py -k "not compiled_reference"
-      bench "$stem" snapshots "$limit" bench/bench_snapshots.py
       bench "$stem" loss-compiled "$limit" bench/bench_loss.py -k compiled_reference ;;
     train)
       bench "$stem" step-cpu "$limit" bench/bench_train.py -k cpu
