@@ -236,6 +236,8 @@ def _argparse_fails(capsys, argv, *needles):
     (["--amp", "fp16"], ["--amp", "CUDA"]),
     (["--lr", "0"], ["--lr"]),
     (["--batch-size", "0"], ["--batch-size"]),
+    (["--clip-grad-norm", "0"], ["--clip-grad-norm", "> 0"]),
+    (["--clip-grad-norm", "nan"], ["--clip-grad-norm", "> 0"]),
 ])
 def test_bad_settings_are_refused_before_anything_runs(capsys, tmp_path, argv, needles):
     _fails(capsys, argv + ["--out", str(tmp_path / "run")], *needles, out=str(tmp_path / "run"))

@@ -439,6 +439,65 @@ def test_nonfinite_steps_are_skipped_on_device():
     assert m["loss"] == pytest.approx(m["ce"])
 
 
+def _plain_sgd_step(model, amp="none", device="cpu", clip_grad_norm=None):
+    """A TrainStep with plain CE and SGD at lr 1 without momentum or weight decay: its update is
+    minus the (clipped) gradient."""
+    from fastsd.train.schedule import LossSpec
+    from fastsd.train.step import TrainStep, build_optimizer
+
+    opt = build_optimizer(model, lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0,
+                          wd_norm_bias=True)
+    step = TrainStep(model, opt, device=device, amp=amp, num_classes=3,
+                     clip_grad_norm=clip_grad_norm)
+    step.set_stage(LossSpec(), None)
+    return step
+
+
+def _clipped_update(model, x, y, bound):
+    """The weights after one such step, in float64: the cross-entropy's gradient, scaled by
+    bound / (its global L2 norm) where that is below 1."""
+    import copy
+
+    reference = copy.deepcopy(model).double()
+    nn.functional.cross_entropy(reference(x.double()), y).backward()
+    grads = [p.grad for p in reference.parameters()]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
+    scale = min(1.0, bound / norm)
+    return [p.detach() - scale * g for p, g in zip(reference.parameters(), grads)], scale
+
+
+@pytest.mark.parametrize("bound", [0.05, 1e6])
+def test_clip_grad_norm_scales_the_update_down_to_the_bound(bound):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+    expected, scale = _clipped_update(model, x, y, bound)
+    assert scale < 0.2 if bound < 1 else scale == 1  # both cases are what they claim to be
+    step = _plain_sgd_step(model, clip_grad_norm=bound)
+    step(x, y)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-7)
+    before = [p.detach().clone() for p in model.parameters()]
+    step(torch.full_like(x, float("inf")), y)  # clipping does not hide a non-finite gradient
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert step.read_metrics()["skipped"] == 1
+
+
+@pytest.mark.gpu
+def test_clip_grad_norm_bounds_the_unscaled_gradient_under_fp16():
+    """Under fp16 the GradScaler multiplies the loss by 65536: the bound must apply to the
+    gradient after unscaling, or it would clip every step to almost nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).cuda()
+    x, y = torch.randn(8, 3, 2, 2, device="cuda"), torch.randint(0, 3, (8,), device="cuda")
+    expected, scale = _clipped_update(model, x, y, 0.05)
+    assert scale < 0.2
+    step = _plain_sgd_step(model, amp="fp16", device="cuda", clip_grad_norm=0.05)
+    step(x, y)
+    for p, e in zip(model.parameters(), expected):  # the forward ran in float16
+        torch.testing.assert_close(p.detach().double(), e, rtol=2e-3, atol=2e-4)
+
+
 def test_a_finite_loss_with_a_nonfinite_gradient_is_a_skipped_step():
     """sqrt(|g(x)|) is finite at g(x) = 0, its gradient is not: no update, counted as skipped,
     and the run of such steps is what --max-nonfinite bounds (the loss alone never stops it)."""

@@ -95,7 +95,8 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
     changed = [name for name, value in resumed.to_dict().items()
                if name not in RESUME_OVERRIDABLE and saved.to_dict()[name] != value]
     if changed:
-        raise ConfigError(f"--resume: {', '.join(flag(n) for n in changed)} differ from the run's "
+        verb = "differs" if len(changed) == 1 else "differ"
+        raise ConfigError(f"--resume: {', '.join(flag(n) for n in changed)} {verb} from the run's "
                           f"config.yaml; a resumed run keeps its settings (only "
                           f"{', '.join(flag(n) for n in RESUME_OVERRIDABLE[1:])} may change). "
                           f"Drop those flags, or start a new run")

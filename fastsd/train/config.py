@@ -161,6 +161,10 @@ class TrainConfig:
                             "(--no-wd-norm-bias exempts every parameter with fewer than 2 "
                             "dimensions)", "optim")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy (in [0, 1))", "optim")
+    clip_grad_norm: Optional[float] = _f(
+        None, "before each update, scale the gradient down to this global L2 norm (over all "
+        "parameters; the all-reduced gradient in distributed runs, the unscaled one under fp16) "
+        "when it is larger [default: no clipping]", "optim")
 
     # ----------------------------------------------------------------------------- performance
     device: Optional[str] = _f(None, "cuda, cuda:N or cpu [auto: cuda when present]", "perf",
@@ -462,6 +466,10 @@ class TrainConfig:
             bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm)
+                                                    and self.clip_grad_norm > 0):
+            bad("clip_grad_norm", f"must be a finite number > 0 (or left out: no clipping), got "
+                f"{self.clip_grad_norm}")
 
         # --- run
         for name in ("log_every", "eval_every", "max_nonfinite"):

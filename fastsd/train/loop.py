@@ -152,7 +152,8 @@ class Trainer:
                                          wd_norm_bias=cfg.wd_norm_bias)
         self.step = TrainStep(train_model, self.optimizer, device=self.device, amp=cfg.amp,
                               num_classes=self.num_classes, compile=cfg.compile,
-                              compile_mode=cfg.compile_mode)
+                              compile_mode=cfg.compile_mode,
+                              clip_grad_norm=cfg.clip_grad_norm)
 
         resume_state = None
         if resume_path:

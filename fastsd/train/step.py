@@ -63,10 +63,12 @@ class TrainStep:
     """The student's training step; ``set_stage`` chooses the loss and the teacher of a stage.
 
     ``__call__(images [B,3,H,W], labels [B])`` runs one optimisation step and returns nothing.
+    ``clip_grad_norm``: the global L2 norm each update's gradient is scaled down to (None: none).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device, amp: str,
-                 num_classes: int, compile: bool = False, compile_mode: str = "default"):
+                 num_classes: int, compile: bool = False, compile_mode: str = "default",
+                 clip_grad_norm: Optional[float] = None):
         self.model = model
         self.optimizer = optimizer
         self.device = torch.device(device)
@@ -74,6 +76,7 @@ class TrainStep:
         self.num_classes = num_classes
         self.compile = compile
         self.compile_mode = compile_mode
+        self.clip_grad_norm = clip_grad_norm
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.metrics = torch.zeros(_NUM_SLOTS, dtype=torch.float32, device=self.device)
         if compile:
@@ -139,10 +142,15 @@ class TrainStep:
         if self.scaler is not None:
             # GradScaler hands scale and found_inf to the fused SGD kernel: no host sync.
             self.scaler.scale(loss).backward()
+            if self.clip_grad_norm is not None:
+                self.scaler.unscale_(opt)  # the bound is on the true gradient, not the scaled one
+                self._clip()
             self.scaler.step(opt)
             self.scaler.update()
         else:
             loss.backward()
+            if self.clip_grad_norm is not None:
+                self._clip()
             # The same device-side skip as the scaler's, with a scale of one: a step whose
             # gradient holds inf/NaN leaves weights and momentum untouched.
             self._found_inf.zero_()
@@ -157,6 +165,16 @@ class TrainStep:
                 self.metrics[_SKIPPED] += self._found_inf[0]
             _extend_run(self.metrics, self._found_inf[0])
         opt.zero_grad(set_to_none=True)
+
+    def _clip(self) -> None:
+        """Scale the gradients down to a global L2 norm of ``clip_grad_norm`` where it is larger.
+
+        On the device, with no host sync. A gradient with inf or NaN has a non-finite norm, and
+        the scaling leaves NaN in it (inf x 0 or x NaN); the step is then skipped as every step
+        with a non-finite gradient is. Under DDP the gradients are already all-reduced, so every
+        process clips by the same factor.
+        """
+        torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
 
     # --------------------------------------------------------------------------------- metrics
     def read_metrics(self, all_reduce: Optional[Callable[..., torch.Tensor]] = None
