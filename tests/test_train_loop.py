@@ -489,11 +489,14 @@ def test_clip_grad_norm_bounds_the_unscaled_gradient_under_fp16():
     gradient after unscaling, or it would clip every step to almost nothing."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).cuda()
-    x, y = torch.randn(8, 3, 2, 2, device="cuda"), torch.randint(0, 3, (8,), device="cuda")
+    # drawn on the CPU, as in the test above: the largest scaled gradient is then 24 800, which
+    # float16 holds, so the scaler does not skip this step
+    x, y = torch.randn(8, 3, 2, 2).cuda(), torch.randint(0, 3, (8,)).cuda()
     expected, scale = _clipped_update(model, x, y, 0.05)
     assert scale < 0.2
     step = _plain_sgd_step(model, amp="fp16", device="cuda", clip_grad_norm=0.05)
     step(x, y)
+    assert step.scaler.get_scale() == 65536.0  # not skipped (a skip halves the scale)
     for p, e in zip(model.parameters(), expected):  # the forward ran in float16
         torch.testing.assert_close(p.detach().double(), e, rtol=2e-3, atol=2e-4)
 
