@@ -23,8 +23,8 @@ from fastsd.train import ConfigError, TrainConfig, Trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 PER_PROCESS_BATCH = 16
-# The GroupNorm runs clip the gradient's norm (1.6 to 11.5 in their 8 steps, so most steps clip
-# and some do not): each process must clip the all-reduced gradient, as one process clips its own.
+# The GroupNorm runs clip the gradient's norm (1.6 to 11.5 in their 8 steps unclipped; at 3, 6 of
+# the 8 steps clip): each process must clip the all-reduced gradient, as one process clips its own.
 GN_CLIP_GRAD_NORM = 3.0
 
 
@@ -198,6 +198,19 @@ def test_two_processes_step_like_one_with_the_same_global_batch(runs):
     assert [e["label"] for e in a["snapshots"]] == [e["label"] for e in b["snapshots"]]
     for x, y in zip(a["snapshots"], b["snapshots"]):
         assert x["top1_error"] == pytest.approx(y["top1_error"], abs=100 / 45 + 1e-9)
+
+
+def test_processes_clip_the_all_reduced_gradient_as_one_process_clips_its_own(runs):
+    root, _, _ = runs
+
+    def clipped_per_epoch(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [row["clipped"] for row in rows if row["kind"] == "epoch"]
+
+    single = clipped_per_epoch(root / "single")
+    assert 0 < sum(single) < 8  # of the 8 steps, some were clipped and some not
+    # the same steps clipped; the counts are sums over the processes, like the step counts
+    assert clipped_per_epoch(root / "gn" / "rank0") == [WORLD * n for n in single]
 
 
 @pytest.mark.parametrize("run", ["gn", "bn", "tt", "kd"])

@@ -477,10 +477,12 @@ def test_clip_grad_norm_scales_the_update_down_to_the_bound(bound):
     step(x, y)
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-7)
+    assert step.read_metrics()["clipped"] == (scale < 1)
     before = [p.detach().clone() for p in model.parameters()]
     step(torch.full_like(x, float("inf")), y)  # clipping does not hide a non-finite gradient
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert step.read_metrics()["skipped"] == 1
+    m = step.read_metrics()
+    assert m["skipped"] == 1 and m["clipped"] == 0
 
 
 @pytest.mark.gpu

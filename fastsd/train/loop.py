@@ -45,7 +45,7 @@ def _empty_epoch_sums() -> Dict[str, float]:
     """An epoch's running totals: loss terms summed over finite steps, top-1 hits and the images
     they count over, step counts, and the images and seconds of its timed windows."""
     return dict(loss=0.0, ce=0.0, kl=0.0, tolerance=0.0, correct=0.0, images=0.0, steps=0,
-                finite=0, skipped=0, timed_images=0, seconds=0.0)
+                finite=0, skipped=0, clipped=0, timed_images=0, seconds=0.0)
 
 
 def model_seed(seed: int, generation: int) -> int:
@@ -278,7 +278,8 @@ class Trainer:
             self.teachers.load_state_dict(state["teachers"])
         set_rng_state(state["rng"], self.device)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        self._epoch_sums = dict(state.get("epoch_sums") or _empty_epoch_sums())
+        # (a checkpoint from before a total existed starts it at zero)
+        self._epoch_sums = {**_empty_epoch_sums(), **(state.get("epoch_sums") or {})}
         self.iteration = state["iteration"]
         self.snapshots, self.epochs_log = list(state["snapshots"]), list(state["epochs"])
         self.wall_time = float(state.get("wall_time_s", 0.0))
@@ -442,7 +443,8 @@ class Trainer:
             loss=s["loss"] / finite, ce=s["ce"] / finite, kl=s["kl"] / finite,
             tolerance=s["tolerance"] / finite,
             train_top1_error=100.0 * (1 - s["correct"] / max(s["images"], 1)),
-            nonfinite=s["steps"] - s["finite"], skipped=s["skipped"], epoch_time=seconds,
+            nonfinite=s["steps"] - s["finite"], skipped=s["skipped"], clipped=s["clipped"],
+            epoch_time=seconds,
             images_per_s=s["timed_images"] / seconds if seconds > 0 else None)
 
     def _log_window(self, epoch, lr, images, seconds, to_log=True) -> None:
@@ -459,6 +461,7 @@ class Trainer:
         s["steps"] += m["steps"]
         s["finite"] += finite
         s["skipped"] += m["skipped"]
+        s["clipped"] += m["clipped"]
         s["timed_images"] += images
         if m["max_nonfinite_run"] >= self.cfg.max_nonfinite:
             self._raise_nonfinite(m["max_nonfinite_run"])
@@ -467,7 +470,7 @@ class Trainer:
         row = dict(iteration=self.iteration, epoch=epoch + 1, stage=self.active_stage.index,
                    lr=lr, loss=m["loss"], ce=m["ce"], kl=m["kl"], tolerance=m["tolerance"],
                    train_top1_error=100.0 * (1 - m["correct"] / max(finite_images, 1)),
-                   nonfinite=m["nonfinite"], skipped=m["skipped"],
+                   nonfinite=m["nonfinite"], skipped=m["skipped"], clipped=m["clipped"],
                    images_per_s=images / seconds if seconds else None,
                    time=self.monitor.elapsed())
         self.monitor.log("step", row, tb_prefix="train")
@@ -478,7 +481,8 @@ class Trainer:
         elif self.monitor.progress == "plain":
             terms = f"ce {m['ce']:.4f}" + (f" kl {m['kl']:.4f}" if m["kl"] else "") + (
                 f" tol {m['tolerance']:.4f}" if m["tolerance"] else "") + (
-                f", {m['skipped']} updates skipped" if m["skipped"] else "")
+                f", {m['skipped']} updates skipped" if m["skipped"] else "") + (
+                f", {m['clipped']} clipped" if m["clipped"] else "")
             self.monitor.message(
                 f"epoch {epoch + 1}/{self.plan.total_epochs} it {self.iteration}/"
                 f"{self.plan.total_iters} lr {lr:.4g} loss {m['loss']:.4f} ({terms}) "

@@ -17,8 +17,9 @@ from .schedule import LossSpec
 
 # Slots of the device-side metrics accumulator: sums over the window up to _RUN, then the
 # current run of bad steps and the window's longest one.
-_LOSS, _CE, _KL, _TOL, _CORRECT, _STEPS, _NONFINITE, _SKIPPED, _RUN, _MAX_RUN = range(10)
-_NUM_SLOTS = 10
+(_LOSS, _CE, _KL, _TOL, _CORRECT, _STEPS, _NONFINITE, _SKIPPED, _CLIPPED, _RUN,
+ _MAX_RUN) = range(11)
+_NUM_SLOTS = 11
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -174,7 +175,10 @@ class TrainStep:
         with a non-finite gradient is. Under DDP the gradients are already all-reduced, so every
         process clips by the same factor.
         """
-        torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+        with torch.no_grad():
+            # a non-finite norm is a skipped step, not a clipped one
+            self.metrics[_CLIPPED] += torch.isfinite(norm) & (norm > self.clip_grad_norm)
 
     # --------------------------------------------------------------------------------- metrics
     def read_metrics(self, all_reduce: Optional[Callable[..., torch.Tensor]] = None
@@ -188,7 +192,8 @@ class TrainStep:
         Returns loss, ce, kl, tolerance (means over the finite steps), correct (top-1 hits on the
         training batches of the finite steps), steps, nonfinite (steps in the window with a
         non-finite loss), skipped (steps whose update was skipped on device for a non-finite
-        gradient; bf16 and fp32 only, fp16's GradScaler skips on its own), max_nonfinite_run
+        gradient; bf16 and fp32 only, fp16's GradScaler skips on its own), clipped (steps whose
+        gradient norm was above ``clip_grad_norm``, and was scaled down), max_nonfinite_run
         (longest run of consecutive bad steps, including one still going on across windows:
         non-finite losses under fp16, skipped updates otherwise).
         """
@@ -202,7 +207,8 @@ class TrainStep:
         out = dict(loss=values[_LOSS] / finite, ce=values[_CE] / finite, kl=values[_KL] / finite,
                    tolerance=values[_TOL] / finite, steps=int(steps),
                    correct=values[_CORRECT], nonfinite=int(values[_NONFINITE]),
-                   skipped=int(values[_SKIPPED]), max_nonfinite_run=int(values[_MAX_RUN]))
+                   skipped=int(values[_SKIPPED]), clipped=int(values[_CLIPPED]),
+                   max_nonfinite_run=int(values[_MAX_RUN]))
         with torch.no_grad():
             self.metrics[:_RUN].zero_()
             self.metrics[_MAX_RUN] = self.metrics[_RUN]
