@@ -200,17 +200,19 @@ def test_two_processes_step_like_one_with_the_same_global_batch(runs):
         assert x["top1_error"] == pytest.approx(y["top1_error"], abs=100 / 45 + 1e-9)
 
 
+def metrics_rows(run_dir, kind):
+    """The rows of one ``kind`` ("step", "epoch", ...) of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["kind"] == kind]
+
+
 def test_processes_clip_the_all_reduced_gradient_as_one_process_clips_its_own(runs):
     root, _, _ = runs
-
-    def clipped_per_epoch(run_dir):
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [row["clipped"] for row in rows if row["kind"] == "epoch"]
-
-    single = clipped_per_epoch(root / "single")
+    single = [row["clipped"] for row in metrics_rows(root / "single", "epoch")]
     assert 0 < sum(single) < 8  # of the 8 steps, some were clipped and some not
     # the same steps clipped; the counts are sums over the processes, like the step counts
-    assert clipped_per_epoch(root / "gn" / "rank0") == [WORLD * n for n in single]
+    assert ([row["clipped"] for row in metrics_rows(root / "gn" / "rank0", "epoch")]
+            == [WORLD * n for n in single])
 
 
 @pytest.mark.parametrize("run", ["gn", "bn", "tt", "kd"])
@@ -299,8 +301,7 @@ def test_sigterm_stops_every_process_with_one_checkpoint_and_the_run_resumes(tmp
     assert proc.returncode == 0, log
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["snapshots"][-1]["iteration"] == 96
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["iteration"] for r in steps if r["kind"] == "step"]
+    steps = [row["iteration"] for row in metrics_rows(run, "step")]
     assert steps == list(range(4, 97, 4))  # each logged once, as if the run had not stopped
 
     # and bit for bit the run that was never stopped (BatchNorm included: see distributed.py)

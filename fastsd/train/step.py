@@ -19,7 +19,7 @@ from .schedule import LossSpec
 # current run of bad steps and the window's longest one.
 (_LOSS, _CE, _KL, _TOL, _CORRECT, _STEPS, _NONFINITE, _SKIPPED, _CLIPPED, _RUN,
  _MAX_RUN) = range(11)
-_NUM_SLOTS = 11
+_NUM_SLOTS = _MAX_RUN + 1
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
