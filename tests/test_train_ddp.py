@@ -257,22 +257,24 @@ RUN_ARGS = ["--method", "sd", "--epochs", "12", "--cycles", "3", "--synthetic-si
             "--log-every", "4", "--no-tensorboard"]
 
 
-def _torchrun(args, port):
+def _torchrun(args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)  # a run on the CPU uses the loss's C++ kernel
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "fastsd.train"] + args
+    # --standalone: the rendezvous store binds a free port itself. A port picked by free_port()
+    # is free only until it is closed, and two launches here run at the same time.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(WORLD), "-m", "fastsd.train"] + args
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
 def test_sigterm_stops_every_process_with_one_checkpoint_and_the_run_resumes(tmp_path, capsys):
     reference = tmp_path / "reference"
-    uninterrupted = _torchrun(RUN_ARGS + ["--out", str(reference)], free_port())
+    uninterrupted = _torchrun(RUN_ARGS + ["--out", str(reference)])
     run = tmp_path / "run"
-    proc = _torchrun(RUN_ARGS + ["--out", str(run)], free_port())
+    proc = _torchrun(RUN_ARGS + ["--out", str(run)])
     ckpt = run / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not ckpt.exists():
@@ -296,7 +298,7 @@ def test_sigterm_stops_every_process_with_one_checkpoint_and_the_run_resumes(tmp
     err = capsys.readouterr().err
     assert "2 process(es)" in err and "this launch has 1" in err and "torchrun" in err
 
-    proc = _torchrun(["--resume", str(run), "--progress", "none"], free_port())
+    proc = _torchrun(["--resume", str(run), "--progress", "none"])
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
     results = json.loads((run / "results.json").read_text())

@@ -33,7 +33,7 @@ Modules: :mod:`.config` (the typed configuration), :mod:`.schedule` (stages and 
 :mod:`.step` (the training step, evaluation), :mod:`.teachers` (snapshots as teachers),
 :mod:`.loop` (the trainer), :mod:`.checkpoint`, :mod:`.monitor`, :mod:`.results`,
 :mod:`.preflight` (image checks), :mod:`.distributed` (torchrun, DDP), :mod:`.cli`.
-Several GPUs or nodes: ``torchrun --nproc-per-node N -m fastsd.train ...`` (README).
+Several GPUs or nodes: ``torchrun --standalone --nproc-per-node N -m fastsd.train ...`` (README).
 """
 
 from .config import TrainConfig

@@ -181,7 +181,7 @@ class TrainConfig:
     world_size: Optional[int] = _f(None, "processes training together, each with its own "
                                    "shard and --batch-size [auto: torchrun's WORLD_SIZE, 1 "
                                    "without torchrun]; launch several with torchrun "
-                                   "--nproc-per-node N -m fastsd.train", "perf")
+                                   "--standalone --nproc-per-node N -m fastsd.train", "perf")
     sync_bn: bool = _f(False, "several processes: SyncBatchNorm, BatchNorm statistics over the "
                        "global batch (CUDA only); without it each process normalises with its "
                        "own batch's statistics", "perf")

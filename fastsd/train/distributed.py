@@ -49,7 +49,7 @@ def init(device: str, world_size: int) -> None:
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise SetupError(f"--world-size {world_size}: {', '.join(missing)} not set; launch with "
-                         f"torchrun --nproc-per-node N -m fastsd.train ...")
+                         f"torchrun --standalone --nproc-per-node N -m fastsd.train ...")
     cuda = torch.device(device).type == "cuda"
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
