@@ -58,10 +58,14 @@ _TORCHVISION_DEFAULT_KWARGS = {
 # too). Without it the residual stream of a deep ResNet grows block by block: a ResNet-152 starts
 # with a loss near 10 on 10 classes and stayed at chance on the quick demo, where with it it
 # reached 42 % test error in 4 epochs. ``zero_init_residual=False`` gives torchvision's init.
-_ZERO_INIT_RESIDUAL = {"zero_init_residual": True}
-for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-              "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"):
-    _TORCHVISION_DEFAULT_KWARGS[_name] = _ZERO_INIT_RESIDUAL
+# Every builder of torchvision's resnet module (ResNet, ResNeXt, Wide ResNet) takes the keyword.
+def _torchvision_defaults(name: str) -> dict:
+    import torchvision.models
+
+    defaults = dict(_TORCHVISION_DEFAULT_KWARGS.get(name, {}))
+    if torchvision.models.get_model_builder(name).__module__ == "torchvision.models.resnet":
+        defaults["zero_init_residual"] = True
+    return defaults
 
 
 @lru_cache(maxsize=1)
@@ -136,7 +140,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
             return _CIFAR_BUILDERS[key](num_classes, **kwargs)
         import torchvision.models
 
-        kwargs = {**_TORCHVISION_DEFAULT_KWARGS.get(key, {}), **kwargs}
+        kwargs = {**_torchvision_defaults(key), **kwargs}
         return torchvision.models.get_model(key, weights=None, num_classes=num_classes, **kwargs)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
