@@ -238,6 +238,9 @@ def _argparse_fails(capsys, argv, *needles):
     (["--batch-size", "0"], ["--batch-size"]),
     (["--clip-grad-norm", "0"], ["--clip-grad-norm", "> 0"]),
     (["--clip-grad-norm", "nan"], ["--clip-grad-norm", "> 0"]),
+    (["--checkpoint-every", "30"],
+     ["--checkpoint-every", "positive multiple of --log-every (50)"]),
+    (["--checkpoint-every", "0", "--log-every", "1"], ["--checkpoint-every", "multiple"]),
 ])
 def test_bad_settings_are_refused_before_anything_runs(capsys, tmp_path, argv, needles):
     _fails(capsys, argv + ["--out", str(tmp_path / "run")], *needles, out=str(tmp_path / "run"))

@@ -252,9 +252,11 @@ def test_only_rank_0_writes_and_results_record_the_world_size(runs):
 
 
 # ------------------------------------------------------------------------- torchrun, SIGTERM
+# --checkpoint-every 4: the two processes write periodic checkpoints together, and the resumed run
+# still ends bit for bit where the uninterrupted one does
 RUN_ARGS = ["--method", "sd", "--epochs", "12", "--cycles", "3", "--synthetic-size", "256,45",
             "--image-size", "16", "--batch-size", "16", "--device", "cpu", "--progress", "plain",
-            "--log-every", "4", "--no-tensorboard"]
+            "--log-every", "4", "--checkpoint-every", "4", "--no-tensorboard"]
 
 
 def _torchrun(args):

@@ -358,10 +358,15 @@ class StopAtIteration:
             trainer._stop_signal = signal.SIGTERM
 
 
-def _epoch_rows(run):
+def _rows(run, kind):
+    """A run's metrics.jsonl rows of one kind, without their timings."""
     timing = ("epoch_time", "images_per_s", "time")
     return [{k: v for k, v in r.items() if k not in timing}
-            for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+            for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == kind]
+
+
+def _epoch_rows(run):
+    return _rows(run, "epoch")
 
 
 @pytest.mark.parametrize("stop", [2, 3, 4, 6, 7], ids=lambda i: f"iteration{i}")
@@ -391,6 +396,43 @@ def test_a_stop_anywhere_resumes_to_the_same_run_and_epoch_rows(tmp_path, stop):
             # float32 window means summed over other windows: equal to rounding
             assert row[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float)
                                 else value), (row["epoch"], key)
+
+
+class Crash(BaseException):
+    """Stands for a SIGKILL: nothing in the trainer catches it, so no checkpoint is written."""
+
+
+class CrashAtIteration:
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def on_step_end(self, trainer):
+        if trainer.iteration == self.iteration:
+            raise Crash
+
+
+@pytest.mark.parametrize("crash, saved", [(5, 4), (9, 8)])
+def test_periodic_checkpoints_inside_an_epoch_resume_to_the_same_run(tmp_path, crash, saved):
+    """3 iterations an epoch, a checkpoint every 4 steps: at iteration 4 (epoch 2, batch 1) and
+    8 (epoch 3, batch 2), besides each epoch's end. A crash that writes nothing loses only the
+    steps since the last of them."""
+    from fastsd.train.cli import main
+
+    settings = dict(method="sd", epochs=5, cycle_epochs=[1, 2, 2], synthetic_size=[96, 48],
+                    log_every=2, checkpoint_every=4)
+    train(tiny(tmp_path, "reference", **settings))
+    with pytest.raises(Crash):
+        train(tiny(tmp_path, "run", **settings), hooks=[CrashAtIteration(crash)])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["iteration"], state["batch_in_epoch"]) == (saved, saved % 3)
+    assert main(["--resume", str(tmp_path / "run"), "--progress", "none"]) == 0
+    assert_same_tensors(load_safetensors(str(tmp_path / "run" / "model.safetensors")),
+                        load_safetensors(str(tmp_path / "reference" / "model.safetensors")))
+    # the checkpoints follow log lines, so every step and epoch row is the uninterrupted run's
+    for kind in ("step", "epoch"):
+        rows, reference = _rows(tmp_path / "run", kind), _rows(tmp_path / "reference", kind)
+        assert rows == reference
+    assert [r["iteration"] for r in _rows(tmp_path / "run", "step")] == list(range(2, 16, 2))
 
 
 # ------------------------------------------------------------------------------------- faults

@@ -43,7 +43,7 @@ _SYNTHETIC_SIZE = (2048, 500)
 
 # Fields --resume may change: they affect how a run is watched or fed, never its numbers.
 RESUME_OVERRIDABLE = ("resume", "out", "data", "workers", "log_every", "progress", "tensorboard",
-                      "max_nonfinite", "eval_batch_size", "check_images")
+                      "max_nonfinite", "eval_batch_size", "check_images", "checkpoint_every")
 
 
 def _f(default, help, group, **meta):
@@ -196,6 +196,10 @@ class TrainConfig:
     seed: int = _f(0, "random seed (model initialisation, data order and augmentation)", "run")
     log_every: int = _f(50, "read the step metrics (a host sync) and log them every N steps",
                         "run")
+    checkpoint_every: Optional[int] = _f(
+        None, "also write the checkpoint every N steps inside an epoch (a multiple of "
+        "--log-every), so a run killed without warning (SIGKILL, a lost node) loses at most N "
+        "steps; SIGTERM and Ctrl-C always write one [default: at every epoch end only]", "run")
     eval_every: int = _f(1, "evaluate on the test split every N epochs (and at every cycle or "
                          "generation end)", "run")
     max_nonfinite: int = _f(20, "stop after this many consecutive steps whose update was skipped "
@@ -475,6 +479,12 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "max_nonfinite"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every is not None and (self.checkpoint_every < 1 or
+                                                  self.checkpoint_every % self.log_every):
+            # a multiple: the checkpoint then follows a log line, and the step rows of a run do
+            # not depend on where it was checkpointed
+            bad("checkpoint_every", f"must be a positive multiple of --log-every "
+                f"({self.log_every}), got {self.checkpoint_every}")
 
     def _check_arch(self, name, value):
         from fastsd.models import get_model_info

@@ -432,6 +432,9 @@ class Trainer:
                     self._log_window(epoch, lr, window_images, 0.0, to_log=False)
                 s["seconds"] = time.perf_counter() - epoch_start
                 self._interrupt()
+            elif self._periodic_checkpoint_due(b):
+                s["seconds"] = time.perf_counter() - epoch_start  # the resumed epoch's clock
+                self.save_checkpoint()
         if window_images:
             self._log_window(epoch, lr, window_images, time.perf_counter() - window_start,
                              to_log=False)
@@ -583,6 +586,13 @@ class Trainer:
         if agreed is not None and self._stop_signal is None:
             self._stop_signal = agreed
         return agreed is not None
+
+    def _periodic_checkpoint_due(self, batch: int) -> bool:
+        """--checkpoint-every: due at its multiples of the global iteration, the same on every
+        process; not at an epoch's last batch, whose end writes one anyway."""
+        every = self.cfg.checkpoint_every
+        return (every is not None and self.iteration % every == 0
+                and batch + 1 < self.plan.iters_per_epoch)
 
     def _interrupt(self) -> None:
         signum = self._stop_signal
