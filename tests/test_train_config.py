@@ -138,6 +138,22 @@ def test_warmup_and_step_schedule():
     assert gen.lr_at(8) == pytest.approx(gen.lr_at(0)) == pytest.approx(0.1 / 2)
 
 
+def test_restart_warmup_ramps_every_cycle_after_the_first():
+    # 3 cycles of 2 epochs, 4 iterations each: cycle starts at 0, 8 and 16
+    cfg = TrainConfig(method="sd", epochs=6, cycles=3, warmup_epochs=0.25,
+                      restart_warmup_epochs=0.75, lr=0.4, **CPU)
+    plan = build_plan(cfg, 4)
+    assert plan.lr_at(0) == pytest.approx(0.4)  # warm-up of 1 iteration: lr_max at once
+    for start in (8, 16):
+        for local in range(3):
+            assert plan.lr_at(start + local) == pytest.approx(
+                cosine_lr(local, 8, 0.4, 0.0) * (local + 1) / 3)
+        assert plan.lr_at(start + 3) == pytest.approx(cosine_lr(3, 8, 0.4, 0.0))
+    # the default keeps SE's sharp restart: lr_max at the first iteration of every cycle
+    sharp = build_plan(TrainConfig(method="se", epochs=6, cycles=3, lr=0.4, **CPU), 4)
+    assert [sharp.lr_at(i) for i in (0, 8, 16)] == pytest.approx([0.4] * 3)
+
+
 # ----------------------------------------------------------------------------------- the plans
 def test_stage_plans_of_every_method():
     sd = build_plan(TrainConfig(method="sd", epochs=3, cycles=3, **CPU), 2)
@@ -241,6 +257,11 @@ def _argparse_fails(capsys, argv, *needles):
     (["--checkpoint-every", "30"],
      ["--checkpoint-every", "positive multiple of --log-every (50)"]),
     (["--checkpoint-every", "0", "--log-every", "1"], ["--checkpoint-every", "multiple"]),
+    (["--cycle-epochs", "4,2", "--restart-warmup-epochs", "2"],
+     ["--restart-warmup-epochs", "shorter than every cycle after the first (2 epochs)"]),
+    (["--restart-warmup-epochs", "-1"], ["--restart-warmup-epochs", ">= 0"]),
+    (["--method", "bl", "--restart-warmup-epochs", "1"],
+     ["--restart-warmup-epochs", "se and sd only", "--warmup-epochs"]),
 ])
 def test_bad_settings_are_refused_before_anything_runs(capsys, tmp_path, argv, needles):
     _fails(capsys, argv + ["--out", str(tmp_path / "run")], *needles, out=str(tmp_path / "run"))

@@ -153,6 +153,10 @@ class TrainConfig:
         None, "linear warm-up from 0 over this many epochs at the start of training (and of every "
         "generation) [auto: 1 (at most half a generation) for ban/tt, whose generations start "
         "from fresh weights under a teacher, which diverges at full --lr; 0 otherwise]", "optim")
+    restart_warmup_epochs: float = _f(
+        0.0, "se/sd: linear warm-up over this many epochs after every learning-rate restart "
+        "(the start of cycles 2 ... M), ramping to --lr as --warmup-epochs does; 0 is the sharp "
+        "restart of SE and SD. A deep net's loss can jump at a sharp restart", "optim")
     momentum: float = _f(0.9, "SGD momentum", "optim")
     nesterov: bool = _f(True, "Nesterov momentum", "optim")
     weight_decay: Optional[float] = _f(None, "L2 weight decay [auto: 5e-4 on CIFAR/synthetic, "
@@ -460,6 +464,14 @@ class TrainConfig:
                 else 0 <= self.warmup_epochs < self.epochs):
             bad("warmup_epochs", f"must be >= 0 and shorter than the first cycle / the training,"
                 f" got {self.warmup_epochs}")
+        if cyclic:
+            shortest_restart = min(self.cycle_epochs[1:], default=math.inf)
+            if not (0 <= self.restart_warmup_epochs < shortest_restart):
+                bad("restart_warmup_epochs", f"must be >= 0 and shorter than every cycle after "
+                    f"the first ({shortest_restart} epochs), got {self.restart_warmup_epochs}")
+        elif self.restart_warmup_epochs != 0:
+            bad("restart_warmup_epochs", f"the learning rate restarts in se and sd only; "
+                f"--method {self.method} warms up with --warmup-epochs")
         if not 0 <= self.momentum < 1:
             bad("momentum", f"must be in [0, 1), got {self.momentum}")
         if self.nesterov and self.momentum == 0:

@@ -118,8 +118,11 @@ class Plan:
             # Cyclic cosine (SE, Huang et al.): lr_max at a stage's first iteration, decaying to
             # near lr_min at its last; restarts at every cycle start.
             lr = cosine_lr(local, length, cfg.lr, cfg.lr_min)
-        warmup = round(cfg.warmup_epochs * self.iters_per_epoch)
-        if stage.fresh_model and local < warmup:
+        # A fresh model (training's or a generation's start) warms up by --warmup-epochs; a
+        # cycle that carries the model on (an SE/SD restart) by --restart-warmup-epochs.
+        warmup_epochs = cfg.warmup_epochs if stage.fresh_model else cfg.restart_warmup_epochs
+        warmup = round(warmup_epochs * self.iters_per_epoch)
+        if local < warmup:
             lr *= (local + 1) / warmup
         return lr
 
