@@ -63,6 +63,9 @@ def test_auto_learning_rate_follows_the_linear_rule_for_imagenet_models():
     imnet = TrainConfig(dataset="imagefolder", data="/x", arch="resnet50", **CPU)
     assert imnet.batch_size == 256 and imnet.lr == pytest.approx(0.1)
     assert TrainConfig(arch="resnet50", batch_size=512, **CPU).lr == pytest.approx(0.2)
+    # an update's batch: 64 images x 4 accumulated passes
+    accum = TrainConfig(arch="resnet50", batch_size=64, grad_accum_steps=4, **CPU)
+    assert accum.global_batch_size == 256 and accum.lr == pytest.approx(0.1)
     assert TrainConfig(arch="resnet50", lr=0.3, **CPU).lr == 0.3          # given: used as is
 
 
@@ -252,6 +255,9 @@ def _argparse_fails(capsys, argv, *needles):
     (["--amp", "fp16"], ["--amp", "CUDA"]),
     (["--lr", "0"], ["--lr"]),
     (["--batch-size", "0"], ["--batch-size"]),
+    (["--grad-accum-steps", "0"], ["--grad-accum-steps", ">= 1"]),
+    (["--batch-size", "64", "--grad-accum-steps", "40"],
+     ["--grad-accum-steps 40", "larger than the training split (2048 images)", "no full update"]),
     (["--clip-grad-norm", "0"], ["--clip-grad-norm", "> 0"]),
     (["--clip-grad-norm", "nan"], ["--clip-grad-norm", "> 0"]),
     (["--checkpoint-every", "30"],

@@ -111,6 +111,11 @@ def _worker(rank, port, root):
             saved["gn"] = _train(config(os.path.join(root, "gn", name), WORLD, PER_PROCESS_BATCH,
                                         clip_grad_norm=GN_CLIP_GRAD_NORM),
                                  record_initial_eval=True)
+            # Half the batch, two accumulated passes: each process's two passes of 8 images
+            # are its shard of the same 32-image update (DDP's no_sync on the first pass).
+            saved["gn_accum"] = _train(config(os.path.join(root, "gn_accum", name), WORLD,
+                                              PER_PROCESS_BATCH // 2, grad_accum_steps=2,
+                                              clip_grad_norm=GN_CLIP_GRAD_NORM))
         finally:
             fastsd.models.create_model = create_model
         # The real ResNet-20, BatchNorm included: snapshots must still be equal everywhere.
@@ -184,17 +189,19 @@ def runs(tmp_path_factory):
     return root, ranks, single
 
 
-def test_two_processes_step_like_one_with_the_same_global_batch(runs):
+@pytest.mark.parametrize("run", ["gn", "gn_accum"])
+def test_two_processes_step_like_one_with_the_same_global_batch(runs, run):
+    """Also with the batch of an update accumulated over two passes of half its size."""
     _, ranks, single = runs
-    assert ranks[0]["gn"]["results"]["snapshots"][-1]["iteration"] == 8  # 2 epochs x 4 steps
+    assert ranks[0][run]["results"]["snapshots"][-1]["iteration"] == 8  # 2 epochs x 4 steps
     for key, value in single["model"].items():
-        torch.testing.assert_close(ranks[0]["gn"]["model"][key], value, rtol=1e-4, atol=1e-5,
+        torch.testing.assert_close(ranks[0][run]["model"][key], value, rtol=1e-4, atol=1e-5,
                                    msg=key)
     # the cycle-1 snapshot taught cycle 2 (SD): the same teacher in both runs
     for key, value in single["snapshots"].items():
-        torch.testing.assert_close(ranks[0]["gn"]["snapshots"][key].float(), value.float(),
+        torch.testing.assert_close(ranks[0][run]["snapshots"][key].float(), value.float(),
                                    rtol=1e-2, atol=1e-3)  # half precision storage
-    a, b = ranks[0]["gn"]["results"], single["results"]
+    a, b = ranks[0][run]["results"], single["results"]
     assert [e["label"] for e in a["snapshots"]] == [e["label"] for e in b["snapshots"]]
     for x, y in zip(a["snapshots"], b["snapshots"]):
         assert x["top1_error"] == pytest.approx(y["top1_error"], abs=100 / 45 + 1e-9)
@@ -215,7 +222,7 @@ def test_processes_clip_the_all_reduced_gradient_as_one_process_clips_its_own(ru
             == [WORLD * n for n in single])
 
 
-@pytest.mark.parametrize("run", ["gn", "bn", "tt", "kd"])
+@pytest.mark.parametrize("run", ["gn", "gn_accum", "bn", "tt", "kd"])
 def test_every_process_holds_the_same_weights_and_snapshots(runs, run):
     _, ranks, _ = runs
     for part in ("model", "snapshots"):

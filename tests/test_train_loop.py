@@ -3,6 +3,7 @@
 Runs use ResNet-20 on 16x16 synthetic images, a few iterations per epoch.
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -398,6 +399,38 @@ def test_a_stop_anywhere_resumes_to_the_same_run_and_epoch_rows(tmp_path, stop):
                                 else value), (row["epoch"], key)
 
 
+@pytest.mark.parametrize("stop", [2, 4])
+def test_accumulated_passes_make_an_iteration_and_a_stop_resumes_between_them(tmp_path, stop,
+                                                                              monkeypatch):
+    """--grad-accum-steps 2 on batches of 16: 112 images are 7 batches, 3 updates an epoch, the
+    7th batch left out like a partial batch. Stops after iteration 2 (mid-epoch: the resume skips
+    4 batches) and 4 resume to the run that never stopped."""
+    from fastsd.train.cli import main
+    from fastsd.train.errors import Interrupted
+    from fastsd.train.step import TrainStep
+
+    passes = []
+    forward_and_backward = TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, images, labels: (
+        passes.append(images.shape[0]), forward_and_backward(self, images, labels))[1])
+    settings = dict(method="sd", epochs=5, cycle_epochs=[1, 2, 2], synthetic_size=[112, 48],
+                    batch_size=16, grad_accum_steps=2, log_every=2)
+    trainer, results = train(tiny(tmp_path, "reference", **settings))
+    assert trainer.plan.iters_per_epoch == 3 and results["snapshots"][-1]["iteration"] == 15
+    assert passes == [16] * 30  # 5 epochs x 3 updates x 2 passes
+    with pytest.raises(Interrupted, match=f"at iteration {stop} "):
+        train(tiny(tmp_path, "run", **settings), hooks=[StopAtIteration(stop)])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["iteration"], state["batch_in_epoch"]) == (stop, stop % 3)
+    assert main(["--resume", str(tmp_path / "run"), "--progress", "none"]) == 0
+    assert_same_tensors(load_safetensors(str(tmp_path / "run" / "model.safetensors")),
+                        load_safetensors(str(tmp_path / "reference" / "model.safetensors")))
+    for row, expected in zip(_epoch_rows(tmp_path / "run"), _epoch_rows(tmp_path / "reference")):
+        for key, value in expected.items():
+            assert row[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float)
+                                else value), (row["epoch"], key)
+
+
 class Crash(BaseException):
     """Stands for a SIGKILL: nothing in the trainer catches it, so no checkpoint is written."""
 
@@ -481,7 +514,7 @@ def test_nonfinite_steps_are_skipped_on_device():
     assert m["loss"] == pytest.approx(m["ce"])
 
 
-def _plain_sgd_step(model, amp="none", device="cpu", clip_grad_norm=None):
+def _plain_sgd_step(model, amp="none", device="cpu", clip_grad_norm=None, grad_accum_steps=1):
     """A TrainStep with plain CE and SGD at lr 1 without momentum or weight decay: its update is
     minus the (clipped) gradient."""
     from fastsd.train.schedule import LossSpec
@@ -490,7 +523,7 @@ def _plain_sgd_step(model, amp="none", device="cpu", clip_grad_norm=None):
     opt = build_optimizer(model, lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0,
                           wd_norm_bias=True)
     step = TrainStep(model, opt, device=device, amp=amp, num_classes=3,
-                     clip_grad_norm=clip_grad_norm)
+                     clip_grad_norm=clip_grad_norm, grad_accum_steps=grad_accum_steps)
     step.set_stage(LossSpec(), None)
     return step
 
@@ -525,6 +558,62 @@ def test_clip_grad_norm_scales_the_update_down_to_the_bound(bound):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     m = step.read_metrics()
     assert m["skipped"] == 1 and m["clipped"] == 0
+
+
+@pytest.mark.parametrize("bound", [None, 0.05])
+def test_accumulated_passes_update_as_one_pass_over_all_their_images(bound):
+    """--grad-accum-steps 2: two passes of 8 images, then one update, the float64 update of the
+    mean cross-entropy over the 16 images (clipped as a whole)."""
+    class Wrapper(nn.Sequential):
+        """Stands for DDP: records the passes that ran under no_sync (no all-reduce)."""
+
+        unsynced = 0
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            Wrapper.unsynced += 1
+            yield
+
+    torch.manual_seed(0)
+    model = Wrapper(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(16, 3, 2, 2), torch.randint(0, 3, (16,))
+    expected, scale = _clipped_update(model, x, y, bound or math.inf)
+    step = _plain_sgd_step(model, clip_grad_norm=bound, grad_accum_steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    step(x[:8], y[:8])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update yet
+    assert Wrapper.unsynced == 1
+    with pytest.raises(RuntimeError, match="between the 1 accumulated passes"):
+        step.state_dict()  # a checkpoint would lose the first pass's gradient
+    step(x[8:], y[8:])
+    assert Wrapper.unsynced == 1  # the last pass of an update all-reduces
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-7)
+    m = step.read_metrics()
+    assert (m["steps"], m["skipped"], m["clipped"]) == (2, 0, int(scale < 1))
+    # one non-finite pass spoils its update, which is skipped (once) and counted per pass
+    before = [p.detach().clone() for p in model.parameters()]
+    step(torch.full_like(x[:8], float("inf")), y[:8])
+    step(x[8:], y[8:])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    m = step.read_metrics()
+    assert (m["steps"], m["nonfinite"], m["skipped"], m["clipped"]) == (2, 1, 1, 0)
+    assert all(p.grad is None for p in model.parameters())  # the next update starts afresh
+
+
+@pytest.mark.gpu
+def test_accumulated_passes_under_fp16_update_as_one_pass():
+    """The GradScaler's scale multiplies every pass's loss and is taken off once, at the update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).cuda()
+    x, y = torch.randn(16, 3, 2, 2).cuda(), torch.randint(0, 3, (16,)).cuda()
+    expected, _ = _clipped_update(model, x, y, math.inf)
+    step = _plain_sgd_step(model, amp="fp16", device="cuda", grad_accum_steps=2)
+    step(x[:8], y[:8])
+    step(x[8:], y[8:])
+    assert step.scaler.get_scale() == 65536.0  # not skipped
+    for p, e in zip(model.parameters(), expected):  # the forward ran in float16
+        torch.testing.assert_close(p.detach().double(), e, rtol=2e-3, atol=2e-4)
 
 
 @pytest.mark.gpu

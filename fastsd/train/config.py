@@ -119,9 +119,14 @@ class TrainConfig:
     synthetic_size: Optional[List[int]] = _flist(
         "synthetic: training images, or training,test images [auto: 2048,500]", "data",
         type=int)
-    batch_size: Optional[int] = _f(None, "training batch size per process (the global batch is"
-                                   " --batch-size x --world-size) [auto: 128 on CIFAR, 256 on "
-                                   "ImageNet folders, 64 on synthetic]", "data")
+    batch_size: Optional[int] = _f(None, "training batch size per process and forward pass "
+                                   "(an update's global batch is --batch-size x "
+                                   "--grad-accum-steps x --world-size) [auto: 128 on CIFAR, 256 "
+                                   "on ImageNet folders, 64 on synthetic]", "data")
+    grad_accum_steps: int = _f(
+        1, "forward and backward passes of --batch-size images whose gradients add up to one "
+        "update: the batch of an update without its memory (BatchNorm still normalises each "
+        "pass by itself)", "data")
     eval_batch_size: Optional[int] = _f(None, "evaluation batch size per process [auto: 2 x "
                                         "batch size]", "data")
     workers: Optional[int] = _f(None, "data loading worker processes [auto: min(8, CPUs - 1) on "
@@ -279,7 +284,8 @@ class TrainConfig:
                     f"got {self.synthetic_size}")
         elif self.dataset == "synthetic":
             self.synthetic_size = list(_SYNTHETIC_SIZE)
-        for name in ("num_classes", "image_size", "batch_size", "eval_batch_size"):
+        for name in ("num_classes", "image_size", "batch_size", "eval_batch_size",
+                     "grad_accum_steps"):
             value = getattr(self, name)
             if value is not None and value < (2 if name == "num_classes" else 1):
                 bad(name, f"must be >= {2 if name == 'num_classes' else 1}, got {value}")
@@ -509,8 +515,8 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------
     @property
     def global_batch_size(self) -> int:
-        """Images per optimisation step over all processes."""
-        return self.batch_size * self.world_size
+        """Images per optimisation step (update) over all processes and accumulated passes."""
+        return self.batch_size * self.grad_accum_steps * self.world_size
 
     @property
     def total_epochs(self) -> int:

@@ -121,10 +121,15 @@ class Trainer:
         if cfg.method == "tt" and cfg.topk > self.num_classes:
             raise ConfigError(f"--topk: K={cfg.topk} is more than the {self.num_classes} classes "
                               f"of the data set; use --topk {min(5, self.num_classes)}")
-        iters = len(self.data.train)
+        # An iteration is an update: --grad-accum-steps batches; the leftover batches of an
+        # epoch (fewer than that) are not trained on, as the last partial batch is not.
+        iters = len(self.data.train) // cfg.grad_accum_steps
         if iters < 1:
-            raise SetupError(f"--batch-size {cfg.batch_size} is larger than the training split "
-                             f"({info.train_size} images): an epoch would have no full batch")
+            raise SetupError(f"--batch-size {cfg.batch_size} x --grad-accum-steps "
+                             f"{cfg.grad_accum_steps} is larger than the training split "
+                             f"({info.train_size} images"
+                             f"{f' over {self.world_size} processes' if self.world_size > 1 else ''}"
+                             f"): an epoch would have no full update")
         self.plan: Plan = build_plan(cfg, iters)
 
         self.model = train_model = self._new_model(0)
@@ -153,7 +158,8 @@ class Trainer:
         self.step = TrainStep(train_model, self.optimizer, device=self.device, amp=cfg.amp,
                               num_classes=self.num_classes, compile=cfg.compile,
                               compile_mode=cfg.compile_mode,
-                              clip_grad_norm=cfg.clip_grad_norm)
+                              clip_grad_norm=cfg.clip_grad_norm,
+                              grad_accum_steps=cfg.grad_accum_steps)
 
         resume_state = None
         if resume_path:
@@ -169,7 +175,8 @@ class Trainer:
             # `--config config.yaml` starts the same run afresh.
             dump_yaml(cfg.replace(resume=None), os.path.join(self.run_dir, "config.yaml"),
                       f"global batch {cfg.global_batch_size} = {cfg.world_size} process(es) x "
-                      f"--batch-size {cfg.batch_size}; --lr is used as given")
+                      f"--batch-size {cfg.batch_size} x --grad-accum-steps "
+                      f"{cfg.grad_accum_steps}; --lr is used as given")
         if resume_state is not None:
             self._load_state(resume_state)
         self.monitor = Monitor(self.run_dir, progress="none" if self.quiet else cfg.progress,
@@ -381,13 +388,16 @@ class Trainer:
                    or self.kd_teacher is not None else "")
         resumed = (f"; resuming at epoch {self.epoch + 1}, iteration {self.iteration}"
                    if self.iteration else "")
-        procs = (f" x {cfg.world_size} processes = {cfg.global_batch_size}"
-                 + (", SyncBatchNorm" if cfg.sync_bn else "") if cfg.world_size > 1 else "")
+        accum = (f" x {cfg.grad_accum_steps} accumulated passes"
+                 if cfg.grad_accum_steps > 1 else "")
+        procs = (f" x {cfg.world_size} processes" if cfg.world_size > 1 else "")
+        total = (f" = {cfg.global_batch_size} per update" if accum or procs else "")
+        sync = ", SyncBatchNorm" if cfg.sync_bn else ""
         self.monitor.message(
             f"fastsd.train: {cfg.method} {cfg.arch} on {cfg.dataset} ({info.train_size} training /"
             f" {info.test_size} test images, {self.num_classes} classes, {info.image_size}px), "
             f"{counted(cfg.epochs, 'epoch')}{shape}, batch {cfg.batch_size}"
-            f"{procs},"
+            f"{accum}{procs}{total}{sync},"
             f" {self.plan.iters_per_epoch} iterations per epoch; {self.device}, amp {cfg.amp}"
             f"{teacher}"
             f"{', compiled' if cfg.compile else ''}; run directory {self.run_dir}{resumed}")
@@ -407,16 +417,24 @@ class Trainer:
         window_images = 0
         groups = self.optimizer.param_groups
         lr = plan.lr_at(max(self.iteration - 1, 0))  # the last step's, if none is left to train
-        for b, (images, labels) in enumerate(loader):
-            if b < skip:
-                continue  # a resumed epoch: the same order and augmentation, its head trained
-            lr = plan.lr_at(self.iteration)
-            for group in groups:
-                group["lr"] = lr
-            self.step(images, labels)
+        passes = cfg.grad_accum_steps  # loader batches per iteration (update)
+        trained = plan.iters_per_epoch * passes
+        for p, (images, labels) in enumerate(loader):
+            if p < skip * passes or p >= trained:
+                # a resumed epoch: the same order and augmentation, its head trained; or the
+                # epoch's last batches, too few for an update
+                continue
+            if p % passes == 0:
+                lr = plan.lr_at(self.iteration)
+                for group in groups:
+                    group["lr"] = lr
+            self.step(images, labels)  # the last pass of an iteration updates
+            window_images += images.shape[0] * self.world_size  # equal shards: global images
+            if (p + 1) % passes:
+                continue
+            b = p // passes  # the iteration's index in the epoch
             self.iteration += 1
             self.batch_in_epoch = b + 1
-            window_images += images.shape[0] * self.world_size  # equal shards: global images
             if self.hooks:
                 self._call_hooks("on_step_end")
             if self.monitor.progress == "bar":
@@ -742,6 +760,7 @@ class Trainer:
             cycle_epochs=cfg.cycle_epochs if cfg.method in ("se", "sd") else None,
             generations=cfg.generations if cfg.method in GENERATION_METHODS else None,
             world_size=self.world_size, batch_size=cfg.batch_size,
+            grad_accum_steps=cfg.grad_accum_steps,
             global_batch_size=cfg.global_batch_size, sync_bn=cfg.sync_bn, seed=cfg.seed,
             wall_time_s=round(wall, 2),
             run_dir=self.run_dir)

@@ -5,8 +5,8 @@
     {"method", "arch", "dataset", "num_classes", "temperature", "lambda_s", "lambda_t",
      "snapshots": [{"index", "label", "epoch", "top1_error", "top5_error", ...}, ...],
      "final": {...}, "best": {...}, "ensemble": {"top1_error", "top5_error", "members"} or null,
-     "ensembles": [...], "world_size", "batch_size" (per process), "global_batch_size",
-     "sync_bn", "wall_time_s"}
+     "ensembles": [...], "world_size", "batch_size" (per process and pass), "grad_accum_steps",
+     "global_batch_size" (of an update), "sync_bn", "wall_time_s"}
 
 Errors are in percent. ``snapshots`` has one entry per cycle (se/sd: index 1..M, label M#L<i>),
 per generation (ban/tt: index 0..N, label G#<i>), or one for bl/kd (index 1, label "final").
@@ -104,7 +104,7 @@ def format_markdown(results: Dict[str, Any]) -> str:
     for key in ("method", "arch", "dataset", "num_classes", "epochs", "cycle_epochs",
                 "generations", "temperature", "student_temperature", "lambda_s", "lambda_t",
                 "t2_scaling", "teacher_dtype", "eta", "topk", "world_size", "batch_size",
-                "global_batch_size", "wall_time_s"):
+                "grad_accum_steps", "global_batch_size", "wall_time_s"):
         if results.get(key) is not None:
             lines.append(f"| {key} | {results[key]} |")
     return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 One step: the teacher's forward (no grad, its own precision, the same augmented batch), the
 student's forward under autocast, the fused loss with its separate terms, backward, and a fused SGD
-update that skips itself on device when a gradient is not finite. Nothing in it reads a value on
+update that skips itself on device when a gradient is not finite (with ``--grad-accum-steps N``,
+after N such forward and backward passes). Nothing in it reads a value on
 the host: the metrics (loss terms, accuracy, non-finite counts) accumulate in one small device
 tensor that :meth:`TrainStep.read_metrics` reads every ``--log-every`` steps.
 """
@@ -63,13 +64,16 @@ def build_optimizer(model: nn.Module, *, lr: float, momentum: float, nesterov: b
 class TrainStep:
     """The student's training step; ``set_stage`` chooses the loss and the teacher of a stage.
 
-    ``__call__(images [B,3,H,W], labels [B])`` runs one optimisation step and returns nothing.
-    ``clip_grad_norm``: the global L2 norm each update's gradient is scaled down to (None: none).
+    ``__call__(images [B,3,H,W], labels [B])`` runs one forward and backward pass, and every
+    ``grad_accum_steps``-th call the update, on the gradients those passes added up (each pass's
+    loss divided by their number: the update of the mean loss over all their images). Under DDP
+    only the last pass of an update all-reduces. ``clip_grad_norm``: the global L2 norm each
+    update's gradient is scaled down to (None: none).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device, amp: str,
                  num_classes: int, compile: bool = False, compile_mode: str = "default",
-                 clip_grad_norm: Optional[float] = None):
+                 clip_grad_norm: Optional[float] = None, grad_accum_steps: int = 1):
         self.model = model
         self.optimizer = optimizer
         self.device = torch.device(device)
@@ -78,6 +82,10 @@ class TrainStep:
         self.compile = compile
         self.compile_mode = compile_mode
         self.clip_grad_norm = clip_grad_norm
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        self.grad_accum_steps = grad_accum_steps
+        self._passes = 0  # passes since the last update
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.metrics = torch.zeros(_NUM_SLOTS, dtype=torch.float32, device=self.device)
         if compile:
@@ -134,22 +142,32 @@ class TrainStep:
 
     # ------------------------------------------------------------------------------------ step
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(images)
-        loss = self._forward(images, labels, teacher_logits, self.metrics)
+        self._passes += 1
+        updates = self._passes == self.grad_accum_steps
+        # The passes before an update's last run under DDP's no_sync (forward and backward):
+        # their gradients add up locally, and the last pass all-reduces the sum.
+        no_sync = getattr(self.model, "no_sync", None)
+        with no_sync() if no_sync is not None and not updates else contextlib.nullcontext():
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)
+            loss = self._forward(images, labels, teacher_logits, self.metrics)
+            if self.grad_accum_steps > 1:
+                loss = loss / self.grad_accum_steps
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if not updates:
+            return
+        self._passes = 0
         opt = self.optimizer
         if self.scaler is not None:
             # GradScaler hands scale and found_inf to the fused SGD kernel: no host sync.
-            self.scaler.scale(loss).backward()
             if self.clip_grad_norm is not None:
                 self.scaler.unscale_(opt)  # the bound is on the true gradient, not the scaled one
                 self._clip()
             self.scaler.step(opt)
             self.scaler.update()
         else:
-            loss.backward()
             if self.clip_grad_norm is not None:
                 self._clip()
             # The same device-side skip as the scaler's, with a scale of one: a step whose
@@ -195,7 +213,9 @@ class TrainStep:
         gradient; bf16 and fp32 only, fp16's GradScaler skips on its own), clipped (steps whose
         gradient norm was above ``clip_grad_norm``, and was scaled down), max_nonfinite_run
         (longest run of consecutive bad steps, including one still going on across windows:
-        non-finite losses under fp16, skipped updates otherwise).
+        non-finite losses under fp16, skipped updates otherwise). With gradient accumulation a
+        "step" of loss, ce, kl, tolerance, correct, steps and nonfinite (and of the fp16 run) is a
+        forward pass; skipped and clipped count updates.
         """
         values = self.metrics
         if all_reduce is not None:
@@ -215,6 +235,10 @@ class TrainStep:
         return out
 
     def state_dict(self) -> Dict[str, object]:
+        if self._passes:
+            # the gradients of those passes are not part of the state
+            raise RuntimeError(f"TrainStep.state_dict() between the {self._passes} accumulated "
+                               f"passes of an update and the update: save after the update")
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "nonfinite_run": float(self.metrics[_RUN])}
 
