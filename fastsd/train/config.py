@@ -213,7 +213,8 @@ class TrainConfig:
                          "generation end)", "run")
     max_nonfinite: int = _f(20, "stop after this many consecutive steps whose update was skipped "
                             "for a non-finite loss or gradient (under fp16 AMP: consecutive "
-                            "non-finite losses; its loss scaler skips overflows by itself)",
+                            "forward passes with a non-finite loss; its loss scaler skips "
+                            "overflows by itself)",
                             "run")
     progress: str = _f("auto", "progress display: bar (tqdm), plain lines, none [auto: bar on a "
                        "terminal, plain otherwise]", "run", choices=PROGRESS_MODES)
