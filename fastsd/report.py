@@ -26,6 +26,7 @@ trainer logs it (no extra pass over the training set). Plots need matplotlib
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from fastsd.train.config import RESUME_OVERRIDABLE
+from fastsd.train.config import RESUME_OVERRIDABLE, TrainConfig
 from fastsd.train.errors import TrainError
 from fastsd.train.results import (METHOD_NAMES, counted, format_table, run_title,
                                   stage_labels, table_columns)
@@ -197,6 +198,10 @@ def repeat_groups(runs: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
     """Groups of two or more runs that repeat one experiment (their config.yaml are equal but for
     :data:`REPEAT_FREE_SETTINGS`), in the order the runs were given; a directory given twice
     counts once."""
+    # A setting added after a run was made is missing from its config.yaml: the run had the
+    # setting's default (config.yaml otherwise holds every setting, resolved).
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
     groups: Dict[str, List[Dict[str, Any]]] = {}
     seen = set()
     for run in runs:
@@ -204,7 +209,8 @@ def repeat_groups(runs: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
         if where in seen:
             continue
         seen.add(where)
-        experiment = {k: v for k, v in run["config"].items() if k not in REPEAT_FREE_SETTINGS}
+        experiment = {k: v for k, v in {**defaults, **run["config"]}.items()
+                      if k not in REPEAT_FREE_SETTINGS}
         groups.setdefault(json.dumps(experiment, sort_keys=True, default=str), []).append(run)
     return [g for g in groups.values() if len(g) > 1]
 

@@ -179,6 +179,13 @@ def test_repeated_runs_get_mean_and_standard_deviation(runs, tmp_path):
         # --threads differs too: still a repeat
         cfg = tiny(str(tmp_path), "sd-seed1", method="sd", epochs=2, cycles=2, seed=1, threads=1)
         repeats = [out["sd"][1], Trainer(cfg, quiet=True).run()]
+    # as a run from before these settings existed wrote it: still the same experiment
+    config_yaml = os.path.join(repeats[1]["run_dir"], "config.yaml")
+    with open(config_yaml) as fh:
+        kept = [line for line in fh if not line.startswith(("grad_accum_steps:",
+                                                            "restart_warmup_epochs:"))]
+    with open(config_yaml, "w") as fh:
+        fh.writelines(kept)
     dirs = [repeats[0]["run_dir"], os.path.join(root, "bl"), repeats[1]["run_dir"],
             repeats[0]["run_dir"]]  # the same directory twice counts once
     md = open(build_report(dirs, str(tmp_path / "rep"), plots=False)["report"]).read()
