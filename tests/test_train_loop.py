@@ -370,13 +370,33 @@ def _epoch_rows(run):
     return _rows(run, "epoch")
 
 
+def _resume_to_the_reference(tmp_path):
+    """Finish ``tmp_path/run`` with --resume and return its checkpoint from before; its weights
+    then equal those of ``tmp_path/reference`` bit for bit, and its epoch rows those of the
+    reference (float32 window means summed in other windows: equal to rounding)."""
+    from fastsd.train.cli import main
+
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert main(["--resume", str(run), "--progress", "none"]) == 0
+    assert_same_tensors(load_safetensors(str(run / "model.safetensors")),
+                        load_safetensors(str(reference / "model.safetensors")))
+    rows, expected_rows = _epoch_rows(run), _epoch_rows(reference)
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in expected_rows]
+    for row, expected in zip(rows, expected_rows):
+        assert row.keys() == expected.keys()
+        for key, value in expected.items():
+            assert row[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float)
+                                else value), (row["epoch"], key)
+    return state
+
+
 @pytest.mark.parametrize("stop", [2, 3, 4, 6, 7], ids=lambda i: f"iteration{i}")
 def test_a_stop_anywhere_resumes_to_the_same_run_and_epoch_rows(tmp_path, stop):
     """3 iterations an epoch, a line logged every 2, cycles of 1 and 2 epochs: a stop in the
     middle of a log window (2 and 4: the steps not yet logged), at an epoch's last step (3 and
     6; 3 also a cycle's), and right after a log line (7). The resumed epoch's row covers the whole
     epoch, as in the run that never stopped, not the steps after the resume."""
-    from fastsd.train.cli import main
     from fastsd.train.errors import Interrupted
 
     settings = dict(method="sd", epochs=5, cycle_epochs=[1, 2, 2], synthetic_size=[96, 48],
@@ -384,19 +404,8 @@ def test_a_stop_anywhere_resumes_to_the_same_run_and_epoch_rows(tmp_path, stop):
     train(tiny(tmp_path, "reference", **settings))
     with pytest.raises(Interrupted, match=f"at iteration {stop} "):
         train(tiny(tmp_path, "run", **settings), hooks=[StopAtIteration(stop)])
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["iteration"] == stop
-    assert main(["--resume", str(tmp_path / "run"), "--progress", "none"]) == 0
-    assert_same_tensors(load_safetensors(str(tmp_path / "run" / "model.safetensors")),
-                        load_safetensors(str(tmp_path / "reference" / "model.safetensors")))
-    rows, reference = _epoch_rows(tmp_path / "run"), _epoch_rows(tmp_path / "reference")
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
-    for row, expected in zip(rows, reference):
-        assert row.keys() == expected.keys()
-        for key, value in expected.items():
-            # float32 window means summed over other windows: equal to rounding
-            assert row[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float)
-                                else value), (row["epoch"], key)
+    assert _resume_to_the_reference(tmp_path)["iteration"] == stop
+    assert len(_epoch_rows(tmp_path / "run")) == 5
 
 
 @pytest.mark.parametrize("stop", [2, 4])
@@ -405,7 +414,6 @@ def test_accumulated_passes_make_an_iteration_and_a_stop_resumes_between_them(tm
     """--grad-accum-steps 2 on batches of 16: 112 images are 7 batches, 3 updates an epoch, the
     7th batch left out like a partial batch. Stops after iteration 2 (mid-epoch: the resume skips
     4 batches) and 4 resume to the run that never stopped."""
-    from fastsd.train.cli import main
     from fastsd.train.errors import Interrupted
     from fastsd.train.step import TrainStep
 
@@ -420,15 +428,8 @@ def test_accumulated_passes_make_an_iteration_and_a_stop_resumes_between_them(tm
     assert passes == [16] * 30  # 5 epochs x 3 updates x 2 passes
     with pytest.raises(Interrupted, match=f"at iteration {stop} "):
         train(tiny(tmp_path, "run", **settings), hooks=[StopAtIteration(stop)])
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    state = _resume_to_the_reference(tmp_path)
     assert (state["iteration"], state["batch_in_epoch"]) == (stop, stop % 3)
-    assert main(["--resume", str(tmp_path / "run"), "--progress", "none"]) == 0
-    assert_same_tensors(load_safetensors(str(tmp_path / "run" / "model.safetensors")),
-                        load_safetensors(str(tmp_path / "reference" / "model.safetensors")))
-    for row, expected in zip(_epoch_rows(tmp_path / "run"), _epoch_rows(tmp_path / "reference")):
-        for key, value in expected.items():
-            assert row[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float)
-                                else value), (row["epoch"], key)
 
 
 class Crash(BaseException):
@@ -449,22 +450,17 @@ def test_periodic_checkpoints_inside_an_epoch_resume_to_the_same_run(tmp_path, c
     """3 iterations an epoch, a checkpoint every 4 steps: at iteration 4 (epoch 2, batch 1) and
     8 (epoch 3, batch 2), besides each epoch's end. A crash that writes nothing loses only the
     steps since the last of them."""
-    from fastsd.train.cli import main
-
     settings = dict(method="sd", epochs=5, cycle_epochs=[1, 2, 2], synthetic_size=[96, 48],
                     log_every=2, checkpoint_every=4)
     train(tiny(tmp_path, "reference", **settings))
     with pytest.raises(Crash):
         train(tiny(tmp_path, "run", **settings), hooks=[CrashAtIteration(crash)])
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    state = _resume_to_the_reference(tmp_path)
     assert (state["iteration"], state["batch_in_epoch"]) == (saved, saved % 3)
-    assert main(["--resume", str(tmp_path / "run"), "--progress", "none"]) == 0
-    assert_same_tensors(load_safetensors(str(tmp_path / "run" / "model.safetensors")),
-                        load_safetensors(str(tmp_path / "reference" / "model.safetensors")))
-    # the checkpoints follow log lines, so every step and epoch row is the uninterrupted run's
+    # the checkpoints follow log lines, so every step and epoch row is the uninterrupted run's,
+    # exactly
     for kind in ("step", "epoch"):
-        rows, reference = _rows(tmp_path / "run", kind), _rows(tmp_path / "reference", kind)
-        assert rows == reference
+        assert _rows(tmp_path / "run", kind) == _rows(tmp_path / "reference", kind)
     assert [r["iteration"] for r in _rows(tmp_path / "run", "step")] == list(range(2, 16, 2))
 
 
