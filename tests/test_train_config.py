@@ -274,6 +274,11 @@ def test_bad_settings_are_refused_before_anything_runs(capsys, tmp_path, argv, n
     assert not (tmp_path / "run").exists()
 
 
+def test_auto_resume_needs_out_and_not_resume(capsys, tmp_path):
+    _fails(capsys, ["--auto-resume"], "--auto-resume needs --out DIR")
+    _fails(capsys, ["--auto-resume", "--resume", str(tmp_path)], "--auto-resume goes with --out")
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--method", "xyz"], ["--method", "invalid choice"]),
     (["--dataset", "mnist"], ["--dataset", "invalid choice"]),

@@ -319,9 +319,13 @@ def _assert_same_run(run, reference):
     assert [r["iteration"] for r in rows] == list(range(1, 25))
 
 
-def test_kill_and_resume_is_bit_exact(tmp_path, reference_run):
+@pytest.mark.parametrize("again", ["resume", "auto-resume"])
+def test_kill_and_resume_is_bit_exact(tmp_path, reference_run, again):
+    """Continued with --resume DIR, or by the same command again with --auto-resume."""
     run = tmp_path / "run"
-    proc = _run_cli(RESUME_ARGS + ["--out", str(run)])
+    command = RESUME_ARGS + ["--out", str(run)] + (["--auto-resume"] if again == "auto-resume"
+                                                   else [])
+    proc = _run_cli(command)
     _wait_for(run / "checkpoints" / "last.pt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -329,8 +333,34 @@ def test_kill_and_resume_is_bit_exact(tmp_path, reference_run):
     assert not (run / "model.safetensors").exists(), "the run finished before the kill"
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert 1 <= state["epoch"] < 4
-    _finish_by_resume(run)
+    if again == "resume":
+        _finish_by_resume(run)
+    else:
+        proc = _run_cli(command)
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log
+        assert f"resuming at epoch {state['epoch'] + 1}, iteration {state['iteration']}" in log
     _assert_same_run(run, reference_run)
+
+
+def test_auto_resume_starts_a_run_afresh_where_no_checkpoint_was_written(tmp_path, capsys):
+    """The directory of an attempt killed before its first checkpoint: the rows it logged go."""
+    from fastsd.train.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "step", "iteration": 1, "loss": 9.0}\n')
+    argv = ["--epochs", "1", "--cycles", "1", "--synthetic-size", "64,16", "--image-size", "16",
+            "--batch-size", "32", "--device", "cpu", "--progress", "none", "--no-tensorboard",
+            "--log-every", "1", "--out", str(run), "--auto-resume"]
+    assert main(argv) == 0
+    steps = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["iteration"] for r in steps] == [1, 2] and steps[0]["loss"] != 9.0
+    # finished: a third start resumes after the last epoch and trains nothing more
+    assert main(argv) == 0
+    assert "resuming at epoch 2, iteration 2" in capsys.readouterr().err
+    assert [r["iteration"] for r in read_jsonl(run / "metrics.jsonl")
+            if r["kind"] == "step"] == [1, 2]
 
 
 def test_sigterm_writes_a_checkpoint_mid_epoch_and_resumes_bit_exactly(tmp_path, reference_run):

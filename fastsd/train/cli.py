@@ -3,7 +3,8 @@
 Every flag is generated from a config field (same name, ``-`` for ``_``, the field's help text),
 so the command line, ``--config FILE.yaml`` and the saved ``config.yaml`` never drift apart.
 Precedence: field defaults < ``--config`` file < flags. ``--resume DIR`` starts from ``DIR``'s
-config.yaml; only the fields in ``RESUME_OVERRIDABLE`` may change then.
+config.yaml; only the fields in ``RESUME_OVERRIDABLE`` may change then. ``--auto-resume`` (with
+``--out DIR``, a flag of the command line only) is ``--resume DIR`` when DIR holds a checkpoint.
 """
 
 import argparse
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
             help_text += f" (default: {default})"
         kwargs["help"] = help_text
         groups[meta["group"]].add_argument(flag(f.name), **kwargs)
+    groups["run"].add_argument(
+        "--auto-resume", action="store_true",
+        help="with --out DIR: continue the run in DIR from its checkpoint when it holds one, "
+             "start it there otherwise; the one command for a job that a scheduler may start "
+             "again (SLURM --requeue, preemptible machines)")
     return parser
 
 
@@ -76,8 +82,21 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
     """Parse the command line (and files it names) into a validated config."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
+    auto_resume = args.pop("auto_resume", False)
     values = load_yaml(config_file) if config_file else {}
     values.update(args)
+    if auto_resume:
+        if values.get("resume"):
+            raise ConfigError("--auto-resume goes with --out DIR, not --resume: it resumes DIR "
+                              "when DIR holds a checkpoint")
+        if not values.get("out"):
+            raise ConfigError("--auto-resume needs --out DIR: the automatic run directory is "
+                              "named after the time of the start, so a second start would not "
+                              "find the first one's")
+        from .checkpoint import checkpoint_path
+
+        if os.path.isfile(checkpoint_path(values["out"])):
+            values["resume"] = values["out"]
     resume = values.get("resume")
     if not resume:
         return TrainConfig(**values)

@@ -57,13 +57,15 @@ class Monitor:
             return
         if resume_iteration is not None:
             self._truncate(resume_iteration)
-        self._fh = open(self.path, "a", buffering=1)
+        # A fresh start in a directory that holds rows (an attempt killed before its first
+        # checkpoint) starts the file afresh, and purges that attempt's TensorBoard events.
+        self._fh = open(self.path, "a" if resume_iteration is not None else "w", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
-                                             purge_step=resume_iteration)
+                                             purge_step=resume_iteration or 0)
             except ImportError:
                 self._writer = None
 
