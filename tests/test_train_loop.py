@@ -495,6 +495,37 @@ def test_periodic_checkpoints_inside_an_epoch_resume_to_the_same_run(tmp_path, c
 
 
 # ------------------------------------------------------------------------------------- faults
+def test_a_full_disk_stops_the_run_with_the_last_checkpoint_intact(tmp_path, capsys,
+                                                                    monkeypatch):
+    """The second checkpoint (epoch 2's) meets a full disk: exit status 4, a message that names
+    the file and the cause, epoch 1's checkpoint as it was, no temporary file left behind."""
+    import errno
+
+    from fastsd.train.cli import main
+
+    save, calls = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    run = tmp_path / "run"
+    argv = ["--epochs", "2", "--cycles", "1", "--synthetic-size", "64,16", "--image-size", "16",
+            "--batch-size", "32", "--device", "cpu", "--progress", "none", "--no-tensorboard",
+            "--out", str(run)]
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert f"cannot write {run / 'checkpoints' / 'last.pt'}: No space left on device" in err
+    assert "is intact" in err and f"then continue with --resume {run}" in err
+    monkeypatch.setattr(torch, "save", save)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["iteration"]) == (1, 2)
+    assert os.listdir(run / "checkpoints") == ["last.pt"]
+
+
 def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     class Poison:
         def on_step_end(self, trainer):

@@ -37,7 +37,8 @@ Several GPUs or nodes: ``torchrun --standalone --nproc-per-node N -m fastsd.trai
 """
 
 from .config import TrainConfig
-from .errors import ConfigError, Interrupted, NonFiniteLossError, SetupError, TrainError
+from .errors import (ConfigError, Interrupted, NonFiniteLossError, SetupError, TrainError,
+                     WriteError)
 
 
 def __getattr__(name):
@@ -54,4 +55,4 @@ def __getattr__(name):
 
 
 __all__ = ["TrainConfig", "Trainer", "main", "ConfigError", "SetupError", "TrainError",
-           "NonFiniteLossError", "Interrupted"]
+           "NonFiniteLossError", "Interrupted", "WriteError"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import SetupError
+from .errors import SetupError, WriteError
 
 CHECKPOINT = os.path.join("checkpoints", "last.pt")
 FORMAT_VERSION = 1
@@ -41,9 +41,15 @@ _FILE_MODE = _file_mode()
 
 # ------------------------------------------------------------------------------------ atomic I/O
 def _atomic(path: str, write) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, then rename; an
+    OSError (disk full, permissions) leaves the old file and raises :class:`WriteError`."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
@@ -51,11 +57,13 @@ def _atomic(path: str, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
         raise
     try:  # make the rename itself durable
         dfd = os.open(folder, os.O_RDONLY)
@@ -65,6 +73,12 @@ def _atomic(path: str, write) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _write_error(path: str, e: OSError) -> WriteError:
+    return WriteError(f"cannot write {path}: {e.strerror or e}; the file as it was before (the "
+                      f"last checkpoint, if this was one) is intact. Free space or fix the "
+                      f"folder's permissions")
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -124,7 +124,8 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the trainer; return the process exit status: 0 done, 2 bad input, 3 non-finite loss,
-    128 + signal number (143 SIGTERM, 130 SIGINT) stopped with a checkpoint written.
+    4 a file of the run could not be written (disk full, permissions), 128 + signal number (143
+    SIGTERM, 130 SIGINT) stopped with a checkpoint written.
 
     Under torchrun (``WORLD_SIZE`` > 1) every process runs this: it joins the process group
     first and leaves it on the way out."""
@@ -158,11 +159,14 @@ def _run(argv: Optional[List[str]]) -> int:
     try:
         trainer.run()
     except TrainError as e:
-        from .errors import Interrupted
+        from .errors import Interrupted, WriteError
 
         stopped = isinstance(e, Interrupted)
+        then = (f", then continue with --resume {trainer.run_dir}" if isinstance(e, WriteError)
+                else "")
         if trainer.is_main or not stopped:  # every process stops: one message is enough
-            print(f"fastsd.train: {'stopped' if stopped else 'error'}: {e}", file=sys.stderr)
+            print(f"fastsd.train: {'stopped' if stopped else 'error'}: {e}{then}",
+                  file=sys.stderr)
         return e.exit_code
     except UnreadableImageError as e:  # a file that broke after the pre-flight check
         print(f"fastsd.train: error: {e}; the last checkpoint is intact (--resume "

@@ -25,6 +25,13 @@ class NonFiniteLossError(TrainError):
     exit_code = 3
 
 
+class WriteError(TrainError, OSError):
+    """A file of the run could not be written (disk full, permissions, a vanished mount); what
+    was written before it, the last checkpoint included, is intact."""
+
+    exit_code = 4
+
+
 class Interrupted(TrainError):
     """SIGTERM / SIGINT: a consistent checkpoint was written; ``--resume`` continues the run."""
 

@@ -92,7 +92,13 @@ class Monitor:
         if not self.enabled:
             return
         row = {"kind": kind, **{k: _clean(v) for k, v in row.items()}}
-        self._fh.write(json.dumps(row) + "\n")
+        try:
+            self._fh.write(json.dumps(row) + "\n")
+        except OSError as e:
+            from .errors import WriteError
+
+            raise WriteError(f"cannot write {self.path}: {e.strerror or e}; the last checkpoint "
+                             f"is intact. Free space or fix the folder's permissions") from e
         if self._writer is not None and tb_prefix is not None:
             step = row.get("iteration") if tb_step is None else tb_step
             for key, value in row.items():
