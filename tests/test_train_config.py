@@ -260,6 +260,7 @@ def _argparse_fails(capsys, argv, *needles):
      ["--grad-accum-steps 40", "larger than the training split (2048 images)", "no full update"]),
     (["--clip-grad-norm", "0"], ["--clip-grad-norm", "> 0"]),
     (["--clip-grad-norm", "nan"], ["--clip-grad-norm", "> 0"]),
+    (["--profile", "0"], ["--profile", ">= 1"]),
     (["--checkpoint-every", "30"],
      ["--checkpoint-every", "positive multiple of --log-every (50)"]),
     (["--checkpoint-every", "0", "--log-every", "1"], ["--checkpoint-every", "multiple"]),

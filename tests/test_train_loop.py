@@ -495,6 +495,22 @@ def test_periodic_checkpoints_inside_an_epoch_resume_to_the_same_run(tmp_path, c
 
 
 # ------------------------------------------------------------------------------------- faults
+def test_profile_records_the_iterations_after_the_first_six(tmp_path):
+    """--profile 2: iterations 7 and 8 (after 5 left out and 1 of warm-up), as trace spans
+    ProfilerStep#6 and #7 holding the step's convolutions, and the operators' table."""
+    cfg = tiny(tmp_path, method="sd", epochs=3, cycles=3, profile=2)  # 9 iterations
+    train(cfg)
+    folder = tmp_path / "run" / "profile"
+    trace = json.loads((folder / "trace.json").read_text())
+    names = [e.get("name", "") for e in trace["traceEvents"]]
+    assert sorted({n for n in names if n.startswith("ProfilerStep")}) == ["ProfilerStep#6",
+                                                                         "ProfilerStep#7"]
+    assert "aten::convolution_backward" in names
+    table = (folder / "operators.txt").read_text()
+    assert table.startswith("2 training iterations after 6, by self_cpu_time_total")
+    assert "aten::convolution_backward" in table
+
+
 def test_a_full_disk_stops_the_run_with_the_last_checkpoint_intact(tmp_path, capsys,
                                                                     monkeypatch):
     """The second checkpoint (epoch 2's) meets a full disk: exit status 4, a message that names

@@ -43,7 +43,8 @@ _SYNTHETIC_SIZE = (2048, 500)
 
 # Fields --resume may change: they affect how a run is watched or fed, never its numbers.
 RESUME_OVERRIDABLE = ("resume", "out", "data", "workers", "log_every", "progress", "tensorboard",
-                      "max_nonfinite", "eval_batch_size", "check_images", "checkpoint_every")
+                      "max_nonfinite", "eval_batch_size", "check_images", "checkpoint_every",
+                      "profile")
 
 
 def _f(default, help, group, **meta):
@@ -209,6 +210,10 @@ class TrainConfig:
         None, "also write the checkpoint every N steps inside an epoch (a multiple of "
         "--log-every), so a run killed without warning (SIGKILL, a lost node) loses at most N "
         "steps; SIGTERM and Ctrl-C always write one [default: at every epoch end only]", "run")
+    profile: Optional[int] = _f(
+        None, "record N training iterations with torch.profiler, after the first 5 (compilation "
+        "and warm-up left out), into <run>/profile/: trace.json (chrome://tracing, Perfetto) and "
+        "operators.txt (operators by self time) [default: off]", "run")
     eval_every: int = _f(1, "evaluate on the test split every N epochs (and at every cycle or "
                          "generation end)", "run")
     max_nonfinite: int = _f(20, "stop after this many consecutive steps whose update was skipped "
@@ -498,6 +503,9 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "max_nonfinite"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.profile is not None and self.profile < 1:
+            bad("profile", f"must be >= 1 iterations (or left out: no profile), got "
+                f"{self.profile}")
         if self.checkpoint_every is not None and (self.checkpoint_every < 1 or
                                                   self.checkpoint_every % self.log_every):
             # a multiple: the checkpoint then follows a log line, and the step rows of a run do

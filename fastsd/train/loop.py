@@ -316,10 +316,19 @@ class Trainer:
             self.setup()
         restore = self._install_signal_handlers()
         self._announce()
+        profiler = None
+        if self.cfg.profile and self.is_main:
+            from .profiling import StepProfiler
+
+            profiler = StepProfiler(self.run_dir, self.cfg.profile, self.device)
+            self.hooks.append(profiler)
         try:
             self.fit()
             results = self.finish()
         finally:
+            if profiler is not None:
+                profiler.close()
+                self.hooks.remove(profiler)
             restore()
             self.monitor.close()
         return results
