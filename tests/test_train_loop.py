@@ -962,6 +962,9 @@ def test_sd_end_to_end_on_cuda(tmp_path, amp):
                                   cycles=2, channels_last=True, deterministic=True))
     assert trainer.teachers.dtype == torch.float16
     assert len(results["snapshots"]) == 2 and results["ensemble"] is not None
+    peaks = [r["max_memory_gib"] for r in _epoch_rows(tmp_path / "run")]
+    assert len(peaks) == 2 and all(0 < p < torch.cuda.get_device_properties(0).total_memory
+                                   / 2 ** 30 for p in peaks)
 
 
 def test_a_fresh_generation_learns_under_its_teacher(tmp_path):

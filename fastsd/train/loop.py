@@ -418,6 +418,8 @@ class Trainer:
         self.model.train()
         skip = self.batch_in_epoch
         self.monitor.epoch_start(epoch, plan.total_epochs, plan.iters_per_epoch, initial=skip)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # the epoch row's max_memory_gib
         if not skip:
             self._epoch_sums = _empty_epoch_sums()
         s = self._epoch_sums  # a resumed epoch goes on from the checkpoint's totals
@@ -476,6 +478,11 @@ class Trainer:
             nonfinite=s["steps"] - s["finite"], skipped=s["skipped"], clipped=s["clipped"],
             epoch_time=seconds,
             images_per_s=s["timed_images"] / seconds if seconds > 0 else None)
+        if self.device.type == "cuda":
+            # the caching allocator's own count (no device sync): what --batch-size and
+            # --grad-accum-steps leave free
+            self._epoch_row["max_memory_gib"] = (torch.cuda.max_memory_allocated(self.device)
+                                                 / 2 ** 30)
 
     def _log_window(self, epoch, lr, images, seconds, to_log=True) -> None:
         """Read the steps since the last window (``images`` global images in ``seconds``), add
@@ -551,9 +558,11 @@ class Trainer:
         self.monitor.log("epoch", row, tb_prefix="epoch", tb_step=epoch + 1)
         test = (f", test error {row['test_top1_error']:.2f}% (top-5 {row['test_top5_error']:.2f}%)"
                 if "test_top1_error" in row else "")
+        memory = (f", {row['max_memory_gib']:.1f} GiB at most" if "max_memory_gib" in row
+                  else "")
         self.monitor.message(f"epoch {epoch + 1}/{self.plan.total_epochs}: loss {row['loss']:.4f}"
                              f", train error {row['train_top1_error']:.2f}%{test}, "
-                             f"{row['epoch_time']:.1f} s")
+                             f"{row['epoch_time']:.1f} s{memory}")
         self.epoch, self.batch_in_epoch = epoch + 1, 0
         self.save_checkpoint()
         self._call_hooks("on_epoch_end", epoch)
