@@ -27,12 +27,13 @@ generation (all written to config.yaml).
 A run directory holds config.yaml, metrics.jsonl, TensorBoard events, checkpoints/last.pt,
 snapshots/<cycleN|genN>.safetensors, diagnostics/<cycleN|genN|final>.safetensors
 (second-class confusion), model.safetensors, results.json and results.md (see
-:mod:`.results` and :mod:`.monitor` for their contents).
+:mod:`.results` and :mod:`.monitor` for their contents), and with ``--profile`` profile/.
 
 Modules: :mod:`.config` (the typed configuration), :mod:`.schedule` (stages and learning rate),
 :mod:`.step` (the training step, evaluation), :mod:`.teachers` (snapshots as teachers),
 :mod:`.loop` (the trainer), :mod:`.checkpoint`, :mod:`.monitor`, :mod:`.results`,
-:mod:`.preflight` (image checks), :mod:`.distributed` (torchrun, DDP), :mod:`.cli`.
+:mod:`.preflight` (image checks), :mod:`.distributed` (torchrun, DDP), :mod:`.profiling`
+(``--profile``), :mod:`.errors`, :mod:`.cli`.
 Several GPUs or nodes: ``torchrun --standalone --nproc-per-node N -m fastsd.train ...`` (README).
 """
 
