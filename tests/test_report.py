@@ -30,7 +30,8 @@ def tiny(root, name, **overrides):
     values = dict(device="cpu", dataset="synthetic", num_classes=CLASSES,
                   synthetic_size=[2048, 100], image_size=16, batch_size=64, eval_batch_size=50,
                   log_every=8, progress="none",
-                  tensorboard=False, seed=0, teacher_dtype="fp32", out=os.path.join(root, name))
+                  tensorboard=False, seed=0, teacher_dtype="fp32", amp="none",
+                  out=os.path.join(root, name))  # float32 throughout, as the hand computation
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -21,7 +21,11 @@ def test_defaults_resolve_to_a_short_sd_demo_on_cpu():
     assert (cfg.method, cfg.arch, cfg.dataset) == ("sd", "resnet20", "synthetic")
     assert cfg.cycles == 3 and cfg.cycle_epochs == [2, 2, 2] and cfg.epochs == 6
     assert cfg.image_size == 16 and cfg.batch_size == 64 and cfg.synthetic_size == [2048, 500]
-    assert cfg.amp == "none" and cfg.channels_last is False and cfg.workers == 0
+    from fastsd.train.config import _cpu_has_bf16
+
+    # bf16 autocast where the CPU runs bf16 natively (AMX / AVX-512 BF16), as on CUDA
+    assert cfg.amp == ("bf16" if _cpu_has_bf16() else "none")
+    assert cfg.channels_last is False and cfg.workers == 0
     assert cfg.teacher_dtype in ("bf16", "fp32")
     # SD's asymmetric form: student temperature 1, no T², λ_S = 1 + 1/T, λ_T = 1.
     assert cfg.student_temperature == 1.0 and cfg.t2_scaling is False

@@ -38,7 +38,7 @@ def config(out, world_size, batch_size, **overrides):
     values = dict(method="sd", epochs=2, cycles=2, device="cpu", dataset="synthetic",
                   synthetic_size=[128, 45], image_size=16, batch_size=batch_size,
                   eval_batch_size=16, log_every=1, progress="none", tensorboard=False, seed=0,
-                  world_size=world_size, out=str(out))
+                  world_size=world_size, out=str(out), amp="none")  # float32: rounding only
     values.update(overrides)
     return TrainConfig(**values)
 

