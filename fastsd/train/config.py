@@ -213,7 +213,7 @@ class TrainConfig:
         "--log-every), so a run killed without warning (SIGKILL, a lost node) loses at most N "
         "steps; SIGTERM and Ctrl-C always write one [default: at every epoch end only]", "run")
     profile: Optional[int] = _f(
-        None, "record N training iterations with torch.profiler, after the first 5 (compilation "
+        None, "record N training iterations with torch.profiler, after the first 6 (compilation "
         "and warm-up left out), into <run>/profile/: trace.json (chrome://tracing, Perfetto) and "
         "operators.txt (operators by self time) [default: off]", "run")
     eval_every: int = _f(1, "evaluate on the test split every N epochs (and at every cycle or "
