@@ -430,20 +430,20 @@ class Trainer:
         lr = plan.lr_at(max(self.iteration - 1, 0))  # the last step's, if none is left to train
         passes = cfg.grad_accum_steps  # loader batches per iteration (update)
         trained = plan.iters_per_epoch * passes
-        for p, (images, labels) in enumerate(loader):
-            if p < skip * passes or p >= trained:
+        for batch, (images, labels) in enumerate(loader):
+            if batch < skip * passes or batch >= trained:
                 # a resumed epoch: the same order and augmentation, its head trained; or the
                 # epoch's last batches, too few for an update
                 continue
-            if p % passes == 0:
+            if batch % passes == 0:
                 lr = plan.lr_at(self.iteration)
                 for group in groups:
                     group["lr"] = lr
             self.step(images, labels)  # the last pass of an iteration updates
             window_images += images.shape[0] * self.world_size  # equal shards: global images
-            if (p + 1) % passes:
+            if (batch + 1) % passes:
                 continue
-            b = p // passes  # the iteration's index in the epoch
+            b = batch // passes  # the iteration's index in the epoch
             self.iteration += 1
             self.batch_in_epoch = b + 1
             if self.hooks:
