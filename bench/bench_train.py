@@ -1,6 +1,7 @@
 """Training-step throughput of SD against BL on the same model and batch: what a teacher costs.
 
-    pytest bench/bench_train.py --benchmark-only           # CPU: resnet20, batch 128
+    pytest bench/bench_train.py --benchmark-only           # CPU: resnet20, batch 128 (and
+                                                           # bf16 autocast against float32)
     pytest bench/bench_train.py --benchmark-only -m gpu    # GPU: resnet50 / resnet152,
                                                            # bf16 AMP, channels_last, compiled
     python bench/bench_train.py [--arch resnet20 --batch 128 --rounds 7]   # the same, as a script
@@ -69,16 +70,17 @@ def build_steps(arch, batch, image, classes, device, *, amp="none", channels_las
     return steps["bl"], steps["sd"], images, labels, teacher_dtype
 
 
-def measure(bl, sd, images, labels, *, rounds=7, steps_per_round=3, warmup=2):
-    """Median seconds per step of each, from alternating rounds."""
+def alternate(steps, images, labels, *, rounds=7, steps_per_round=3, warmup=2):
+    """Median seconds per step of each of ``steps`` (name -> step), timed in alternating rounds
+    (the order reversed every round)."""
     device = images.device
     for _ in range(warmup):
-        bl(images, labels)
-        sd(images, labels)
+        for step in steps.values():
+            step(images, labels)
     _sync(device)
-    times = {"bl": [], "sd": []}
+    times = {name: [] for name in steps}
     for r in range(rounds):
-        order = (("bl", bl), ("sd", sd)) if r % 2 == 0 else (("sd", sd), ("bl", bl))
+        order = list(steps.items()) if r % 2 == 0 else list(steps.items())[::-1]
         for name, step in order:
             _sync(device)
             start = time.perf_counter()
@@ -86,10 +88,15 @@ def measure(bl, sd, images, labels, *, rounds=7, steps_per_round=3, warmup=2):
                 step(images, labels)
             _sync(device)
             times[name].append((time.perf_counter() - start) / steps_per_round)
-    bl_s, sd_s = statistics.median(times["bl"]), statistics.median(times["sd"])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure(bl, sd, images, labels, **kwargs):
+    """BL against SD: step times, images/s and their ratio."""
+    t = alternate({"bl": bl, "sd": sd}, images, labels, **kwargs)
     batch = images.shape[0]
-    return dict(bl_step_s=bl_s, sd_step_s=sd_s, bl_images_per_s=batch / bl_s,
-                sd_images_per_s=batch / sd_s, sd_over_bl=sd_s / bl_s)
+    return dict(bl_step_s=t["bl"], sd_step_s=t["sd"], bl_images_per_s=batch / t["bl"],
+                sd_images_per_s=batch / t["sd"], sd_over_bl=t["sd"] / t["bl"])
 
 
 def _report(benchmark, case, device, settings, result, target):
@@ -101,13 +108,48 @@ def _report(benchmark, case, device, settings, result, target):
           f"SD/BL step time {result['sd_over_bl']:.3f} (target <= {target})")
 
 
-def test_sd_over_bl_cpu(benchmark):
+def _needs_native_bf16(amp):
+    from fastsd.train.config import _cpu_has_bf16
+
+    if amp == "bf16" and not _cpu_has_bf16():
+        pytest.skip("this CPU emulates bf16: the trainer's default there is float32")
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_sd_over_bl_cpu(benchmark, amp):
+    _needs_native_bf16(amp)
     device = torch.device("cpu")
-    bl, sd, images, labels, tdtype = build_steps(**CPU_CASE, device=device)
+    bl, sd, images, labels, tdtype = build_steps(**CPU_CASE, device=device, amp=amp)
     result = benchmark.pedantic(measure, args=(bl, sd, images, labels), rounds=1,
                                 iterations=1)
-    _report(benchmark, CPU_CASE, device, dict(amp="none", teacher_dtype=tdtype,
+    _report(benchmark, CPU_CASE, device, dict(amp=amp, teacher_dtype=tdtype,
                                               threads=torch.get_num_threads()), result, 1.28)
+
+
+CPU_AMP_CASES = [CPU_CASE, dict(arch="resnet50", batch=32, image=96, classes=100)]
+
+
+@pytest.mark.parametrize("case", CPU_AMP_CASES, ids=[c["arch"] for c in CPU_AMP_CASES])
+def test_bf16_autocast_over_float32_cpu(benchmark, case):
+    """The SD step under bf16 autocast (--amp auto on a CPU that runs bf16 natively) against the
+    float32 step (--amp none), the same bf16 teacher in both."""
+    _needs_native_bf16("bf16")
+    device = torch.device("cpu")
+    _, fp32, images, labels, tdtype = build_steps(**case, device=device, amp="none")
+    _, bf16, _, _, _ = build_steps(**case, device=device, amp="bf16")
+    t = benchmark.pedantic(alternate, args=({"none": fp32, "bf16": bf16}, images, labels),
+                           kwargs=dict(rounds=5), rounds=1, iterations=1)
+    batch = case["batch"]
+    result = dict(float32_step_s=t["none"], bf16_step_s=t["bf16"],
+                  float32_images_per_s=batch / t["none"], bf16_images_per_s=batch / t["bf16"],
+                  speedup=t["none"] / t["bf16"])
+    benchmark.extra_info.update(dict(provider="fastsd.train sd step, --amp bf16 vs none",
+                                     device=str(device), teacher_dtype=tdtype,
+                                     shape=f"{batch}x3x{case['image']}x{case['image']}",
+                                     threads=torch.get_num_threads(), **case, **result))
+    print(f"\n{case['arch']} batch {batch} at {case['image']} px on the CPU: float32 "
+          f"{result['float32_images_per_s']:.1f} img/s, bf16 autocast "
+          f"{result['bf16_images_per_s']:.1f} img/s, {result['speedup']:.2f}x")
 
 
 @pytest.mark.gpu

@@ -52,6 +52,11 @@ def render(report):
                           f"{info['bl_images_per_s']:.0f} img/s, SD {info['sd_images_per_s']:.0f} "
                           f"img/s, SD/BL step time {info['sd_over_bl']:.3f} (target <= "
                           f"{info.get('target_sd_over_bl')})"]
+            if "bf16_step_s" in info:  # bf16 autocast against the float32 step
+                lines += ["", f"{info.get('arch')} batch {info.get('batch')} at "
+                          f"{info.get('image')} px, SD step, teacher {info.get('teacher_dtype')}: "
+                          f"float32 {info['float32_images_per_s']:.1f} img/s, bf16 autocast "
+                          f"{info['bf16_images_per_s']:.1f} img/s: {info['speedup']:.2f}x"]
         lines.append("")
     return "\n".join(lines)
 

@@ -181,7 +181,7 @@ class TrainConfig:
                                metavar="DEVICE")
     amp: str = _f("auto", "mixed precision of the student: bf16, fp16 (with a gradient scaler) "
                   "or none [auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs that run "
-                  "bf16 natively (AMX, AVX-512 BF16: 1.6x the float32 step of a ResNet-20 on 2 "
+                  "bf16 natively (AMX, AVX-512 BF16: 1.7x the float32 step of a ResNet-20 on 2 "
                   "Xeon cores), none on other CPUs]", "perf", choices=AMP_MODES)
     channels_last: Optional[bool] = _f(None, "channels_last memory format [auto: on for CUDA]",
                                        "perf")
@@ -666,9 +666,9 @@ def _type_words(kind) -> str:
 
 def _cpu_has_bf16() -> bool:
     """Whether this CPU runs bf16 convolutions natively (AVX-512 BF16 / AMX): then a bf16 teacher
-    forward is about twice as fast as fp32 and a bf16-autocast step 1.3 to 1.6 times (measured
-    on 2 Xeon cores: ResNet-50 at 96 px, ResNet-20 at 32 px); without it bf16 is emulated and
-    slower."""
+    forward is about twice as fast as fp32 and a bf16-autocast SD step 1.4 to 1.7 times
+    (bench/bench_train.py on 2 Xeon cores: ResNet-50 at 96 px, ResNet-20 at 32 px); without it
+    bf16 is emulated and slower."""
     import torch
 
     try:
