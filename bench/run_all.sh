@@ -82,7 +82,7 @@ for phase in "${phases[@]}"; do
       bench "$stem" loss "$limit" bench/bench_loss.py -k "not compiled_reference"
       bench "$stem" loss-compiled "$limit" bench/bench_loss.py -k compiled_reference ;;
     train)
-      bench "$stem" step-cpu "$limit" bench/bench_train.py -k cpu
+      bench "$stem" step-cpu "$limit" bench/bench_train.py -k "sd_over_bl_cpu and none"
       bench "$stem" step-resnet50 $((2 * limit)) bench/bench_train.py -k "gpu and resnet50"
       bench "$stem" step-resnet152 $((2 * limit)) bench/bench_train.py -k "gpu and resnet152"
       bench "$stem" ddp "$limit" bench/bench_ddp.py ;;
