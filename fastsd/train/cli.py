@@ -34,7 +34,7 @@ examples:
   python -m fastsd.train --method kd --teacher-arch resnet110 --teacher-checkpoint RUN_DIR
   python -m fastsd.train --method tt --generations 2 --eta 0.6 --topk 5
   python -m fastsd.train --resume runs/sd-resnet20-20250101-120000
-  python -m fastsd.train --dataset imagefolder --data /imagenet --arch resnet152 --dali \
+  python -m fastsd.train --dataset imagefolder --data /imagenet --arch resnet152 --dali \\
       --out /shared/runs/sd-r152 --auto-resume --checkpoint-every 1000   # a requeued job
 """
 
