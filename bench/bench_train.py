@@ -1,7 +1,8 @@
 """Training-step throughput of SD against BL on the same model and batch: what a teacher costs.
 
     pytest bench/bench_train.py --benchmark-only           # CPU: resnet20, batch 128 (and
-                                                           # bf16 autocast against float32)
+                                                           # bf16 autocast against float32,
+                                                           # channels_last against NCHW)
     pytest bench/bench_train.py --benchmark-only -m gpu    # GPU: resnet50 / resnet152,
                                                            # bf16 AMP, channels_last, compiled
     python bench/bench_train.py [--arch resnet20 --batch 128 --rounds 7]   # the same, as a script
@@ -119,37 +120,57 @@ def _needs_native_bf16(amp):
 def test_sd_over_bl_cpu(benchmark, amp):
     _needs_native_bf16(amp)
     device = torch.device("cpu")
-    bl, sd, images, labels, tdtype = build_steps(**CPU_CASE, device=device, amp=amp)
+    bl, sd, images, labels, tdtype = build_steps(**CPU_CASE, device=device, amp=amp,
+                                                 channels_last=True)
     result = benchmark.pedantic(measure, args=(bl, sd, images, labels), rounds=1,
                                 iterations=1)
-    _report(benchmark, CPU_CASE, device, dict(amp=amp, teacher_dtype=tdtype,
+    _report(benchmark, CPU_CASE, device, dict(amp=amp, channels_last=True, teacher_dtype=tdtype,
                                               threads=torch.get_num_threads()), result, 1.28)
 
 
 CPU_AMP_CASES = [CPU_CASE, dict(arch="resnet50", batch=32, image=96, classes=100)]
 
 
+def _candidate_over_baseline(benchmark, case, what, baseline, candidate, **info):
+    """Two SD steps of ``case`` on the CPU, timed in alternating rounds; ``baseline`` and
+    ``candidate`` are (label, step, images, labels), each step fed its own batch. Reports the
+    images/s of both and the candidate's speedup."""
+    (base_label, base_step, base_x, base_y), (label, step, x, y) = baseline, candidate
+    steps = {base_label: lambda *_: base_step(base_x, base_y), label: lambda *_: step(x, y)}
+    t = benchmark.pedantic(alternate, args=(steps, x, y), kwargs=dict(rounds=5), rounds=1,
+                           iterations=1)
+    batch = case["batch"]
+    result = dict(baseline=base_label, candidate=label, baseline_step_s=t[base_label],
+                  candidate_step_s=t[label], baseline_images_per_s=batch / t[base_label],
+                  candidate_images_per_s=batch / t[label], speedup=t[base_label] / t[label])
+    benchmark.extra_info.update(dict(provider=f"fastsd.train sd step, {what}", device="cpu",
+                                     shape=f"{batch}x3x{case['image']}x{case['image']}",
+                                     threads=torch.get_num_threads(), **case, **info, **result))
+    print(f"\n{case['arch']} batch {batch} at {case['image']} px on the CPU {info}: {base_label} "
+          f"{result['baseline_images_per_s']:.1f} img/s, {label} "
+          f"{result['candidate_images_per_s']:.1f} img/s, {result['speedup']:.2f}x")
+
+
 @pytest.mark.parametrize("case", CPU_AMP_CASES, ids=[c["arch"] for c in CPU_AMP_CASES])
 def test_bf16_autocast_over_float32_cpu(benchmark, case):
     """The SD step under bf16 autocast (--amp auto on a CPU that runs bf16 natively) against the
-    float32 step (--amp none), the same bf16 teacher in both."""
+    float32 step (--amp none), the same bf16 teacher in both, channels_last."""
     _needs_native_bf16("bf16")
-    device = torch.device("cpu")
-    _, fp32, images, labels, tdtype = build_steps(**case, device=device, amp="none")
-    _, bf16, _, _, _ = build_steps(**case, device=device, amp="bf16")
-    t = benchmark.pedantic(alternate, args=({"none": fp32, "bf16": bf16}, images, labels),
-                           kwargs=dict(rounds=5), rounds=1, iterations=1)
-    batch = case["batch"]
-    result = dict(float32_step_s=t["none"], bf16_step_s=t["bf16"],
-                  float32_images_per_s=batch / t["none"], bf16_images_per_s=batch / t["bf16"],
-                  speedup=t["none"] / t["bf16"])
-    benchmark.extra_info.update(dict(provider="fastsd.train sd step, --amp bf16 vs none",
-                                     device=str(device), teacher_dtype=tdtype,
-                                     shape=f"{batch}x3x{case['image']}x{case['image']}",
-                                     threads=torch.get_num_threads(), **case, **result))
-    print(f"\n{case['arch']} batch {batch} at {case['image']} px on the CPU: float32 "
-          f"{result['float32_images_per_s']:.1f} img/s, bf16 autocast "
-          f"{result['bf16_images_per_s']:.1f} img/s, {result['speedup']:.2f}x")
+    _, fp32, x, y, tdtype = build_steps(**case, device="cpu", amp="none", channels_last=True)
+    _, bf16, _, _, _ = build_steps(**case, device="cpu", amp="bf16", channels_last=True)
+    _candidate_over_baseline(benchmark, case, "--amp bf16 vs none", ("float32", fp32, x, y),
+                             ("bf16 autocast", bf16, x, y), teacher_dtype=tdtype)
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+@pytest.mark.parametrize("case", CPU_AMP_CASES, ids=[c["arch"] for c in CPU_AMP_CASES])
+def test_channels_last_over_nchw_cpu(benchmark, case, amp):
+    """The SD step in channels_last (the trainer's default) against the same step in NCHW."""
+    _needs_native_bf16(amp)
+    _, nchw, x, y, tdtype = build_steps(**case, device="cpu", amp=amp)
+    _, nhwc, x_cl, y_cl, _ = build_steps(**case, device="cpu", amp=amp, channels_last=True)
+    _candidate_over_baseline(benchmark, case, "channels_last vs NCHW", ("NCHW", nchw, x, y),
+                             ("channels_last", nhwc, x_cl, y_cl), amp=amp, teacher_dtype=tdtype)
 
 
 @pytest.mark.gpu

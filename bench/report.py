@@ -52,11 +52,14 @@ def render(report):
                           f"{info['bl_images_per_s']:.0f} img/s, SD {info['sd_images_per_s']:.0f} "
                           f"img/s, SD/BL step time {info['sd_over_bl']:.3f} (target <= "
                           f"{info.get('target_sd_over_bl')})"]
-            if "bf16_step_s" in info:  # bf16 autocast against the float32 step
+            if "candidate_step_s" in info:  # one step against another (bf16, channels_last)
+                settings = ", ".join(f"{k} {info[k]}" for k in ("amp", "teacher_dtype")
+                                     if k in info)
                 lines += ["", f"{info.get('arch')} batch {info.get('batch')} at "
-                          f"{info.get('image')} px, SD step, teacher {info.get('teacher_dtype')}: "
-                          f"float32 {info['float32_images_per_s']:.1f} img/s, bf16 autocast "
-                          f"{info['bf16_images_per_s']:.1f} img/s: {info['speedup']:.2f}x"]
+                          f"{info.get('image')} px, SD step, {settings}: {info['baseline']} "
+                          f"{info['baseline_images_per_s']:.1f} img/s, {info['candidate']} "
+                          f"{info['candidate_images_per_s']:.1f} img/s: "
+                          f"{info['speedup']:.2f}x"]
         lines.append("")
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ def test_defaults_resolve_to_a_short_sd_demo_on_cpu():
 
     # bf16 autocast where the CPU runs bf16 natively (AMX / AVX-512 BF16), as on CUDA
     assert cfg.amp == ("bf16" if _cpu_has_bf16() else "none")
-    assert cfg.channels_last is False and cfg.workers == 0
+    assert cfg.channels_last is True and cfg.workers == 0
     assert cfg.teacher_dtype in ("bf16", "fp32")
     # SD's asymmetric form: student temperature 1, no T², λ_S = 1 + 1/T, λ_T = 1.
     assert cfg.student_temperature == 1.0 and cfg.t2_scaling is False

@@ -125,11 +125,11 @@ class Trainer:
         # epoch (fewer than that) are not trained on, as the last partial batch is not.
         iters = len(self.data.train) // cfg.grad_accum_steps
         if iters < 1:
+            shards = f" over {self.world_size} processes" if self.world_size > 1 else ""
             raise SetupError(f"--batch-size {cfg.batch_size} x --grad-accum-steps "
                              f"{cfg.grad_accum_steps} is larger than the training split "
-                             f"({info.train_size} images"
-                             f"{f' over {self.world_size} processes' if self.world_size > 1 else ''}"
-                             f"): an epoch would have no full update")
+                             f"({info.train_size} images{shards}): an epoch would have no full "
+                             f"update")
         self.plan: Plan = build_plan(cfg, iters)
 
         self.model = train_model = self._new_model(0)
