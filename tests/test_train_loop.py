@@ -343,6 +343,13 @@ def test_kill_and_resume_is_bit_exact(tmp_path, reference_run, again):
     _assert_same_run(run, reference_run)
 
 
+def _tiny_cli(run, epochs, *extra):
+    """Command-line arguments of a one-cycle run on 64 synthetic images (2 iterations an epoch)."""
+    return ["--epochs", str(epochs), "--cycles", "1", "--synthetic-size", "64,16",
+            "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--progress", "none",
+            "--no-tensorboard", "--out", str(run), *extra]
+
+
 def test_auto_resume_starts_a_run_afresh_where_no_checkpoint_was_written(tmp_path, capsys):
     """The directory of an attempt killed before its first checkpoint: the rows it logged go."""
     from fastsd.train.cli import main
@@ -350,9 +357,7 @@ def test_auto_resume_starts_a_run_afresh_where_no_checkpoint_was_written(tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"kind": "step", "iteration": 1, "loss": 9.0}\n')
-    argv = ["--epochs", "1", "--cycles", "1", "--synthetic-size", "64,16", "--image-size", "16",
-            "--batch-size", "32", "--device", "cpu", "--progress", "none", "--no-tensorboard",
-            "--log-every", "1", "--out", str(run), "--auto-resume"]
+    argv = _tiny_cli(run, 1, "--log-every", "1", "--auto-resume")
     assert main(argv) == 0
     steps = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["iteration"] for r in steps] == [1, 2] and steps[0]["loss"] != 9.0
@@ -529,9 +534,7 @@ def test_a_full_disk_stops_the_run_with_the_last_checkpoint_intact(tmp_path, cap
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
     run = tmp_path / "run"
-    argv = ["--epochs", "2", "--cycles", "1", "--synthetic-size", "64,16", "--image-size", "16",
-            "--batch-size", "32", "--device", "cpu", "--progress", "none", "--no-tensorboard",
-            "--out", str(run)]
+    argv = _tiny_cli(run, 2)
     assert main(argv) == 4
     err = capsys.readouterr().err
     assert f"cannot write {run / 'checkpoints' / 'last.pt'}: No space left on device" in err

@@ -76,9 +76,8 @@ def _atomic(path: str, write) -> None:
 
 
 def _write_error(path: str, e: OSError) -> WriteError:
-    return WriteError(f"cannot write {path}: {e.strerror or e}; the file as it was before (the "
-                      f"last checkpoint, if this was one) is intact. Free space or fix the "
-                      f"folder's permissions")
+    return WriteError.of(path, e, "the file as it was before (the last checkpoint, if this was "
+                                  "one)")
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -31,6 +31,12 @@ class WriteError(TrainError, OSError):
 
     exit_code = 4
 
+    @classmethod
+    def of(cls, path: str, error: OSError, intact: str) -> "WriteError":
+        """The error for ``path``, whose writing raised ``error``; ``intact`` names what is kept."""
+        return cls(f"cannot write {path}: {error.strerror or error}; {intact} is intact. Free "
+                   f"space or fix the folder's permissions")
+
 
 class Interrupted(TrainError):
     """SIGTERM / SIGINT: a consistent checkpoint was written; ``--resume`` continues the run."""

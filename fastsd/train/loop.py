@@ -623,12 +623,12 @@ class Trainer:
             self._stop_signal = agreed
         return agreed is not None
 
-    def _periodic_checkpoint_due(self, batch: int) -> bool:
+    def _periodic_checkpoint_due(self, index_in_epoch: int) -> bool:
         """--checkpoint-every: due at its multiples of the global iteration, the same on every
-        process; not at an epoch's last batch, whose end writes one anyway."""
+        process; not at an epoch's last iteration, whose end writes one anyway."""
         every = self.cfg.checkpoint_every
         return (every is not None and self.iteration % every == 0
-                and batch + 1 < self.plan.iters_per_epoch)
+                and index_in_epoch + 1 < self.plan.iters_per_epoch)
 
     def _interrupt(self) -> None:
         signum = self._stop_signal

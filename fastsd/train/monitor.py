@@ -98,8 +98,7 @@ class Monitor:
         except OSError as e:
             from .errors import WriteError
 
-            raise WriteError(f"cannot write {self.path}: {e.strerror or e}; the last checkpoint "
-                             f"is intact. Free space or fix the folder's permissions") from e
+            raise WriteError.of(self.path, e, "the last checkpoint") from e
         if self._writer is not None and tb_prefix is not None:
             step = row.get("iteration") if tb_step is None else tb_step
             for key, value in row.items():
