@@ -14,9 +14,11 @@ model and of the ensemble (the mean of their softmax outputs), and the secondary
 model with the one before it and the entropy of its softmax at temperature T (what it would give
 as a teacher). The data set, folder and image size default to the run's config.yaml.
 
-Snapshots are evaluated in float32 from ``snapshots/*.safetensors``, as the trainer evaluates its
-student, so their errors equal the ``top1_error`` / ``top5_error`` columns of results.json; the
-trainer's ensembles use the snapshots as stored (half precision), so their last digits may differ.
+Snapshots are evaluated from ``snapshots/*.safetensors`` the way the trainer evaluates its
+student: in the run's mixed precision (``--amp``) and memory format (``--channels-last``), so on
+the same device their errors equal the ``top1_error`` / ``top5_error`` columns of results.json.
+The trainer's ensembles use the snapshots as stored (half precision), so their last digits may
+differ. Weights outside a run directory are evaluated in float32 unless ``--amp`` says otherwise.
 """
 
 import argparse
@@ -33,6 +35,8 @@ from fastsd.train.config import auto_image_size
 from fastsd.train.errors import SetupError, TrainError
 
 __all__ = ["evaluate_models", "resolve_models", "main"]
+
+EVAL_AMP_MODES = ("bf16", "fp16", "none")
 
 
 # ------------------------------------------------------------------------------------ the numbers
@@ -219,8 +223,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float,
                    help="T of the entropy column [default: the run's, else 1]")
     p.add_argument("--device", help="cpu, cuda, cuda:N [default: cuda when present]")
+    p.add_argument("--amp", choices=EVAL_AMP_MODES,
+                   help="autocast of the forward pass [default: the run's --amp, as the trainer "
+                        "evaluated; none (float32) for weights outside a run]")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels_last memory format [default: the run's, else off]")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     return p
+
+
+def _eval_amp(requested: Optional[str], run_amp: Optional[str], device: torch.device) -> str:
+    """The autocast mode of the evaluation: ``--amp``, else the run's (config.yaml holds it
+    resolved), else none. A run trained in fp16 on a GPU is evaluated in float32 on a CPU, where
+    the trainer refuses fp16 autocast too."""
+    if requested == "fp16" and device.type != "cuda":
+        raise SetupError(f"--amp fp16 needs a CUDA device (this is {device}); use --amp bf16 or "
+                         f"--amp none")
+    amp = requested or run_amp or "none"
+    if amp not in EVAL_AMP_MODES:
+        raise SetupError(f"the run's config.yaml says amp {amp!r}; pass --amp bf16, fp16 or none")
+    if amp == "fp16" and device.type != "cuda":
+        print(f"fastsd.evaluate: the run trained with fp16 autocast on a GPU; evaluating in "
+              f"float32 on {device} (pass --amp bf16 for bf16)", file=sys.stderr)
+        amp = "none"
+    return amp
 
 
 def _run_config(run_dir: Optional[str]) -> Dict[str, Any]:
@@ -276,11 +302,16 @@ def _main(args) -> Dict[str, Any]:
     run_dir = _run_dir_of(args.checkpoint)
     cfg = _run_config(run_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = _eval_amp(args.amp, cfg.get("amp"), device)
+    channels_last = (args.channels_last if args.channels_last is not None
+                     else bool(cfg.get("channels_last", False)))
     models = []
     arch, num_classes = args.arch, args.num_classes
     for label, file in files:
         model, arch, num_classes = load_model(file, arch or cfg.get("arch"),
                                               num_classes or cfg.get("num_classes"), device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         models.append((label, model))
     dataset = args.dataset or cfg.get("dataset") or "synthetic"
     data = args.data if args.data is not None else (cfg.get("data") if not args.dataset else None)
@@ -292,17 +323,19 @@ def _main(args) -> Dict[str, Any]:
         # process gets a full training batch from refusing a small folder for no reason.
         loaders = build_loaders(dataset, data, batch_size=1, eval_batch_size=batch, workers=0,
                                 device=device, num_classes=num_classes,
-                                image_size=image_size,
+                                image_size=image_size, channels_last=channels_last,
                                 synthetic_size=tuple(synthetic) if synthetic else None)
     except (ValueError, OSError) as e:
         raise SetupError(f"data (--dataset {dataset}" + (f", --data {data}" if data else "")
                          + f"): {e}") from None
     temperature = args.temperature or cfg.get("temperature") or 1.0
-    forwards = [(label, model) for label, model in models]
+    from fastsd.train.step import autocast_forward
+
+    forwards = [(label, autocast_forward(model, device, amp)) for label, model in models]
     out = evaluate_models(forwards, loaders.test, num_classes=num_classes,
                           temperature=temperature, device=device)
     out.update(checkpoint=args.checkpoint, dataset=dataset, temperature=temperature,
-               files=[f for _, f in files])
+               amp=amp, channels_last=channels_last, files=[f for _, f in files])
     if args.json:
         from fastsd.train.checkpoint import atomic_write_text
 

@@ -239,6 +239,67 @@ def test_evaluate_prints_the_same_numbers(runs, capsys):
     assert f"| {hand[1]['top1']:.2f} |" in capsys.readouterr().out
 
 
+def test_evaluate_follows_the_runs_mixed_precision(tmp_path, capsys):
+    """A run evaluated under bf16 autocast in channels_last (the CPU defaults where bf16 is
+    native) is evaluated the same way by fastsd.evaluate: every snapshot's numbers are the run's
+    own, to the last bit. In float32 (--amp none) the confidences differ, so the comparison can
+    tell the precisions apart."""
+    import json
+
+    from fastsd.evaluate import main
+    from fastsd.ops.distill import cpu_backend
+
+    with cpu_backend("native"):
+        results = Trainer(tiny(str(tmp_path), "sd", method="sd", epochs=2, cycles=2, amp="bf16",
+                               channels_last=True), quiet=True).run()
+    run = str(tmp_path / "sd")
+
+    def evaluated(*extra):
+        path = str(tmp_path / "eval.json")
+        assert main(["--checkpoint", run, "--snapshots", "all", "--device", "cpu", "--json",
+                     path, *extra]) == 0, capsys.readouterr().err
+        with open(path) as fh:
+            return json.load(fh)
+
+    out = evaluated()
+    assert (out["amp"], out["channels_last"]) == ("bf16", True)
+    for mine, theirs in zip(out["models"], results["snapshots"], strict=True):
+        assert mine["label"] == theirs["label"]
+        assert (mine["top1_error"], mine["top5_error"]) == (theirs["top1_error"],
+                                                            theirs["top5_error"])
+        assert mine["confidence_top4"] == theirs["confidence_top4"]
+    fp32 = evaluated("--amp", "none", "--no-channels-last")
+    assert fp32["amp"] == "none"
+    assert all(a["confidence_top4"] != b["confidence_top4"]
+               for a, b in zip(fp32["models"], results["snapshots"]))
+
+
+def test_evaluate_on_the_cpu_of_a_run_trained_in_fp16(runs, tmp_path, capsys):
+    """fp16 autocast is for GPUs: asked for on the CPU it is refused; a run that trained in fp16
+    (on a GPU) is evaluated on the CPU in float32, and the message says so."""
+    import json
+
+    import yaml
+
+    from fastsd.evaluate import main
+
+    root, _ = runs
+    assert main(["--checkpoint", os.path.join(root, "sd"), "--device", "cpu", "--amp",
+                 "fp16"]) == 2
+    assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
+    run = str(tmp_path / "sd")
+    shutil.copytree(os.path.join(root, "sd"), run)
+    with open(os.path.join(run, "config.yaml")) as fh:
+        config = yaml.safe_load(fh)
+    with open(os.path.join(run, "config.yaml"), "w") as fh:
+        yaml.safe_dump({**config, "amp": "fp16", "device": "cuda"}, fh)
+    path = str(tmp_path / "eval.json")
+    assert main(["--checkpoint", run, "--device", "cpu", "--json", path]) == 0
+    assert "evaluating in float32" in capsys.readouterr().err
+    with open(path) as fh:
+        assert json.load(fh)["amp"] == "none"
+
+
 def test_evaluate_crops_a_folder_to_the_models_input_size(tmp_path, monkeypatch, capsys):
     """Without a run's config.yaml the image size follows fastsd.train's rule: a CIFAR ResNet
     evaluates a folder at its own 32 px, not at the ImageNet 224. The folder's training split

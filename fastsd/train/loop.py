@@ -29,7 +29,8 @@ from .errors import ConfigError, Interrupted, NonFiniteLossError, SetupError
 from .monitor import Monitor
 from .results import counted, format_table, summarise, write_results
 from .schedule import Plan, Stage, build_plan
-from .step import SecondaryMeter, TrainStep, autocast, build_optimizer, evaluate, topk_correct
+from .step import (SecondaryMeter, TrainStep, autocast_forward, build_optimizer, evaluate,
+                   topk_correct)
 
 
 def stage_file_name(stage: Stage) -> str:
@@ -598,16 +599,11 @@ class Trainer:
         self._call_hooks("on_stage_end", stage)
 
     def _evaluate_student(self, collect=None) -> Dict[str, float]:
-        model, amp, device = self.model, self.cfg.amp, self.device
-
-        def forward(images):
-            with autocast(device, amp):
-                return model(images)
-
+        model, device = self.model, self.device
         model.eval()
         try:
-            return evaluate(forward, self.data.test, collect=collect, device=device,
-                            reduce=self._all_reduce)
+            return evaluate(autocast_forward(model, device, self.cfg.amp), self.data.test,
+                            collect=collect, device=device, reduce=self._all_reduce)
         finally:
             model.train()
 

@@ -39,6 +39,17 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def autocast_forward(model: nn.Module, device: torch.device,
+                     amp: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images -> logits`` of ``model`` under the autocast of ``amp``: how the trainer (and
+    ``python -m fastsd.evaluate``, to give the same numbers) evaluates a student."""
+    def forward(images):
+        with autocast(device, amp):
+            return model(images)
+
+    return forward
+
+
 def build_optimizer(model: nn.Module, *, lr: float, momentum: float, nesterov: bool,
                     weight_decay: float, wd_norm_bias: bool) -> torch.optim.SGD:
     """SGD (fused: one kernel for all parameters, and it honours ``found_inf`` without a host
