@@ -217,7 +217,10 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       }
 
       acc_t* row_terms = terms + row;
-      row_terms[0] = counted ? ce_w * ce + kd_scale * kl + tol_w * tol : acc_t(0);
+      // A weight of 0 leaves its term out even where it is infinite (0 * inf is NaN).
+      const auto weighted = [](acc_t w, acc_t term) { return w == 0 ? acc_t(0) : w * term; };
+      row_terms[0] =
+          counted ? weighted(ce_w, ce) + weighted(kd_scale, kl) + weighted(tol_w, tol) : acc_t(0);
       row_terms[rows] = counted ? ce : acc_t(0);
       row_terms[2 * rows] = counted ? kl : acc_t(0);
       row_terms[3 * rows] = counted ? tol : acc_t(0);

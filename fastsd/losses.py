@@ -46,7 +46,8 @@ class DistillLossFunction(torch.autograd.Function):
             t = teacher_logits.reshape(-1, classes)
             if t.stride(-1) != 1:
                 t = t.contiguous()
-        y = None if target is None else target.reshape(-1)
+        # The kernels read labels at unit stride (a column of a label table is not).
+        y = None if target is None else target.reshape(-1).contiguous()
         kd_scale = kd_weight * (temperature * temperature if t2_scaling else 1.0)
         write_grad = bool(ctx.needs_input_grad[0])
         terms, grad = _distill_ops.run_distill_loss_fwd(
@@ -73,6 +74,14 @@ class DistillLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_parts):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the stored gradient is a constant, so a second derivative
+            # would silently be 0. (once_differentiable would not say so either: it raises
+            # only when the incoming gradient itself requires grad.)
+            raise RuntimeError(
+                "distill_loss has no second derivative (its gradient is computed in the forward "
+                "pass); for a gradient penalty or double backward use "
+                "fastsd.reference.distill_loss_ref")
         grad, *divisor = ctx.saved_tensors  # divisor: [rows that count] for "mean"
         if ctx.reduction == "none":
             scale = grad_loss.reshape(-1, 1)

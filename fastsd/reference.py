@@ -53,8 +53,8 @@ def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperatu
         tol = top[:, 0] - top[:, 1:].sum(-1) / (topk - 1)
     else:
         tol = zero
-    keep = counted.to(compute_dtype)
-    return ce * keep, kl * keep, tol * keep, counted
+    # where, not a product with 0/1: an ignored row's infinite term contributes 0, not NaN.
+    return tuple(torch.where(counted, term, 0) for term in (ce, kl, tol)) + (counted,)
 
 
 def distill_loss_ref(logits, target=None, teacher_logits=None, *, temperature=1.0,
@@ -85,7 +85,13 @@ def distill_loss_ref(logits, target=None, teacher_logits=None, *, temperature=1.
         ignore_index=ignore_index, with_tolerance=tolerance_weight > 0,
         label_smoothing=label_smoothing)
     kd_scale = kd_weight * (temperature ** 2 if t2_scaling else 1.0)
-    rows = ce_weight * ce + kd_scale * kl + tolerance_weight * tol
+    # A weight of 0 leaves its term out, also where the term is infinite (0 * inf is NaN). The
+    # sum starts from a zero that is still a function of the logits (a where, not ce * 0, which
+    # is NaN where ce is inf), so even a loss of all-zero weights has a gradient: 0.
+    zero_rows = torch.where(torch.zeros_like(counted), ce, 0)
+    rows = sum((weight * term for weight, term in ((ce_weight, ce), (kd_scale, kl),
+                                                   (tolerance_weight, tol)) if weight != 0),
+               zero_rows)
     terms = torch.stack([ce, kl, tol]).detach()
     if reduction == "none":
         loss, terms = rows.reshape(rows_shape), terms.reshape(3, *rows_shape)

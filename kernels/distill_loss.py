@@ -144,7 +144,7 @@ def _rows_kernel(
         w = tl.where(is_top1, 1.0, tl.where(is_other, -1.0 / (TOPK - 1), 0.0))
         grad += tol_weight * f * (w - tol[:, None])
 
-    loss = ce_weight * ce + kd_scale * kl + tol_weight * tol
+    loss = _weighted(ce_weight, ce) + _weighted(kd_scale, kl) + _weighted(tol_weight, tol)
     tl.store(terms_ptr + rows, tl.where(counted, loss, 0.0), mask=row_ok)
     tl.store(terms_ptr + n_rows + rows, tl.where(counted, ce, 0.0), mask=row_ok)
     tl.store(terms_ptr + 2 * n_rows + rows, tl.where(counted, kl, 0.0), mask=row_ok)
@@ -154,6 +154,13 @@ def _rows_kernel(
         grad = tl.where(counted[:, None], grad, 0.0)
         tl.store(grad_ptr + rows64[:, None] * grad_stride + cols[None, :],
                  grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _weighted(weight, term):
+    """``weight * term``, but 0 for a weight of 0: a term switched off is left out of the loss
+    even where it is infinite (0 * inf would make the row NaN while its gradient is finite)."""
+    return tl.where(weight == 0, 0.0, weight * term)
 
 
 @triton.jit
@@ -264,7 +271,7 @@ def _chunked_kernel(
         f_top1 = tl.sum(tl.where(top_idx == top1, f_top, 0.0), axis=0)
         tol = f_top1 - (tl.sum(f_top, axis=0) - f_top1) / (TOPK - 1)
 
-    loss = ce_weight * ce + kd_scale * kl + tol_weight * tol
+    loss = _weighted(ce_weight, ce) + _weighted(kd_scale, kl) + _weighted(tol_weight, tol)
     tl.store(terms_ptr + row, tl.where(counted, loss, 0.0))
     tl.store(terms_ptr + n_rows + row, tl.where(counted, ce, 0.0))
     tl.store(terms_ptr + 2 * n_rows + row, tl.where(counted, kl, 0.0))

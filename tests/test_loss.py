@@ -118,10 +118,97 @@ def test_terms_reductions_shapes(backend, terms, reduction, rows, classes):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("teacher_dtype", [None, torch.float16, torch.float32])
-def test_dtypes_and_mixed_teacher(backend, dtype, teacher_dtype):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_dtypes_and_mixed_teacher(backend, dtype, teacher_dtype, reduction):
     logits, target, teacher = make_inputs(6, 333, dtype=dtype, teacher_dtype=teacher_dtype)
     target[0] = -100
-    assert_matches(backend, logits, target, teacher, **TERM_SETS["all"]["kw"])
+    assert_matches(backend, logits, target, teacher, reduction=reduction,
+                   **TERM_SETS["all"]["kw"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Transposed and column-sliced logits, an expanded teacher and a strided label column give
+    the contiguous inputs' loss and gradient (the kernels read labels at unit stride)."""
+    logits, target, teacher = make_inputs(6, 40, seed=11)
+    kw = dict(reduction="none", **TERM_SETS["all"]["kw"])
+    with cpu_backend(backend if backend != "cuda" else "auto"):
+        def loss_and_grad(z, y, t):
+            z = z.detach().requires_grad_()
+            loss = distill_loss(z, y, t, **kw)
+            loss.backward(torch.arange(1.0, 7.0, device=loss.device))
+            return loss, z.grad
+
+        x, y, t = on_backend(backend, logits, target, teacher)
+        want = loss_and_grad(x, y, t)
+        label_table = torch.stack([y, torch.zeros_like(y)], dim=1)    # y is a column of it
+        shapes = {
+            "transposed": (x.t().contiguous().t(), y, t),
+            "sliced": (torch.stack([x, x * 0], dim=2)[..., 0], label_table[:, 0], t),
+            "expanded": (x[:1].expand(6, 40), y, t[:1].expand(6, 40)),
+        }
+        assert not shapes["sliced"][0].is_contiguous()
+        assert label_table[:, 0].stride() == (2,)
+        for name, (z, labels, tt) in shapes.items():
+            ref = want if name != "expanded" else loss_and_grad(x[:1].repeat(6, 1), y,
+                                                                 t[:1].repeat(6, 1))
+            got = loss_and_grad(z, labels, tt)
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6, msg=name)
+            torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_narrow_label_dtypes(backend):
+    """int32 and uint8 labels are class indices like int64 ones; a uint8 label outside the classes
+    is refused (compared as uint8, ignore_index -100 would wrap to 156 and let it through)."""
+    logits, target, teacher = make_inputs(5, 100, seed=4)
+    with cpu_backend(backend if backend != "cuda" else "auto"):
+        x, y, t = on_backend(backend, logits, target, teacher)
+        want = distill_loss(x, y, t, reduction="none")
+        for dtype in (torch.int32, torch.uint8):
+            torch.testing.assert_close(distill_loss(x, y.to(dtype), t, reduction="none"), want)
+        bad = y.to(torch.uint8)
+        bad[1] = 156
+        with pytest.raises(ValueError, match="label 156 at index 1"):
+            distill_loss(x, bad, t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_terms_that_do_not_count(backend):
+    """A term that does not count adds nothing, also where it is infinite (0 * inf is NaN): an
+    ignored row whose logits make CE or KL infinite, and a term whose weight is 0."""
+    logits, target, teacher = make_inputs(4, 30, seed=8)
+    logits[1, :] = 0.0
+    logits[1, 0] = -math.inf            # an ignored row; CE at the placeholder class 0 is inf
+    target[1] = -100
+    kw = dict(TERM_SETS["sd"]["kw"])
+    assert_matches(backend, logits, target, teacher, **kw)
+    assert_matches(backend, logits, target, None)
+    logits, target, teacher = make_inputs(4, 30, seed=9)
+    logits[0, target[0]] = -math.inf    # CE of row 0 is inf, and KL too (the teacher is finite)
+    for switched_off in (dict(ce_weight=0.0, kd_weight=0.0, tolerance_weight=0.5, topk=3),
+                         dict(ce_weight=0.0, kd_weight=0.0)):
+        for reduction in ("none", "sum"):
+            loss, terms, grad, ref_loss, _, ref_grad = run_both(
+                backend, logits, target, teacher, reduction=reduction, temperature=2.0,
+                **switched_off)
+            assert torch.isinf(terms.ce).any() if reduction == "none" else torch.isinf(terms.ce)
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+            torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_second_derivative_is_refused():
+    """The gradient is computed in the forward pass (a constant to autograd), so a second
+    derivative would silently be 0: create_graph=True is an error that names the way out."""
+    logits, target, teacher = make_inputs(3, 10)
+    x = logits.clone().requires_grad_()
+    loss = distill_loss(x, target, teacher, temperature=2.0)
+    with pytest.raises(RuntimeError, match="no second derivative.*distill_loss_ref"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    first, = torch.autograd.grad(distill_loss_ref(x, target, teacher, temperature=2.0), x,
+                                 create_graph=True)
+    assert first.requires_grad  # the reference's is a real function of x
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

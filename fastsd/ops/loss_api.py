@@ -42,6 +42,8 @@ def check_labels_in_range(target, classes, ignore_index):
     This reads the labels on the host: a synchronisation for CUDA tensors, so a training loop
     whose labels were validated by its data pipeline can skip it (``check_labels=False``).
     """
+    # Compared as int64: in a narrower type ignore_index would wrap (-100 is 156 as uint8).
+    target = target.long()
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0]) if target.dim() == 1 else bad.nonzero()[0].tolist()
