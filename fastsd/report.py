@@ -134,7 +134,8 @@ def lr_curve(run: Dict[str, Any]):
         # validates on this machine (which may lack the run's GPU or data).
         values = normalise_keys(run["config"], "config.yaml")
         values.update(device="cpu", amp="none", compile=False, dali=False, channels_last=False,
-                      teacher_dtype="fp32", resume=None, out=None, threads=None)
+                      teacher_dtype="fp32", resume=None, out=None, threads=None, world_size=1,
+                      sync_bn=False)
         plan = build_plan(TrainConfig(**values), ipe)
     except Exception:
         return None

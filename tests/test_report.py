@@ -167,6 +167,10 @@ def test_report_numbers_equal_a_hand_computation(runs, tmp_path):
     assert len(its) == 2 * 32 and len(steps) == 2 * 32 // 8  # 2 epochs of 32, log_every=8
     for r in steps:
         assert at[r["iteration"] - 1] == pytest.approx(r["lr"], rel=1e-12)
+    # A run of several GPU processes with SyncBatchNorm has the same curve when reported here.
+    ddp = dict(done["runs"][0], config={**done["runs"][0]["config"], "world_size": 2,
+                                         "sync_bn": True, "device": "cuda"})
+    assert lr_curve(ddp) == (its, lrs)
 
 
 def test_repeated_runs_get_mean_and_standard_deviation(runs, tmp_path):

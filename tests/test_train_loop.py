@@ -588,6 +588,42 @@ def test_nonfinite_steps_are_skipped_on_device():
     assert m["steps"] == 2 and m["nonfinite"] == 1 and m["max_nonfinite_run"] == 1
     assert m["skipped"] == 1
     assert m["loss"] == pytest.approx(m["ce"])
+    step(torch.full_like(x, float("inf")), y)  # a window of bad steps only has no mean loss
+    m = step.read_metrics()
+    assert m["steps"] == m["nonfinite"] == 1 and math.isnan(m["loss"]) and math.isnan(m["ce"])
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(accum):
+    """One inf pixel makes the forward's batch statistics non-finite. The skipped update must
+    leave BatchNorm's running mean, variance and count as they were before the update's first
+    pass (else every later evaluation, snapshot and teacher is NaN), and training goes on."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    step = _plain_sgd_step(model, grad_accum_steps=accum)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+               for _ in range(4)]
+    step(*batches[0])
+    if accum == 2:
+        step(*batches[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    poisoned = batches[2][0].clone()
+    poisoned[0, 0, 0, 0] = float("inf")
+    if accum == 2:
+        step(*batches[3])      # a good first pass: its statistics go too, with the update
+    step(poisoned, batches[2][1])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), \
+        [k for k in before if not torch.equal(before[k], after[k])]
+    assert step.read_metrics()["skipped"] == 1
+    for _ in range(accum):
+        step(*batches[3])
+    assert torch.isfinite(model.bn.running_var).all()
+    assert not torch.equal(model.bn.running_var, before["bn.running_var"])
+    assert int(model.bn.num_batches_tracked) == int(before["bn.num_batches_tracked"]) + accum
+    model.eval()
+    assert torch.isfinite(model(batches[0][0])).all()
 
 
 def _plain_sgd_step(model, amp="none", device="cpu", clip_grad_norm=None, grad_accum_steps=1):
@@ -793,9 +829,11 @@ def test_mixed_precision_steps_follow_the_fp32_step(amp):
     for a, b in zip(full.parameters(), mixed.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=5e-3)
     before = [p.detach().clone() for p in mixed.parameters()]
+    stats = [b.clone() for b in mixed.buffers()]
     scale = step.scaler.get_scale() if step.scaler is not None else None
     step(torch.full((16, 3, 8, 8), float("inf")), torch.zeros(16, dtype=torch.long))
     assert all(torch.equal(a, b) for a, b in zip(before, mixed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(stats, mixed.buffers()))
     m = step.read_metrics()
     assert m["steps"] == 4 and m["nonfinite"] == 1
     assert m["loss"] == pytest.approx(m_full["loss"], rel=1e-2)
@@ -825,6 +863,11 @@ def test_compiled_step_runs_on_cpu_and_matches_eager():
         assert m_comp[key] == pytest.approx(m_eager[key], rel=1e-4, abs=1e-5)
     for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # The compiled forward updates BatchNorm's statistics in place too, and a non-finite one is
+    # put back all the same.
+    before = {k: v.clone() for k, v in compiled.state_dict().items()}
+    compiled_step(torch.full((16, 3, 8, 8), float("inf")), torch.zeros(16, dtype=torch.long))
+    assert all(torch.equal(v, compiled.state_dict()[k]) for k, v in before.items())
 
 
 def test_label_smoothing_has_the_gradient_of_smoothed_cross_entropy():

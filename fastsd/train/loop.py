@@ -30,7 +30,7 @@ from .monitor import Monitor
 from .results import counted, format_table, summarise, write_results
 from .schedule import Plan, Stage, build_plan
 from .step import (SecondaryMeter, TrainStep, autocast_forward, build_optimizer, evaluate,
-                   topk_correct)
+                   mean_or_nan, topk_correct)
 
 
 def stage_file_name(stage: Stage) -> str:
@@ -470,11 +470,11 @@ class Trainer:
                              to_log=False)
         self.monitor.epoch_end()
         seconds = time.perf_counter() - epoch_start
-        finite = max(s["finite"], 1)
+        finite = s["finite"]
         self._epoch_row = dict(
             epoch=epoch + 1, iteration=self.iteration, stage=self.active_stage.index, lr=lr,
-            loss=s["loss"] / finite, ce=s["ce"] / finite, kl=s["kl"] / finite,
-            tolerance=s["tolerance"] / finite,
+            **{key: mean_or_nan(s[key], finite) for key in ("loss", "ce", "kl",
+                                                             "tolerance")},
             train_top1_error=100.0 * (1 - s["correct"] / max(s["images"], 1)),
             nonfinite=s["steps"] - s["finite"], skipped=s["skipped"], clipped=s["clipped"],
             epoch_time=seconds,
@@ -492,8 +492,9 @@ class Trainer:
         finite = m["steps"] - m["nonfinite"]
         finite_images = images * finite / max(m["steps"], 1)
         s = self._epoch_sums
-        for key in ("loss", "ce", "kl", "tolerance"):
-            s[key] += m[key] * finite
+        if finite:  # (a window of non-finite steps has NaN means and adds nothing)
+            for key in ("loss", "ce", "kl", "tolerance"):
+                s[key] += m[key] * finite
         s["correct"] += m["correct"]
         s["images"] += finite_images
         s["steps"] += m["steps"]
@@ -775,7 +776,8 @@ class Trainer:
             generations=cfg.generations if cfg.method in GENERATION_METHODS else None,
             world_size=self.world_size, batch_size=cfg.batch_size,
             grad_accum_steps=cfg.grad_accum_steps,
-            global_batch_size=cfg.global_batch_size, sync_bn=cfg.sync_bn, seed=cfg.seed,
+            global_batch_size=cfg.global_batch_size, sync_bn=cfg.sync_bn, amp=cfg.amp,
+            seed=cfg.seed,
             wall_time_s=round(wall, 2),
             run_dir=self.run_dir)
         if self.is_main:

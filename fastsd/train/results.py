@@ -6,12 +6,14 @@
      "snapshots": [{"index", "label", "epoch", "top1_error", "top5_error", ...}, ...],
      "final": {...}, "best": {...}, "ensemble": {"top1_error", "top5_error", "members"} or null,
      "ensembles": [...], "world_size", "batch_size" (per process and pass), "grad_accum_steps",
-     "global_batch_size" (of an update), "sync_bn", "wall_time_s"}
+     "global_batch_size" (of an update), "sync_bn", "amp" (the autocast the student trained
+     and was evaluated under), "wall_time_s"}
 
 Errors are in percent. ``snapshots`` has one entry per cycle (se/sd: index 1..M, label M#L<i>),
 per generation (ban/tt: index 0..N, label G#<i>), or one for bl/kd (index 1, label "final").
 ``epoch`` counts the epochs trained when the entry was taken (global across generations).
-``final`` is the last entry, ``best`` the one with the lowest top-1 error. ``ensemble`` averages the
+``final`` is the last entry, ``best`` the one with the lowest top-1 test error (so chosen on the
+test split; ``final`` is the single model chosen without looking at it). ``ensemble`` averages the
 softmax outputs of the stored snapshots: every cycle for se/sd, generations 1..N for ban/tt (the
 "+Ensemble" rows of the tolerant-teacher paper; ``ensembles`` holds the ones of 1..g for every g
 and, for se/sd, of cycles 1..c); null for bl and kd.
@@ -88,12 +90,14 @@ def format_markdown(results: Dict[str, Any]) -> str:
     lines = [f"# {run_title(results)} on {results['dataset']}", "",
              "Top-1 and top-5 test error in percent, after each "
              + ("generation" if results["method"] in ("ban", "tt") else "cycle (mini-generation)")
-             + "; best and the ensemble of the snapshots' softmax outputs.", "",
+             + "; best (the lowest of those test errors, so chosen on the test split) and the "
+             "ensemble of the snapshots' softmax outputs.", "",
              format_table([results]), ""]
     ens = results.get("ensembles") or []
     if ens:
         lines += [f"Ensembles average the snapshots as stored ({results.get('teacher_dtype')}); "
-                  f"the columns evaluate the float32 model when each was taken.", ""]
+                  f"the columns evaluate the student (float32 weights, under the run's "
+                  f"autocast: {results.get('amp') or 'not recorded'}) when each was taken.", ""]
     if len(ens) > 1:
         lines += ["Ensembles of the first members:", "",
                   "| members | top-1 | top-5 |", "|---|---|---|"]
@@ -104,7 +108,7 @@ def format_markdown(results: Dict[str, Any]) -> str:
     for key in ("method", "arch", "dataset", "num_classes", "epochs", "cycle_epochs",
                 "generations", "temperature", "student_temperature", "lambda_s", "lambda_t",
                 "t2_scaling", "teacher_dtype", "eta", "topk", "world_size", "batch_size",
-                "grad_accum_steps", "global_batch_size", "wall_time_s"):
+                "grad_accum_steps", "global_batch_size", "amp", "wall_time_s"):
         if results.get(key) is not None:
             lines.append(f"| {key} | {results[key]} |")
     return "\n".join(lines) + "\n"

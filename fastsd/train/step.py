@@ -9,6 +9,7 @@ tensor that :meth:`TrainStep.read_metrics` reads every ``--log-every`` steps.
 """
 
 import contextlib
+import math
 from typing import Callable, Dict, Optional
 
 import torch
@@ -72,6 +73,53 @@ def build_optimizer(model: nn.Module, *, lr: float, momentum: float, nesterov: b
     return opt
 
 
+class BatchNormGuard:
+    """Keeps a non-finite forward pass from poisoning BatchNorm's running statistics.
+
+    The device-side skip of a bad update protects weights and momentum, but the forward pass that
+    went bad has already folded its batch statistics (inf / NaN) into every BatchNorm's running
+    mean and variance, and evaluation, snapshots and teachers would be NaN from then on.
+    ``save()`` before an update's passes copies the statistics; ``restore_if_bad(loss_ok)`` after
+    them puts the copy back when a pass's loss was not finite or a statistic is no longer finite:
+    a skipped update leaves the running statistics (and ``num_batches_tracked``) as they were.
+
+    On the device, without a host sync, and in a handful of kernels whatever the depth: the
+    statistics are gathered with one ``cat`` per dtype (a ResNet-152 has 155 BatchNorm layers).
+    """
+
+    def __init__(self, model: nn.Module):
+        stats = [b for m in model.modules()
+                 if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+                 for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self.groups = {}  # dtype -> the buffers of that dtype
+        for b in stats:
+            self.groups.setdefault(b.dtype, []).append(b)
+        self.saved = {dtype: torch.cat([b.reshape(-1) for b in group])
+                      for dtype, group in self.groups.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for dtype, group in self.groups.items():
+            torch.cat([b.reshape(-1) for b in group], out=self.saved[dtype])
+
+    @torch.no_grad()
+    def restore_if_bad(self, loss_ok: torch.Tensor) -> None:
+        """``loss_ok``: a 0-d bool tensor, whether every pass since ``save()`` had a finite loss."""
+        now = {dtype: torch.cat([b.reshape(-1) for b in group])
+               for dtype, group in self.groups.items()}
+        ok = loss_ok
+        for dtype, flat in now.items():
+            if dtype.is_floating_point:
+                ok = ok & torch.isfinite(flat).all()
+        for dtype, group in self.groups.items():
+            kept = torch.where(ok, now[dtype], self.saved[dtype])
+            pieces = kept.split([b.numel() for b in group])
+            torch._foreach_copy_(group, [piece.view_as(b) for piece, b in zip(pieces, group)])
+
+
 class TrainStep:
     """The student's training step; ``set_stage`` chooses the loss and the teacher of a stage.
 
@@ -104,6 +152,8 @@ class TrainStep:
             # max-autotune) skip a function that mutates an input unless its address is static.
             torch._dynamo.mark_static_address(self.metrics)
         self._found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self._bn_guard = BatchNormGuard(model)
+        self._losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self._one = torch.ones(1, dtype=torch.float32, device=self.device)
         self._forwards: Dict[LossSpec, Callable] = {}
         self._teacher_forwards: Dict[int, Callable] = {}
@@ -155,6 +205,9 @@ class TrainStep:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self._passes += 1
         updates = self._passes == self.grad_accum_steps
+        if self._bn_guard and self._passes == 1:
+            self._bn_guard.save()
+            self._losses_finite.fill_(True)
         # The passes before an update's last run under DDP's no_sync (forward and backward):
         # their gradients add up locally, and the last pass all-reduces the sum.
         no_sync = getattr(self.model, "no_sync", None)
@@ -164,6 +217,8 @@ class TrainStep:
                 with torch.no_grad():
                     teacher_logits = self.teacher(images)
             loss = self._forward(images, labels, teacher_logits, self.metrics)
+            if self._bn_guard:
+                self._losses_finite &= torch.isfinite(loss.detach())
             if self.grad_accum_steps > 1:
                 loss = loss / self.grad_accum_steps
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -195,6 +250,8 @@ class TrainStep:
                 self.metrics[_SKIPPED] += self._found_inf[0]
             _extend_run(self.metrics, self._found_inf[0])
         opt.zero_grad(set_to_none=True)
+        if self._bn_guard:
+            self._bn_guard.restore_if_bad(self._losses_finite)
 
     def _clip(self) -> None:
         """Scale the gradients down to a global L2 norm of ``clip_grad_norm`` where it is larger.
@@ -234,9 +291,11 @@ class TrainStep:
                                 all_reduce(values[_MAX_RUN:].clone(), "max")])
         values = values.tolist()
         steps = values[_STEPS]
-        finite = max(steps - values[_NONFINITE], 1.0)
-        out = dict(loss=values[_LOSS] / finite, ce=values[_CE] / finite, kl=values[_KL] / finite,
-                   tolerance=values[_TOL] / finite, steps=int(steps),
+        finite = steps - values[_NONFINITE]
+        # A window without a finite step has no mean loss: NaN, not a perfect-looking 0.
+        out = dict(**{key: mean_or_nan(values[slot], finite) for key, slot in (
+                       ("loss", _LOSS), ("ce", _CE), ("kl", _KL), ("tolerance", _TOL))},
+                   steps=int(steps),
                    correct=values[_CORRECT], nonfinite=int(values[_NONFINITE]),
                    skipped=int(values[_SKIPPED]), clipped=int(values[_CLIPPED]),
                    max_nonfinite_run=int(values[_MAX_RUN]))
@@ -257,6 +316,11 @@ class TrainStep:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.metrics[_RUN] = state.get("nonfinite_run", 0.0)
+
+
+def mean_or_nan(total: float, count: float) -> float:
+    """``total / count``; NaN when nothing was counted."""
+    return total / count if count else math.nan
 
 
 @torch.no_grad()
