@@ -348,8 +348,9 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
                          label_smoothing=0.0):
     """Launch the fused forward pass.
 
-    Shapes: logits [N, C] (float32/bfloat16/float16, unit stride along C), target [N] int64 or
-    None, teacher_logits [N, C] (any of those float dtypes) or None. ``kd_scale`` is the KL
+    Shapes: logits [N, C] (float32/bfloat16/float16), target [N] int64 or None, teacher_logits
+    [N, C] (any of those float dtypes) or None; any strides (the kernels take the row strides,
+    and what they read at unit stride, the columns and the labels, is made so here). ``kd_scale`` is the KL
     term's factor ``kd_weight * s``; ``tolerance_weight`` 0 switches the penalty off;
     ``label_smoothing`` ε makes the CE target (1 - ε) one-hot + ε/C. Returns
     ``(terms, grad)``: terms [5, N] float32 (each row's loss
@@ -358,6 +359,12 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
     in ``gradient_dtype(logits.dtype)``, the gradient of each row's loss (an empty [0, C] tensor
     when ``write_grad`` is False).
     """
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if teacher_logits is not None and teacher_logits.stride(-1) != 1:
+        teacher_logits = teacher_logits.contiguous()
+    if target is not None:
+        target = target.contiguous()  # a label column of a table is strided
     n_rows, n_cols = logits.shape
     terms = torch.empty((TERM_ROWS, n_rows), dtype=torch.float32, device=logits.device)
     grad = torch.empty((n_rows if write_grad else 0, n_cols),

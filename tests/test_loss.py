@@ -155,6 +155,13 @@ def test_non_contiguous_inputs(backend):
             got = loss_and_grad(z, labels, tt)
             torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6, msg=name)
             torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=1e-6, msg=name)
+        # The op itself (what a user of torch.ops.fastsd calls) takes any strides too.
+        args = (1.0, 1.0, 1.0, 1.0, 0.0, 5, -100, True)
+        op = torch.ops.fastsd.distill_loss_fwd
+        for got, want_op in zip(op(shapes["sliced"][0], label_table[:, 0], t[:1].expand(6, 40),
+                                   *args),
+                                op(x, y, t[:1].repeat(6, 1), *args)):
+            torch.testing.assert_close(got, want_op, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
