@@ -565,6 +565,22 @@ def test_a_bad_file_is_named(imagenet_like, tmp_path, damage, split, cached):
         list(dl.train if split == "train" else dl.test)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_cifar_folder_image_of_another_size_is_named_at_build(cifar_jpeg, tmp_path, split):
+    """As the torch path, which decodes such a folder up front: a 48x40 image in a CIFAR JPEG
+    folder is refused when the loaders are built, by name (DALI would crop it in training and
+    fail to batch it in evaluation, naming nothing)."""
+    import shutil
+
+    root = tmp_path / "cifar"
+    shutil.copytree(cifar_jpeg, root)
+    odd = root / split / "cat" / "odd.jpg"
+    Image.new("RGB", (48, 40), (90, 20, 200)).save(odd)
+    with pytest.raises(ValueError, match=f"{odd}.* is 48x40, expected 32x32"):
+        build_dali_loaders("cifar10", root, batch_size=8, eval_batch_size=4, workers=1,
+                           dali_device="cpu")
+
+
 def test_an_unreadable_file_is_named_when_cached(tmp_path):
     from fastsd.data.dali import _read_files
 

@@ -3,6 +3,7 @@
 import itertools
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -270,6 +271,10 @@ def test_class_order_equals_torchvision_imagefolder(tmp_path):
     root = make_folder(tmp_path, classes, per_class=2)
     (root / "train" / "a2" / "sub").mkdir()
     write_image(root / "train" / "a2" / "sub" / "deep.JPG")
+    # torchvision sorts folders by their whole path: "a-b" comes before "a/sub" ("-" < "/")
+    for folder in ("a", "a/sub", "a-b"):
+        (root / "train" / "b" / folder).mkdir()
+        write_image(root / "train" / "b" / folder / "x.png")
     (root / "train" / "b" / "notes.txt").write_text("not an image")
     ours = scan_image_folder(root / "train")
     theirs = torchvision.datasets.ImageFolder(str(root / "train"))
@@ -280,6 +285,17 @@ def test_class_order_equals_torchvision_imagefolder(tmp_path):
     assert list(dl.info.class_names) == theirs.classes
     y = torch.cat([y for _, y in dl.test])
     assert y.tolist() == [c for _, c in torchvision.datasets.ImageFolder(str(root / "val")).samples]
+
+
+def test_file_names_need_not_be_utf8(tmp_path):
+    """A file name that is not valid UTF-8 (Latin-1 from an old archive, say) is read like any
+    other, as torchvision and DALI read it."""
+    root = make_folder(tmp_path, ["a", "b"], per_class=2)
+    odd = os.fsdecode(os.path.join(os.fsencode(str(root / "val" / "a")), b"caf\xe9.png"))
+    shutil.copy(next((root / "val" / "a").iterdir()), odd)
+    dl = build_loaders("imagefolder", root, batch_size=2, eval_batch_size=5, workers=0,
+                       image_size=8)
+    assert sum(y.shape[0] for _, y in dl.test) == 5
 
 
 def _write_fake_cifar10_binary(root, n_per_batch=4):

@@ -55,7 +55,8 @@ from .base import DataLoaders, DatasetInfo
 from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
                       RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM, check_epoch, check_int,
                       check_loader_args, check_shard, derive_seed, eval_range)
-from .folders import ImageFolderSplit, UnreadableImageError, scan_train_and_eval
+from .folders import (ImageFolderSplit, UnreadableImageError, check_image_sizes,
+                      scan_train_and_eval)
 from .torch_data import load_in_memory
 
 __all__ = ["build_dali_loaders", "DaliEpochLoader", "dali_available", "require_dali",
@@ -596,6 +597,11 @@ def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str,
             raise ValueError(f"{name} has {classes} classes but num_classes is {num_classes}: drop "
                              f"--num-classes or pass {classes}")
         train_split, eval_split = scan_train_and_eval(Path(data_dir).expanduser(), classes, name)
+        # The torch path decodes such a folder into memory and so refuses an image of another
+        # size up front; DALI decodes every epoch, and would crop it (training) or fail to batch
+        # it (evaluation) without naming it.
+        check_image_sizes([p for split in (train_split, eval_split) for p, _ in split.samples],
+                          32, workers)
         return folder_loaders(train_split, eval_split, image_size or 32, True, mean, std, name,
                               pre_resize=False)
 

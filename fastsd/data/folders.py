@@ -1,8 +1,11 @@
 """Finding and checking image folders (the ImageFolder / ImageNet layout), shared by the input pipelines.
 
 Layout: ``root/train/<class>/**/<image>`` and ``root/val/<class>/...`` (or ``root/test/...``).
-Classes are the sorted names of the sub-folders, exactly as ``torchvision.datasets.ImageFolder``
-orders them, so label ``i`` means the same class in fastsd, torchvision and DALI.
+Classes are the sorted names of the sub-folders and the images of a class are in the order of
+``torchvision.datasets.ImageFolder``, so label ``i`` and sample ``j`` mean the same in fastsd,
+torchvision and DALI. One difference: hidden folders and files (names starting with ``.``, such as
+``.ipynb_checkpoints/`` or macOS's ``._photo.jpg``) are skipped, where torchvision would count a
+hidden folder as a class and try to decode a hidden file.
 
 Every problem a user can fix is raised here, before training, with the path and the fix:
 :class:`FileNotFoundError` for a missing folder, :class:`ValueError` for a wrong layout.
@@ -14,7 +17,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 __all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "ImageFolderSplit", "find_split_dirs",
-           "scan_image_folder", "scan_train_and_eval", "read_rgb_image"]
+           "scan_image_folder", "scan_train_and_eval", "read_rgb_image", "check_image_sizes",
+           "wrong_size_error"]
 
 #: the extensions torchvision's ImageFolder accepts (compared case-insensitively)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -70,8 +74,9 @@ def find_split_dirs(data_dir: Optional[PathLike], dataset: str = "imagefolder") 
 
 def _walk_images(class_dir: Path) -> List[str]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames.sort()
+    # torchvision's order: folders sorted by their whole path (so "a-b" before "a/sub", as "-"
+    # sorts before "/"), then files by name
+    for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
         for f in sorted(filenames):
             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
                 found.append(os.path.join(dirpath, f))
@@ -125,6 +130,35 @@ def _short(names: Sequence[str], limit: int = 5) -> str:
         return "none"
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def wrong_size_error(path: str, width: int, height: int, expected: int) -> ValueError:
+    """The error for an image of a CIFAR image folder that is not ``expected`` pixels square."""
+    return ValueError(f"image file {path!r} is {width}x{height}, expected {expected}x{expected} "
+                      f"(a CIFAR image folder holds 32x32 images; use --dataset imagefolder for "
+                      f"other sizes)")
+
+
+def check_image_sizes(paths: Sequence[str], size: int, workers: int = 1) -> None:
+    """Raise :func:`wrong_size_error` for the first of ``paths`` (in order) whose header does not
+    say ``size`` x ``size`` (UnreadableImageError for a file that is no image). Reads headers only:
+    about a file-open per image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def dimensions(path):
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except (OSError, ValueError, SyntaxError) as e:
+            raise UnreadableImageError(f"cannot read image file {path!r} ({type(e).__name__}: "
+                                       f"{e}): replace or delete the file") from e
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for path, (width, height) in zip(paths, pool.map(dimensions, paths, chunksize=256)):
+            if (width, height) != (size, size):
+                raise wrong_size_error(path, width, height, size)
 
 
 def read_rgb_image(path: str):

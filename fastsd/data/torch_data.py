@@ -41,7 +41,7 @@ from .base import DataLoaders, DatasetInfo
 from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
                       RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, check_epoch, check_int,
                       check_loader_args, check_shard, derive_seed, eval_range)
-from .folders import ImageFolderSplit, read_rgb_image, scan_train_and_eval
+from .folders import ImageFolderSplit, read_rgb_image, scan_train_and_eval, wrong_size_error
 from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 
 __all__ = ["build_loaders", "TensorEpochLoader", "FileEpochLoader", "load_in_memory",
@@ -231,7 +231,8 @@ class _FileDataset(torch.utils.data.Dataset):
         # One numpy bytes array instead of a list of str: forked workers would otherwise touch
         # (copy) the pages of a million Python objects by reference counting alone.
         self.root = root
-        self.paths = np.array([os.path.relpath(p, root).encode() for p, _ in split.samples])
+        # os.fsencode / fsdecode: file names need not be valid UTF-8 (str.encode would fail)
+        self.paths = np.array([os.fsencode(os.path.relpath(p, root)) for p, _ in split.samples])
         self.labels = np.array([label for _, label in split.samples], dtype=np.int64)
         self.transform = transform
 
@@ -239,7 +240,7 @@ class _FileDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def path(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i].decode())
+        return os.path.join(self.root, os.fsdecode(self.paths[i]))
 
     def __getitem__(self, key):
         i, aug_seed = key
@@ -247,9 +248,7 @@ class _FileDataset(torch.utils.data.Dataset):
         try:
             img = read_rgb_image(path)
             if self.expect_size is not None and img.size != (self.expect_size, self.expect_size):
-                raise ValueError(f"image file {path!r} is {img.width}x{img.height}, expected "
-                                 f"{self.expect_size}x{self.expect_size} (a CIFAR image folder "
-                                 f"holds 32x32 images; use --dataset imagefolder for other sizes)")
+                raise wrong_size_error(path, img.width, img.height, self.expect_size)
         except ValueError as e:          # UnreadableImageError included
             return _SampleError(e)
         return torch.from_numpy(self.transform(img, aug_seed)), int(self.labels[i])
