@@ -29,13 +29,16 @@ arch=$($python -c "import torch; print('%d.%d' % torch.cuda.get_device_capabilit
        "the CPU benchmarks)" >&2
   exit 1
 }
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+# FASTSD_BUILD=cuda: a build that cannot find the toolkit fails here, instead of falling back to
+# a CPU-only extension whose CUDA tests would all fail later in the session
+FASTSD_BUILD=cuda TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
   $python -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 $python -c "
 import numpy, setuptools, torch, triton, fastsd._C as ext
 print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__,
       '| setuptools', setuptools.__version__, '|', torch.cuda.get_device_name(),
-      '| fastsd._C with CUDA:', ext.built_with_cuda())" || exit 1
+      '| fastsd._C with CUDA:', ext.built_with_cuda())
+assert ext.built_with_cuda(), 'fastsd._C was built without CUDA'" || exit 1
 echo "installed in $((SECONDS - start)) s"
 
 # what the install took comes off the run's deadline

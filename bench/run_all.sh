@@ -46,7 +46,12 @@ budget() {  # budget SECONDS: the call's time box, cut to what DEADLINE_S leaves
   if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
 }
 
-gpu_tests() {  # gpu_tests STEM TEST_FILE...
+# pytest-xdist, where installed, spreads a file's GPU tests over 4 processes: the loss tests
+# compile over a hundred kernel variants into an empty Triton cache
+parallel=()
+$python -c "import xdist" 2>/dev/null && parallel=(-n 4)
+
+gpu_tests() {  # gpu_tests STEM TEST_FILE... [PYTEST_ARGS]
   local stem=$1 seconds
   shift
   [ "$device" = cpu ] && return
@@ -77,7 +82,7 @@ for phase in "${phases[@]}"; do
       # running long must not cost the others their run
       gpu_tests "$stem" tests/test_snapshots.py tests/test_data.py
       bench "$stem" snapshots "$limit" bench/bench_snapshots.py  # short: before the long loss tests
-      gpu_tests "$stem" tests/test_loss.py
+      gpu_tests "$stem" tests/test_loss.py "${parallel[@]}"
       gpu_tests "$stem" tests/test_train_loop.py
       bench "$stem" loss "$limit" bench/bench_loss.py -k "not compiled_reference"
       bench "$stem" loss-compiled "$limit" bench/bench_loss.py -k compiled_reference ;;
