@@ -434,6 +434,28 @@ def test_shapes_dtype_and_layout(imagenet_like, channels_last, dtype):
 
 # ------------------------------------------------------------------------------------- epochs
 
+@pytest.mark.parametrize("data", ["files", "memory"])
+def test_a_pass_can_start_mid_epoch(imagenet_like, cifar_binary, trust_cifar_files, data):
+    """set_epoch(e, start=k) (a resumed run): batches k .. len-1 of epoch e with a whole pass's
+    samples and augmentation draws (which are keyed by the batch's index in the epoch), fed to
+    DALI from batch k on; then set_epoch(e) gives the whole epoch again."""
+    dl = (build_dali_loaders("imagefolder", imagenet_like, batch_size=3, eval_batch_size=4,
+                             workers=1, seed=2, dali_device="cpu") if data == "files" else
+          build_dali_loaders("cifar10", cifar_binary[0], batch_size=16, eval_batch_size=40,
+                             workers=1, seed=2, dali_device="cpu"))
+    for loader, k in ((dl.train, 2), (dl.test, 1)):
+        loader.set_epoch(5)
+        whole = [(x.clone(), y.clone()) for x, y in loader]
+        assert len(whole) == len(loader) > k
+        loader.set_epoch(5, start=k)
+        tail = [(x.clone(), y.clone()) for x, y in loader]
+        assert len(tail) == len(whole) - k
+        for (x1, y1), (x2, y2) in zip(tail, whole[k:]):
+            assert torch.equal(y1, y2) and torch.equal(x1, x2)
+        loader.set_epoch(5)
+        assert len(list(loader)) == len(whole)
+
+
 def test_set_epoch_makes_the_epoch_a_function_of_seed_and_epoch(imagenet_like):
     def make(seed=3):
         return build_dali_loaders("imagefolder", imagenet_like, batch_size=3, workers=2,

@@ -102,6 +102,37 @@ def test_image_folder_batches_do_not_depend_on_workers(cifar_jpeg):
     assert same_batches(results[0], results[2]) and same_batches(results[1], results[3])
 
 
+@pytest.mark.parametrize("source", ["memory", "files"])
+def test_a_pass_can_start_mid_epoch_without_reading_the_batches_before(source, cifar_jpeg,
+                                                                       monkeypatch):
+    """set_epoch(e, start=k), what a resumed run asks for: batches k .. len-1 of epoch e, equal to
+    a whole pass's (order and augmentation), and the files of batches 0 .. k-1 are not read (a
+    resume late in an ImageNet epoch would otherwise decode most of the epoch first). The same
+    for the evaluation split; a start outside [0, len] is refused."""
+    import fastsd.data.torch_data as torch_data
+
+    dl = (small_synthetic() if source == "memory" else
+          build_loaders("imagefolder", cifar_jpeg, batch_size=16, eval_batch_size=30, workers=0,
+                        image_size=32, seed=5))
+    for loader, k in ((dl.train, 4), (dl.test, 2)):
+        whole = epoch_batches(loader, 3)
+        reads = []
+        if source == "files":
+            read = torch_data.read_rgb_image
+            monkeypatch.setattr(torch_data, "read_rgb_image", lambda p: reads.append(p) or read(p))
+        loader.set_epoch(3, start=k)
+        tail = [(x.clone(), y.clone()) for x, y in loader]
+        monkeypatch.undo()
+        assert same_batches(tail, whole[k:])
+        if source == "files":
+            assert len(reads) == sum(y.shape[0] for _, y in whole[k:])
+        assert same_batches(epoch_batches(loader, 3), whole)  # set_epoch(e) starts at 0 again
+        loader.set_epoch(3, start=len(loader))
+        assert list(loader) == []
+        with pytest.raises(ValueError, match=f"start must be a batch index in \\[0, {len(loader)}\\]"):
+            loader.set_epoch(3, start=len(loader) + 1)
+
+
 def test_worker_loaders_shut_down_fast_when_garbage_collected(tmp_path):
     """A loader freed by the cycle collector (mid-epoch too) must not wait for its workers:
     with persistent DataLoader workers this took 5 s per worker."""

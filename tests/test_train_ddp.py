@@ -139,9 +139,9 @@ class ConcatShards:
     def __init__(self, parts):
         self.parts = parts
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start=0):
         for part in self.parts:
-            part.set_epoch(epoch)
+            part.set_epoch(epoch, start)
 
     def __len__(self):
         return len(self.parts[0])

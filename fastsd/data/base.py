@@ -36,8 +36,10 @@ class EpochLoader(Protocol):
     def __len__(self) -> int:
         """Batches per epoch."""
 
-    def set_epoch(self, epoch: int) -> None:
-        """Fix the order and augmentation of the next pass from (seed, epoch): deterministic, new each epoch."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Fix the order and augmentation of the next pass from (seed, epoch): deterministic, new
+        each epoch. ``start``: the pass begins at batch ``start`` (a resumed epoch) and yields
+        batches start .. len - 1 exactly as a whole pass would, without reading the ones before."""
 
 
 @dataclass

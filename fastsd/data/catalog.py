@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 __all__ = ["DATASETS", "list_datasets", "CIFAR_SETS", "CIFAR10_MEAN", "CIFAR10_STD",
            "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_PAD",
            "SMALL_IMAGE_MAX", "IMAGENET_CROP_RATIO", "RRC_SCALE", "RRC_RATIO", "TRAIN_STREAM",
-           "derive_seed", "check_epoch", "eval_range", "check_int", "check_shard", "LoaderArgs",
+           "derive_seed", "check_epoch", "check_start", "eval_range", "check_int", "check_shard", "LoaderArgs",
            "check_loader_args"]
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
@@ -60,6 +60,15 @@ def check_epoch(epoch) -> int:
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
         raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
     return int(epoch)
+
+
+def check_start(start, batches: int) -> int:
+    """``start`` (the first batch of a pass) as an int in [0, batches], else a ValueError."""
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) \
+            or not 0 <= start <= batches:
+        raise ValueError(f"start must be a batch index in [0, {batches}] (the epoch has {batches} "
+                         f"batches), got {start!r}")
+    return int(start)
 
 
 def eval_range(n: int, rank: int, world_size: int) -> Tuple[int, int]:

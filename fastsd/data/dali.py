@@ -32,7 +32,7 @@ encoded file knows; it is computed inside the graph (``fn.peek_image_shape`` + D
 see :mod:`fastsd.data.dali_graph`) and the decoder decodes only that region.
 
 Epoch semantics (as :mod:`fastsd.data.torch_data`): iterating again without ``set_epoch`` repeats
-the same epoch; evaluation yields this process's contiguous part of the split (parts are disjoint,
+the same epoch; ``set_epoch(e, start=k)`` feeds the pipeline from batch ``k`` on; evaluation yields this process's contiguous part of the split (parts are disjoint,
 cover it, and have no padding or duplicates; sizes may differ by one), the last batch partial.
 
 Errors: a file that cannot be read or decoded stops the pipeline (DALI does not skip samples, and its
@@ -53,7 +53,7 @@ import torch
 
 from .base import DataLoaders, DatasetInfo
 from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
-                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM, check_epoch, check_int,
+                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM, check_epoch, check_int, check_start,
                       check_loader_args, check_shard, derive_seed, eval_range)
 from .folders import (ImageFolderSplit, UnreadableImageError, check_image_sizes,
                       scan_train_and_eval)
@@ -205,8 +205,10 @@ class _Feed:
         self.in_flight: deque = deque()
         self.stopped = True
 
-    def start(self, batches: Sequence[np.ndarray]) -> None:
-        self.batches, self.next, self.stopped = batches, 0, False
+    def start(self, batches: Sequence[np.ndarray], first: int = 0) -> None:
+        """Feed ``batches[first:]``; ``k`` stays the index in the whole plan (it picks the
+        batch's augmentation draws)."""
+        self.batches, self.next, self.stopped = batches, first, False
         self.in_flight.clear()
 
     def __call__(self):
@@ -285,7 +287,7 @@ class DaliEpochLoader:
         self.num_threads = max(1, int(num_threads))
         self.prefetch = max(1, int(prefetch))
         self.pad = int(pad)
-        self.epoch = 0
+        self.epoch = self.start = 0
         self._dtype = torch.float16 if half else torch.float32
         self._channels_last = bool(channels_last)
         self._spec_args = dict(
@@ -309,8 +311,8 @@ class DaliEpochLoader:
 
     # ------------------------------------------------------------------ the sampler (numpy only)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = check_epoch(epoch), check_start(start, self._len)
 
     def __len__(self) -> int:
         return self._len
@@ -378,14 +380,14 @@ class DaliEpochLoader:
             previous.close()          # a pass abandoned half-way: drain it first
         batches = self.epoch_batches()
         self._pass_epoch = self.epoch
-        gen = self._run_pass(batches)
+        gen = self._run_pass(batches, self.start)
         # a weak reference: a pass the caller drops is closed (and drained) at once, not by the
         # cycle collector at some point when the pipeline may be half torn down
         self._active = weakref.ref(gen)
         return gen
 
-    def _run_pass(self, batches):
-        if not batches:
+    def _run_pass(self, batches, first: int = 0):
+        if first >= len(batches):
             return
         if self._pipe is None:
             self._build()
@@ -393,11 +395,11 @@ class DaliEpochLoader:
             self._pipe.reset()        # the previous pass ended in StopIteration: start a new one
         self._fresh = False
         feed = self._feed
-        feed.start(batches)
+        feed.start(batches, first)
         # GPU output bound to torch's stream: the consumer's kernels wait for DALI's, not the host
         bind_stream = self.dali_device == "gpu" and self._pipe.exec_dynamic
         try:
-            for _ in range(len(batches)):
+            for _ in range(len(batches) - first):
                 try:
                     (out,) = self._pipe.run(torch.cuda.current_stream(self.device)
                                             if bind_stream else None)

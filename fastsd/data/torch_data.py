@@ -19,6 +19,8 @@ position from a generator seeded with ``(seed, e)``, in the main process, and th
 each sample's crop and flip from that seed alone. So the batches do not depend on the number of
 workers, on which worker reads which file, on the global RNG state, or on how often the loader was
 iterated before. Iterating again without calling ``set_epoch`` repeats the same epoch.
+``set_epoch(e, start=k)`` (a resumed epoch) begins the pass at batch ``k``: the same batches as a
+whole pass from there on, and the files of batches 0 .. k-1 are not read.
 
 With ``world_size`` processes, the training permutation (the same in every process) is cut into
 ``world_size`` disjoint shards of ``N // world_size`` samples (the remainder is left out of that
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 
 from .base import DataLoaders, DatasetInfo
 from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
-                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, check_epoch, check_int,
+                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, check_epoch, check_int, check_start,
                       check_loader_args, check_shard, derive_seed, eval_range)
 from .folders import ImageFolderSplit, read_rgb_image, scan_train_and_eval, wrong_size_error
 from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
@@ -97,7 +99,7 @@ class TensorEpochLoader:
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.pad = int(pad) if self.train else 0
-        self.epoch = 0
+        self.epoch = self.start = 0
         self.num_samples = int(images.shape[0])
         self.height, self.width = int(images.shape[1]), int(images.shape[2])
         self._normalize = _Normalize(mean, std, self.device, channels_last, output_size)
@@ -117,8 +119,8 @@ class TensorEpochLoader:
         self._rows = torch.arange(self.height, device=self.device)
         self._cols = torch.arange(self.width, device=self.device)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = check_epoch(epoch), check_start(start, self._len)
 
     def __len__(self) -> int:
         return self._len
@@ -143,7 +145,7 @@ class TensorEpochLoader:
             plan = [t.pin_memory() for t in plan]
         idx, oy, ox, flip = (t.to(self.device, non_blocking=True) for t in plan)
         B, rows, cols = self.batch_size, self._rows, self._cols
-        for b in range(self._len):
+        for b in range(self.start, self._len):
             s = slice(b * B, (b + 1) * B)
             r = oy[s, None] + rows[None, :]                                        # [B, H]
             c = torch.where(flip[s, None], ox[s, None] + (self.width - 1) - cols[None, :],
@@ -154,7 +156,7 @@ class TensorEpochLoader:
 
     def _iter_eval(self):
         lo, hi = self._range
-        for s in range(lo, hi, self.batch_size):
+        for s in range(lo + self.start * self.batch_size, hi, self.batch_size):
             e = min(s + self.batch_size, hi)
             yield self._normalize(self.images[s:e]), self.labels[s:e]
 
@@ -281,7 +283,7 @@ class _EpochBatchSampler:
     def __init__(self, n: int, batch_size: int, train: bool, seed: int, rank: int, world_size: int):
         self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.epoch = self.start = 0
         if train:
             self.shard_size = n // world_size
             self._len = self.shard_size // batch_size
@@ -297,7 +299,7 @@ class _EpochBatchSampler:
         B = self.batch_size
         if not self.train:
             lo, hi = self._range
-            for s in range(lo, hi, B):
+            for s in range(lo + self.start * B, hi, B):
                 yield [(i, 0) for i in range(s, min(s + B, hi))]
             return
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
@@ -306,7 +308,7 @@ class _EpochBatchSampler:
         lo = self.rank * self.shard_size
         idx = perm[lo:lo + self._len * B].tolist()
         aug = seeds[lo:lo + self._len * B].tolist()
-        for b in range(self._len):
+        for b in range(self.start, self._len):
             yield list(zip(idx[b * B:(b + 1) * B], aug[b * B:(b + 1) * B]))
 
 
@@ -340,8 +342,10 @@ class FileEpochLoader:
     def epoch(self) -> int:
         return self.sampler.epoch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        # the sampler draws the whole epoch's plan and hands out its batches from ``start``
         self.sampler.epoch = check_epoch(epoch)
+        self.sampler.start = check_start(start, len(self.sampler))
 
     def __len__(self) -> int:
         return len(self.sampler)

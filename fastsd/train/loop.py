@@ -415,13 +415,17 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         cfg, plan = self.cfg, self.plan
         loader = self.data.train
-        loader.set_epoch(epoch)
+        passes = cfg.grad_accum_steps  # loader batches per iteration (update)
+        # A resumed epoch: the same order and augmentation, from the first batch not trained
+        # (the loader reads none of the ones before it).
+        done = self.batch_in_epoch  # iterations of this epoch trained before a resume
+        first = done * passes
+        loader.set_epoch(epoch, start=first)
         self.model.train()
-        skip = self.batch_in_epoch
-        self.monitor.epoch_start(epoch, plan.total_epochs, plan.iters_per_epoch, initial=skip)
+        self.monitor.epoch_start(epoch, plan.total_epochs, plan.iters_per_epoch, initial=done)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # the epoch row's max_memory_gib
-        if not skip:
+        if not done:
             self._epoch_sums = _empty_epoch_sums()
         s = self._epoch_sums  # a resumed epoch goes on from the checkpoint's totals
         window_start = time.perf_counter()
@@ -429,13 +433,10 @@ class Trainer:
         window_images = 0
         groups = self.optimizer.param_groups
         lr = plan.lr_at(max(self.iteration - 1, 0))  # the last step's, if none is left to train
-        passes = cfg.grad_accum_steps  # loader batches per iteration (update)
         trained = plan.iters_per_epoch * passes
-        for batch, (images, labels) in enumerate(loader):
-            if batch < skip * passes or batch >= trained:
-                # a resumed epoch: the same order and augmentation, its head trained; or the
-                # epoch's last batches, too few for an update
-                continue
+        for batch, (images, labels) in enumerate(loader, start=first):
+            if batch >= trained:
+                break  # the epoch's last batches, too few for an update
             if batch % passes == 0:
                 lr = plan.lr_at(self.iteration)
                 for group in groups:
