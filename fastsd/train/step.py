@@ -10,7 +10,7 @@ tensor that :meth:`TrainStep.read_metrics` reads every ``--log-every`` steps.
 
 import contextlib
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -91,33 +91,33 @@ class BatchNormGuard:
         stats = [b for m in model.modules()
                  if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
                  for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-        self.groups = {}  # dtype -> the buffers of that dtype
+        # dtype -> 1-D views of the buffers of that dtype (num_batches_tracked is 0-d), made once:
+        # the buffers are updated in place, never replaced, while the model trains
+        self.groups: Dict[torch.dtype, List[torch.Tensor]] = {}
         for b in stats:
-            self.groups.setdefault(b.dtype, []).append(b)
-        self.saved = {dtype: torch.cat([b.reshape(-1) for b in group])
-                      for dtype, group in self.groups.items()}
+            self.groups.setdefault(b.dtype, []).append(b.view(-1))
+        self.saved = {dtype: torch.cat(views) for dtype, views in self.groups.items()}
+        self.sizes = {dtype: [v.numel() for v in views] for dtype, views in self.groups.items()}
 
     def __bool__(self) -> bool:
         return bool(self.groups)
 
     @torch.no_grad()
     def save(self) -> None:
-        for dtype, group in self.groups.items():
-            torch.cat([b.reshape(-1) for b in group], out=self.saved[dtype])
+        for dtype, views in self.groups.items():
+            torch.cat(views, out=self.saved[dtype])
 
     @torch.no_grad()
     def restore_if_bad(self, loss_ok: torch.Tensor) -> None:
         """``loss_ok``: a 0-d bool tensor, whether every pass since ``save()`` had a finite loss."""
-        now = {dtype: torch.cat([b.reshape(-1) for b in group])
-               for dtype, group in self.groups.items()}
+        now = {dtype: torch.cat(views) for dtype, views in self.groups.items()}
         ok = loss_ok
         for dtype, flat in now.items():
             if dtype.is_floating_point:
                 ok = ok & torch.isfinite(flat).all()
-        for dtype, group in self.groups.items():
+        for dtype, views in self.groups.items():
             kept = torch.where(ok, now[dtype], self.saved[dtype])
-            pieces = kept.split([b.numel() for b in group])
-            torch._foreach_copy_(group, [piece.view_as(b) for piece, b in zip(pieces, group)])
+            torch._foreach_copy_(views, list(kept.split(self.sizes[dtype])))
 
 
 class TrainStep:
