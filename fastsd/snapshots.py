@@ -37,7 +37,9 @@ from fastsd.ops.snapshot import PACK_SRC_DTYPES, pack_tensors
 
 __all__ = ["SnapshotStore"]
 
-_FORMAT_VERSION = 1
+# 2: the structure records each tensor's memory layout (1 did not, and so loaded a channels_last
+# store's slots into a contiguous one's, scrambling them); version 1 is still read.
+_FORMAT_VERSION = 2
 _HALF_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # Offsets inside a slot are multiples of 64 bytes, so every teacher tensor is as aligned as a
@@ -64,7 +66,10 @@ class _Entry:
     dtype: torch.dtype              # the model's dtype when the store was built
 
     def describe(self):
-        return [self.name, self.kind, self.region, list(self.shape), str(self.dtype)]
+        """name, kind, region, shape, dtype, layout (dims outermost-to-innermost in memory, or
+        None for contiguous): what two stores must agree on to share their slots' bytes."""
+        return [self.name, self.kind, self.region, list(self.shape), str(self.dtype),
+                None if self.perm is None else list(self.perm)]
 
 
 def _unwrap(model):
@@ -450,10 +455,15 @@ class SnapshotStore:
 
         x: a batch, as for :meth:`logits`. slots: which snapshots; default all filled slots.
         """
-        slots = self.filled_slots if slots is None else list(slots)
+        if slots is None:
+            slots = self.filled_slots
+            if not slots:
+                raise RuntimeError("no snapshot to ensemble: the store is empty; call "
+                                   "store.capture(model) first")
+        slots = list(slots)
         if not slots:
-            raise RuntimeError("no snapshot to ensemble: the store is empty; call "
-                               "store.capture(model) first")
+            raise ValueError("ensemble_probs(slots=[]): give at least one slot, or None for "
+                             "every filled one")
         for s in slots:
             self._check_filled(s)
         total = None
@@ -491,9 +501,9 @@ class SnapshotStore:
         if not isinstance(state, dict) or "format_version" not in state:
             raise ValueError("not a SnapshotStore state dict (no 'format_version' key): pass "
                              "what SnapshotStore.state_dict() returned")
-        if state["format_version"] != _FORMAT_VERSION:
+        if state["format_version"] not in (1, _FORMAT_VERSION):
             raise ValueError(f"SnapshotStore state dict format {state['format_version']} is not "
-                             f"supported (this version reads {_FORMAT_VERSION})")
+                             f"supported (this version reads 1 and {_FORMAT_VERSION})")
         theirs = _HALF_DTYPES.get(state["dtype"])
         if theirs != self.dtype:
             raise ValueError(f"the checkpoint's snapshots are {state['dtype']} but this store "
@@ -504,17 +514,29 @@ class SnapshotStore:
                              f"{self.capacity}: build the store with "
                              f"capacity={state['capacity']}")
         ours = self._structure()
+        if state["format_version"] == 1:
+            ours = [entry[:5] for entry in ours]  # no layouts recorded: those are taken on trust
         if state["structure"] != ours:
             theirs_s = state["structure"]
             for a, b in zip(theirs_s, ours):
-                if a != b:
+                if a[:5] != b[:5]:
                     raise ValueError(f"the checkpoint's snapshots are of another model: it has "
                                      f"{a[1]} '{a[0]}' {tuple(a[3])} ({a[4]}) where this store "
                                      f"has {b[1]} '{b[0]}' {tuple(b[3])} ({b[4]}); build the "
                                      f"store for the checkpoint's architecture")
-            raise ValueError(f"the checkpoint's snapshots are of another model: it has "
-                             f"{len(theirs_s)} parameters and buffers where this store has "
-                             f"{len(ours)}; build the store for the checkpoint's architecture")
+            if len(theirs_s) != len(ours):
+                raise ValueError(f"the checkpoint's snapshots are of another model: it has "
+                                 f"{len(theirs_s)} parameters and buffers where this store has "
+                                 f"{len(ours)}; build the store for the checkpoint's architecture")
+
+            def layout(perm):
+                return "contiguous" if perm is None else f"dims in memory order {perm}"
+
+            a, b = next((a, b) for a, b in zip(theirs_s, ours) if a != b)
+            raise ValueError(f"the checkpoint's snapshots hold {a[1]} '{a[0]}' in another memory "
+                             f"layout ({layout(a[5])}) than this store ({layout(b[5])}): build "
+                             f"the store from the model in the checkpoint's layout (e.g. "
+                             f"model.to(memory_format=torch.channels_last)) before loading")
         pairs = [(self._half, state["half"]), (self._float, state["float"])]
         if set(state["exact"]) != set(self._exact):
             raise ValueError("the checkpoint's integer buffers differ from this store's: build "

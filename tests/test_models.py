@@ -151,16 +151,25 @@ def test_list_models_and_input_sizes():
     tv = torchvision.models.list_models(module=torchvision.models)
     assert set(tv) <= set(names) and set(tv) == set(list_models("imagenet"))
     assert model_input_size("resnet50") == 224 and get_model_info("resnet50").eval_resize_size == 256
-    assert model_input_size("inception_v3") == 299
-    assert get_model_info("ResNet-20").name == "resnet20"
-    assert get_model_info("DenseNet-BC-100").name == "densenet_bc_100"
+    # the crop of each architecture's own ImageNet recipe (torchvision's IMAGENET1K_V1 metadata)
+    assert [model_input_size(n) for n in ("inception_v3", "efficientnet_b1", "efficientnet_b7",
+                                          "efficientnet_v2_s", "swin_v2_t", "vit_h_14")] == [
+        299, 240, 600, 384, 256, 224]
+    for spelling, name in (("ResNet-20", "resnet20"), ("resnet_20", "resnet20"),
+                           ("DenseNet-BC-100", "densenet_bc_100"),
+                           ("densenet_bc100", "densenet_bc_100"), ("Wide-ResNet50-2",
+                                                                   "wide_resnet50_2")):
+        assert get_model_info(spelling).name == name, spelling
 
 
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(ValueError, match=r"unknown model 'resnet21'.*resnet20.*list_models"):
         create_model("resnet21", 10)
     with pytest.raises(ValueError, match="densenet_bc_100"):
-        get_model_info("densenet_bc100")
+        get_model_info("densenet_bc101")
+    # Without its separators this name fits two models (regnet_x_1_6gf, regnet_x_16gf): refused.
+    with pytest.raises(ValueError, match="unknown model 'regnetx16gf'"):
+        get_model_info("regnetx16gf")
 
 
 def test_bad_arguments():
@@ -172,3 +181,5 @@ def test_bad_arguments():
         create_model("resnet20", 10, shortcut="C")
     with pytest.raises(TypeError, match="resnet20"):
         create_model("resnet20", 10, no_such_option=1)
+    with pytest.raises(TypeError, match="model 'densenet_bc_100' does not accept.*depth"):
+        create_model("densenet_bc_100", 10, depth=40)  # the name fixes the depth

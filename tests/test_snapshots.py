@@ -518,6 +518,25 @@ def test_bad_state_dicts(small):
         SnapshotStore(SmallNet(num_classes=7), capacity=2).load_state_dict(state)
     with pytest.raises(ValueError, match="not a SnapshotStore state dict"):
         store.load_state_dict(small.state_dict())
+    # The same model in another memory layout: the slots' bytes are in another order, so they
+    # must not be copied over (they would scramble every teacher weight without an error).
+    nchw = copy.deepcopy(small).to(memory_format=torch.contiguous_format)
+    with pytest.raises(ValueError, match=r"'conv1?[.\w]*weight' in another memory layout \(dims "
+                                         r"in memory order \[0, 2, 3, 1\]\) than this store "
+                                         r"\(contiguous\).*channels_last"):
+        SnapshotStore(nchw, capacity=2).load_state_dict(state)
+    # A checkpoint of format 1 (which recorded no layouts) still loads, on trust.
+    old = dict(state, format_version=1, structure=[e[:5] for e in state["structure"]])
+    again = SnapshotStore(small, capacity=2)
+    again.load_state_dict(old)
+    assert torch.equal(again.state_dict()["half"], state["half"])
+
+
+def test_ensemble_of_no_slot_says_so(small):
+    store = SnapshotStore(small, capacity=2)
+    store.capture(small, slot=1)
+    with pytest.raises(ValueError, match=r"slots=\[\]\): give at least one slot"):
+        store.ensemble_probs(_inputs(size=12), slots=[])
 
 
 # ------------------------------------------------------------------------------ CUDA

@@ -45,8 +45,19 @@ for _depth in CIFAR_RESNET_DEPTHS:
 _CIFAR_BUILDERS["densenet_bc_100"] = lambda num_classes, **kw: densenet_bc(100, kw.pop("growth_rate", 12), num_classes, **kw)
 _CIFAR_BUILDERS["densenet_bc_190"] = lambda num_classes, **kw: densenet_bc(190, kw.pop("growth_rate", 40), num_classes, **kw)
 
-# torchvision models whose canonical input differs from 224 (the default of the others).
-_TORCHVISION_INPUT_SIZE = {"inception_v3": 299}
+@lru_cache(maxsize=None)
+def _torchvision_input_size(name: str) -> int:
+    """The crop of the model's own ImageNet-1k recipe, from torchvision's metadata of its
+    IMAGENET1K_V1 weights (nothing is downloaded): 299 for inception_v3, 240 ... 600 for
+    efficientnet_b1 ... b7 (resolution is part of their compound scaling), 384 / 480 for
+    efficientnet_v2, 256 for swin_v2; 224 for the rest, and for the two models whose only
+    weights are fine-tuned at other sizes (regnet_y_128gf, vit_h_14)."""
+    import torchvision.models
+
+    weights = {w.name: w for w in torchvision.models.get_model_weights(name)}
+    recipe = weights.get("IMAGENET1K_V1")
+    return int(recipe.transforms().crop_size[0]) if recipe is not None else 224
+
 # Off by default so train() mode returns a tensor, not a namedtuple; init_weights=True silences
 # torchvision's FutureWarning about their default initialisation (the behaviour is the same).
 _TORCHVISION_DEFAULT_KWARGS = {
@@ -95,6 +106,12 @@ def _canonical(name: str) -> str:
     for candidate in (key, key.replace("-", "_"), key.replace("-", "")):
         if candidate in _CIFAR_BUILDERS or candidate in _torchvision_names():
             return candidate
+    # Separators in other places ("resnet_20", "DenseNet-BC_100"): compare without any, where
+    # that is unambiguous (regnet_x_1_6gf and regnet_x_16gf are not).
+    bare = key.replace("-", "").replace("_", "")
+    found = [n for n in list_models() if n.replace("_", "") == bare]
+    if len(found) == 1:
+        return found[0]
     key = key.replace("-", "_")
     close = difflib.get_close_matches(key, list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -109,13 +126,15 @@ def get_model_info(name: str) -> ModelInfo:
     key = _canonical(name)
     if key in _CIFAR_BUILDERS:
         return ModelInfo(key, "cifar", 32, 32, "fastsd")
-    size = _TORCHVISION_INPUT_SIZE.get(key, 224)
-    # The usual 0.875 crop ratio: 224 <- 256, 299 <- 342.
+    size = _torchvision_input_size(key)
+    # The usual 0.875 crop ratio (224 <- 256, 299 <- 342), as the evaluation pipelines resize.
     return ModelInfo(key, "imagenet", size, int(round(size / 0.875)), "torchvision")
 
 
 def model_input_size(name: str) -> int:
-    """Side of the square input the model family expects: 32 for CIFAR models, 224 (or 299) else."""
+    """Side of the square input the model was designed for: 32 for the CIFAR models, the crop of
+    its ImageNet recipe for torchvision's (224 for most, 299 for inception_v3, 600 for
+    efficientnet_b7)."""
     return get_model_info(name).input_size
 
 
@@ -143,6 +162,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         kwargs = {**_torchvision_defaults(key), **kwargs}
         return torchvision.models.get_model(key, weights=None, num_classes=num_classes, **kwargs)
     except TypeError as e:
-        if "unexpected keyword argument" in str(e):
+        if "unexpected keyword argument" in str(e) or "multiple values for" in str(e):
+            # (multiple values: a keyword the name already fixes, as depth in densenet_bc_100)
             raise TypeError(f"model {key!r} does not accept {e}: check the model options") from e
         raise

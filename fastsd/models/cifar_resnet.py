@@ -7,7 +7,8 @@ one linear layer. ResNet-20/32/44/56/110 have n = 3/5/7/9/18.
 Shortcuts: option "A" (the paper's CIFAR setting, and the one its parameter counts refer to) is
 parameter-free: where the shape changes, the identity is subsampled by 2 and the new channels are
 zeros. Option "B" uses a 1x1 convolution + BatchNorm projection there instead (a little more
-accurate, ~3 % more parameters for ResNet-20); identities elsewhere in both cases.
+accurate, 1 % more parameters for ResNet-20: 272 474 vs 269 722); identities elsewhere in both
+cases.
 """
 
 from typing import List

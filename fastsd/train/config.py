@@ -115,8 +115,9 @@ class TrainConfig:
     num_classes: Optional[int] = _f(None, "number of classes [auto: from the data set]", "data")
     image_size: Optional[int] = _f(None, "side of the training crop [auto: on synthetic 16 for "
                                    "the CIFAR models (the quick demo), 32 for ImageNet ones; 32 on "
-                                   "CIFAR; on image folders the model's input size: 224 (299 for "
-                                   "inception_v3), 32 for the CIFAR models]", "data")
+                                   "CIFAR; on image folders the model's input size: 224 for most "
+                                   "(299 for inception_v3, 240-600 for efficientnet_b1-b7), 32 "
+                                   "for the CIFAR models]", "data")
     synthetic_size: Optional[List[int]] = _flist(
         "synthetic: training images, or training,test images [auto: 2048,500]", "data",
         type=int)
