@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastsd.train.config import auto_image_size
+from fastsd.train.config import auto_image_size, check_device
 from fastsd.train.errors import SetupError, TrainError
 
 __all__ = ["evaluate_models", "resolve_models", "main"]
@@ -249,13 +249,26 @@ def _eval_amp(requested: Optional[str], run_amp: Optional[str], device: torch.de
     return amp
 
 
+def _first(*values):
+    """The first value that is not None (a given 0 is not replaced by a default: it is refused)."""
+    return next((v for v in values if v is not None), None)
+
+
 def _run_config(run_dir: Optional[str]) -> Dict[str, Any]:
     if run_dir is None:
         return {}
     import yaml
 
-    with open(os.path.join(run_dir, "config.yaml")) as fh:
-        return yaml.safe_load(fh) or {}
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as e:
+        raise SetupError(f"{path} is not valid YAML ({e}); pass the settings as flags "
+                         f"(--dataset, --data, --arch, --num-classes)") from None
+    if not isinstance(values, dict):
+        raise SetupError(f"{path} holds no settings (a mapping); pass them as flags")
+    return values
 
 
 def _fmt(v) -> str:
@@ -301,7 +314,14 @@ def _main(args) -> Dict[str, Any]:
     files = resolve_models(args.checkpoint, args.snapshots)
     run_dir = _run_dir_of(args.checkpoint)
     cfg = _run_config(run_dir)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as e:
+        raise SetupError(f"--device: {e}") from None
+    for name in ("batch_size", "image_size", "temperature"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise SetupError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     amp = _eval_amp(args.amp, cfg.get("amp"), device)
     channels_last = (args.channels_last if args.channels_last is not None
                      else bool(cfg.get("channels_last", False)))
@@ -316,8 +336,8 @@ def _main(args) -> Dict[str, Any]:
     dataset = args.dataset or cfg.get("dataset") or "synthetic"
     data = args.data if args.data is not None else (cfg.get("data") if not args.dataset else None)
     synthetic = cfg.get("synthetic_size") if dataset == "synthetic" else None
-    batch = args.batch_size or cfg.get("eval_batch_size") or 256
-    image_size = args.image_size or cfg.get("image_size") or auto_image_size(dataset, arch)
+    batch = _first(args.batch_size, cfg.get("eval_batch_size"), 256)
+    image_size = _first(args.image_size, cfg.get("image_size")) or auto_image_size(dataset, arch)
     try:
         # Only the test split is read; a training batch of 1 keeps the loaders' check that every
         # process gets a full training batch from refusing a small folder for no reason.
@@ -328,7 +348,7 @@ def _main(args) -> Dict[str, Any]:
     except (ValueError, OSError) as e:
         raise SetupError(f"data (--dataset {dataset}" + (f", --data {data}" if data else "")
                          + f"): {e}") from None
-    temperature = args.temperature or cfg.get("temperature") or 1.0
+    temperature = _first(args.temperature, cfg.get("temperature"), 1.0)
     from fastsd.train.step import autocast_forward
 
     forwards = [(label, autocast_forward(model, device, amp)) for label, model in models]

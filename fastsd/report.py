@@ -498,6 +498,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainError as e:
         print(f"fastsd.report: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # --out cannot be created or written
+        print(f"fastsd.report: error: cannot write {e.filename or args.out} "
+              f"({e.strerror or e}): choose an --out folder you can write to", file=sys.stderr)
+        return 4
     print(f"report: {done['report']} ({counted(len(done['images']), 'image')}, "
           f"{counted(len(done['runs']), 'run')})")
     return 0

@@ -350,6 +350,34 @@ def test_evaluate_names_a_missing_snapshot(runs, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_evaluate_and_report_refuse_bad_input_by_name(runs, tmp_path, capsys):
+    """No traceback and no silent fallback: a device that is not there, a 0 that would have been
+    replaced by the run's value, a config.yaml that is not YAML, a report folder that cannot be
+    made."""
+    from fastsd.evaluate import main as evaluate
+    from fastsd.report import main as report
+
+    root, _ = runs
+    run = os.path.join(root, "sd")
+    for extra, wanted in ((["--device", "gpu"], "--device: cannot parse 'gpu'"),
+                          (["--batch-size", "0"], "--batch-size must be > 0, got 0"),
+                          (["--temperature", "-1"], "--temperature must be > 0, got -1.0")):
+        assert evaluate(["--checkpoint", run, *extra]) == 2
+        assert wanted in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert evaluate(["--checkpoint", run, "--device", "cuda"]) == 2
+        assert "CUDA is not available here" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "config.yaml").write_text("arch: [resnet20\n")
+    assert evaluate(["--checkpoint", str(broken), "--device", "cpu"]) == 2
+    assert "config.yaml is not valid YAML" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert report([run, "--out", str(blocker / "rep"), "--no-plots"]) == 4
+    assert "choose an --out folder you can write to" in capsys.readouterr().err
+
+
 def test_every_plot_is_a_real_png_and_one_row_per_run(runs, tmp_path, capsys):
     from PIL import Image
 

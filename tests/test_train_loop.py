@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import math
+import shutil
 import os
 import signal
 import subprocess
@@ -348,6 +349,82 @@ def _tiny_cli(run, epochs, *extra):
     return ["--epochs", str(epochs), "--cycles", "1", "--synthetic-size", "64,16",
             "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--progress", "none",
             "--no-tensorboard", "--out", str(run), *extra]
+
+
+def test_command_line_errors_name_what_the_user_did(tmp_path, capsys):
+    """Mistakes around --out and --resume get a message about what was given (exit 2), not a
+    traceback or a message about a flag the user never passed."""
+    import yaml
+
+    from fastsd.train.cli import main
+
+    def fails(argv, *wanted, unwanted=()):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in wanted) and not any(u in err for u in unwanted), err
+        assert "Traceback" not in err
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    fails(_tiny_cli(blocker / "run", 1), f"--out: cannot create the run directory "
+          f"'{blocker / 'run'}'", "choose a folder you can write to")
+    run = tmp_path / "run"
+    assert main(_tiny_cli(run, 1)) == 0
+    capsys.readouterr()
+    # An SD run resumed as BL: its cycle settings no longer fit, but what changed is --method.
+    fails(["--resume", str(run), "--method", "bl"], "--method differs from the run's config.yaml",
+          unwanted=["--cycle-epochs"])
+    fails(["--resume", str(run), "--out", str(tmp_path / "elsewhere")], "drop --out")
+    if not torch.cuda.is_available():
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        gpu_run = tmp_path / "gpu-run"
+        shutil.copytree(run, gpu_run)
+        (gpu_run / "config.yaml").write_text(yaml.safe_dump({**config, "device": "cuda"}))
+        fails(["--resume", str(gpu_run)], "config.yaml does not hold on this machine",
+              "CUDA is not available", "a machine like the one it started on")
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    fails(["--resume", str(run)], "cannot read checkpoint", "the file is damaged",
+          "start the run again with another --out")
+
+
+def test_an_image_that_breaks_during_training_is_named_with_the_way_on(tmp_path, capsys):
+    """With --check-images none a broken file stops the run when it is read: the message names
+    it, and since no checkpoint was written yet, it says to start again (not to --resume)."""
+    from PIL import Image
+
+    from fastsd.train.cli import main
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "imgs" / split / c)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (40 * i, 9, 90)).save(tmp_path / "imgs" / split / c /
+                                                               f"{i}.png")
+    broken = tmp_path / "imgs" / "train" / "b" / "2.png"
+    broken.write_bytes(b"not a png")
+    argv = ["--method", "bl", "--dataset", "imagefolder", "--data", str(tmp_path / "imgs"),
+            "--check-images", "none", "--epochs", "1", "--batch-size", "8", "--image-size", "8",
+            "--workers", "0", "--device", "cpu", "--progress", "none", "--no-tensorboard",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "start the run again (it stopped before its first " \
+        "checkpoint)" in err and "--resume" not in err
+
+
+def test_a_temporary_left_by_a_killed_writer_goes_with_the_next_write(tmp_path):
+    """A SIGKILL during a checkpoint write leaves its temporary (a checkpoint's size) behind; the
+    next write of that file deletes it, and no other file."""
+    from fastsd.train.checkpoint import atomic_write_text
+
+    target = tmp_path / "last.pt"
+    stale = tmp_path / ".last.pt.k1ll3d.tmp"
+    other = tmp_path / ".metrics.jsonl.x.tmp"
+    for path in (stale, other):
+        path.write_text("half a file")
+    atomic_write_text(str(target), "whole")
+    assert target.read_text() == "whole"
+    assert sorted(os.listdir(tmp_path)) == [".metrics.jsonl.x.tmp", "last.pt"]
 
 
 def test_auto_resume_starts_a_run_afresh_where_no_checkpoint_was_written(tmp_path, capsys):

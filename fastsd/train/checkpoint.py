@@ -14,6 +14,7 @@ Layout of a run directory::
     model.safetensors              the final student (loads into the torchvision model of its name)
 """
 
+import glob
 import os
 import random
 import tempfile
@@ -73,6 +74,15 @@ def _atomic(path: str, write) -> None:
             os.close(dfd)
     except OSError:
         pass
+    # A writer killed mid-write (SIGKILL, a lost node) left its temporary behind: as large as a
+    # checkpoint, and nothing else would ever delete it. One writer per file (rank 0), so any
+    # other temporary of this file is such a leftover.
+    for stale in glob.glob(os.path.join(glob.escape(folder),
+                                        "." + glob.escape(os.path.basename(path)) + ".*.tmp")):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
 
 
 def _write_error(path: str, e: OSError) -> WriteError:
@@ -172,8 +182,13 @@ def find_checkpoint(run_dir: str) -> str:
 def load_checkpoint(path: str, device) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a torn or foreign file: say which and why
-        raise SetupError(f"cannot read checkpoint {path}: {e}") from None
+    except Exception as e:  # a damaged or foreign file: say which, why, and what to do
+        lines = str(e).strip().splitlines()
+        why = type(e).__name__ + (f": {lines[0][:200]}" if lines else "")
+        raise SetupError(f"cannot read checkpoint {path} ({why}): the file is damaged (fastsd "
+                         f"writes it atomically, so a kill does not tear it: a disk error or a "
+                         f"copy cut short does) and no older one is kept; restore it from a "
+                         f"copy, or start the run again with another --out") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise SetupError(f"{path} is not a fastsd training checkpoint (format "
                          f"{FORMAT_VERSION})")

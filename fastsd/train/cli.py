@@ -107,20 +107,42 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
         from .checkpoint import find_checkpoint
 
         find_checkpoint(resume)  # raises the message that fits what is missing
+    out = values.get("out")
+    if out is not None and os.path.abspath(out) != os.path.abspath(resume):
+        raise ConfigError(f"--out {out} with --resume {resume}: a resumed run goes on writing "
+                          f"into its own directory; drop --out")
     saved_values = load_yaml(saved_path)
     if saved_values.get("dataset") == "imagefolder" and saved_values.get("image_size") is None:
         # Written before the crop followed the model (config.yaml now records it): it was 224.
         saved_values["image_size"] = 224
-    saved = TrainConfig(**saved_values)
-    resumed = TrainConfig(**{**saved.to_dict(), **values, "resume": resume, "out": resume})
-    changed = [name for name, value in resumed.to_dict().items()
-               if name not in RESUME_OVERRIDABLE and saved.to_dict()[name] != value]
-    if changed:
+    try:
+        saved = TrainConfig(**saved_values)
+    except ConfigError as e:
+        raise ConfigError(f"--resume {resume}: the run's config.yaml does not hold on this "
+                          f"machine ({e}); a resumed run keeps its settings, so continue it on a "
+                          f"machine like the one it started on") from None
+    saved_dict = saved.to_dict()
+
+    def refuse(changed):
         verb = "differs" if len(changed) == 1 else "differ"
-        raise ConfigError(f"--resume: {', '.join(flag(n) for n in changed)} {verb} from the run's "
-                          f"config.yaml; a resumed run keeps its settings (only "
-                          f"{', '.join(flag(n) for n in RESUME_OVERRIDABLE[1:])} may change). "
-                          f"Drop those flags, or start a new run")
+        may = [flag(n) for n in RESUME_OVERRIDABLE if n not in ("resume", "out")]
+        return ConfigError(f"--resume: {', '.join(flag(n) for n in changed)} {verb} from the "
+                           f"run's config.yaml; a resumed run keeps its settings (only "
+                           f"{', '.join(may)} may change). Drop those flags, or start a new run")
+
+    try:
+        resumed = TrainConfig(**{**saved_dict, **values, "resume": resume, "out": resume})
+    except ConfigError:
+        # A changed setting that does not fit the others: name the change, not its consequence.
+        given = [n for n, v in values.items()
+                 if n not in RESUME_OVERRIDABLE and n in saved_dict and v != saved_dict[n]]
+        if given:
+            raise refuse(given) from None
+        raise
+    changed = [name for name, value in resumed.to_dict().items()
+               if name not in RESUME_OVERRIDABLE and saved_dict[name] != value]
+    if changed:
+        raise refuse(changed)
     return resumed
 
 
@@ -164,14 +186,23 @@ def _run(argv: Optional[List[str]]) -> int:
         from .errors import Interrupted, WriteError
 
         stopped = isinstance(e, Interrupted)
-        then = (f", then continue with --resume {trainer.run_dir}" if isinstance(e, WriteError)
-                else "")
+        then = f", then {_how_to_go_on(trainer.run_dir)}" if isinstance(e, WriteError) else ""
         if trainer.is_main or not stopped:  # every process stops: one message is enough
             print(f"fastsd.train: {'stopped' if stopped else 'error'}: {e}{then}",
                   file=sys.stderr)
         return e.exit_code
     except UnreadableImageError as e:  # a file that broke after the pre-flight check
-        print(f"fastsd.train: error: {e}; the last checkpoint is intact (--resume "
-              f"{trainer.run_dir} once the file is fixed)", file=sys.stderr)
+        print(f"fastsd.train: error: {e}; once the file is fixed, "
+              f"{_how_to_go_on(trainer.run_dir)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _how_to_go_on(run_dir: str) -> str:
+    """After an error: --resume where a checkpoint was written, else the same command again (the
+    run stopped before its first checkpoint)."""
+    from .checkpoint import checkpoint_path
+
+    if os.path.isfile(checkpoint_path(run_dir)):
+        return f"continue with --resume {run_dir} (its last checkpoint is intact)"
+    return "start the run again (it stopped before its first checkpoint)"

@@ -312,18 +312,9 @@ class TrainConfig:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            dev = torch.device(self.device)
-        except (RuntimeError, ValueError):
-            bad("device", f"cannot parse {self.device!r}; use cuda, cuda:N or cpu")
-        if dev.type not in ("cuda", "cpu"):
-            bad("device", f"{self.device!r} is not supported; use cuda, cuda:N or cpu")
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                bad("device", f"{self.device} was asked for but CUDA is not available here; use "
-                    f"--device cpu")
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                bad("device", f"{self.device} does not exist: {torch.cuda.device_count()} "
-                    f"GPU(s) visible")
+            dev = check_device(self.device)
+        except ValueError as e:
+            bad("device", str(e))
         on_cuda = dev.type == "cuda"
         from .distributed import launched_world_size
 
@@ -504,6 +495,8 @@ class TrainConfig:
                 f"{self.clip_grad_norm}")
 
         # --- run
+        if not 0 <= self.seed < 2 ** 63:  # what torch.manual_seed takes
+            bad("seed", f"must be in [0, 2**63), got {self.seed}")
         for name in ("log_every", "eval_every", "max_nonfinite"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
@@ -547,6 +540,26 @@ class TrainConfig:
     def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
         """Build from a mapping whose keys are field names (``-`` may stand for ``_``)."""
         return cls(**normalise_keys(values, source))
+
+
+def check_device(name: str):
+    """``name`` ("cpu", "cuda", "cuda:N") as a torch.device that exists here, else a ValueError
+    that says what to pass instead."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"cannot parse {name!r}; use cuda, cuda:N or cpu") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"{name!r} is not supported; use cuda, cuda:N or cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} was asked for but CUDA is not available here; use "
+                             f"--device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return dev
 
 
 def auto_image_size(dataset: str, arch: str) -> Optional[int]:
@@ -610,7 +623,8 @@ def dump_yaml(cfg: TrainConfig, path: str, extra_comment: str = "") -> None:
     from .checkpoint import atomic_write_text
 
     lines = ["# fastsd.train: the resolved configuration of this run (every 'auto' filled in).",
-             "# Re-run with: python -m fastsd.train --config config.yaml"]
+             "# Run it again with: python -m fastsd.train --config config.yaml --out NEW_DIR",
+             "# (or continue it with --resume on its directory)"]
     if extra_comment:
         lines.append(f"# {extra_comment}")
     for f in dataclasses.fields(cfg):

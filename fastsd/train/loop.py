@@ -169,7 +169,11 @@ class Trainer:
             resume_state = load_checkpoint(resume_path, "cpu")
             self._check_resume_state(resume_state, resume_path)
         if self.is_main:
-            os.makedirs(run_dir, exist_ok=True)
+            try:
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as e:
+                raise SetupError(f"--out: cannot create the run directory {run_dir!r} "
+                                 f"({e.strerror or e}): choose a folder you can write to") from None
         self.run_dir = cfg.out = run_dir
         if self.is_main:
             # The run's settings, not how this process was started: no "resume" in the file, so
