@@ -285,7 +285,7 @@ class Trainer:
     def _load_state(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step.load_state_dict(state["step"])
+        self.step.load_state_dict(state["step"], window_sums=self.rank == 0)
         if self.teachers is not None and state.get("teachers") is not None:
             self.teachers.load_state_dict(state["teachers"])
         set_rng_state(state["rng"], self.device)
@@ -432,9 +432,11 @@ class Trainer:
         if not done:
             self._epoch_sums = _empty_epoch_sums()
         s = self._epoch_sums  # a resumed epoch goes on from the checkpoint's totals
-        window_start = time.perf_counter()
-        epoch_start = window_start - s["seconds"]
-        window_images = 0
+        now = time.perf_counter()
+        epoch_start = now - s["seconds"]
+        # a run stopped between two log lines goes on with that window (its sums are in the step)
+        window_images = s.pop("window_images", 0)
+        window_start = now - s.pop("window_seconds", 0.0)
         groups = self.optimizer.param_groups
         lr = plan.lr_at(max(self.iteration - 1, 0))  # the last step's, if none is left to train
         trained = plan.iters_per_epoch * passes
@@ -461,11 +463,14 @@ class Trainer:
                 self._log_window(epoch, lr, window_images, now - window_start)
                 window_start, window_images = now, 0
             if self._stop_requested():
-                # The steps since the last log line go into the epoch's totals, which the
-                # checkpoint keeps; the epoch's clock stops here and goes on after the resume.
-                if window_images:
-                    self._log_window(epoch, lr, window_images, 0.0, to_log=False)
-                s["seconds"] = time.perf_counter() - epoch_start
+                # The log window in progress is kept as it is (the step's accumulators, its images
+                # and seconds here) and goes on after the resume, so the rows logged are those of
+                # an uninterrupted run; the epoch's clock stops here too.
+                now = time.perf_counter()
+                s.update(seconds=now - epoch_start, window_images=window_images,
+                         window_seconds=now - window_start)
+                if self.world_size > 1:
+                    self.step.gather_window(self._all_reduce, keep_sums=self.is_main)
                 self._interrupt()
             elif self._periodic_checkpoint_due(b):
                 s["seconds"] = time.perf_counter() - epoch_start  # the resumed epoch's clock

@@ -309,13 +309,34 @@ class TrainStep:
             # the gradients of those passes are not part of the state
             raise RuntimeError(f"TrainStep.state_dict() between the {self._passes} accumulated "
                                f"passes of an update and the update: save after the update")
+        # "window": the accumulators of the log window in progress (empty at a log line), so
+        # that a run stopped between two log lines logs the same rows after its resume
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "nonfinite_run": float(self.metrics[_RUN])}
+                "nonfinite_run": float(self.metrics[_RUN]), "window": self.metrics.cpu().clone()}
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
+    def load_state_dict(self, state: Dict[str, object], window_sums: bool = True) -> None:
+        """``window_sums``: take the saved log window's sums (a run stopped between two log
+        lines); under DDP only one process does, as they are totals over every process (see
+        :meth:`gather_window`)."""
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.metrics[_RUN] = state.get("nonfinite_run", 0.0)
+        window = state.get("window")
+        if window is None:  # a checkpoint from before windows were kept
+            self.metrics[_RUN] = state.get("nonfinite_run", 0.0)
+            return
+        with torch.no_grad():
+            self.metrics.copy_(window)
+            if not window_sums:
+                self.metrics[:_RUN].zero_()
+
+    def gather_window(self, all_reduce: Callable[..., torch.Tensor], keep_sums: bool) -> None:
+        """Before a checkpoint written by one process in the middle of a log window: the window's
+        sums over every process into this one's accumulator where ``keep_sums``, zero elsewhere;
+        the longest run of bad steps the same everywhere."""
+        with torch.no_grad():
+            sums = all_reduce(self.metrics[:_RUN].clone(), "sum")
+            self.metrics[:_RUN] = sums if keep_sums else 0.0
+            self.metrics[_MAX_RUN:] = all_reduce(self.metrics[_MAX_RUN:].clone(), "max")
 
 
 def mean_or_nan(total: float, count: float) -> float:
