@@ -29,6 +29,7 @@ import pytest
 import torch
 import torchvision
 
+from devices import device_label
 from fastsd import SnapshotStore
 from fastsd.ops.snapshot import pack_tensors
 
@@ -39,10 +40,6 @@ ROUNDS = 30 if DEVICE == "cuda" else 10
 def _sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-def _device_name():
-    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 
 
 @functools.lru_cache(maxsize=2)
@@ -75,10 +72,14 @@ def _capture_fn(provider, params, dst):
                                       "single_tensor_copy", "SnapshotStore.capture"])
 @pytest.mark.parametrize("arch", ["resnet50", "resnet152"])
 def test_capture(benchmark, arch, provider):
+    extra_bytes, buffers = 0, []
     if provider == "SnapshotStore.capture":
         model = getattr(torchvision.models, arch)().to(DEVICE, memory_format=torch.channels_last)
         store = SnapshotStore(model, dtype=torch.float16)
         params = list(model.parameters())
+        # A capture copies the BatchNorm buffers too, at their own precision (read + write).
+        buffers = list(model.buffers())
+        extra_bytes = sum(2 * b.numel() * b.element_size() for b in buffers)
         fn = functools.partial(store.capture, model, 0)
     else:
         params = _parameters(arch)
@@ -93,10 +94,11 @@ def test_capture(benchmark, arch, provider):
     benchmark.group = f"capture {arch}"
     run()  # warm-up: allocator, thread pool
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    moved = numel * (4 + 2)
+    moved = numel * (4 + 2) + extra_bytes
+    tensors = f"{len(params)} tensors" + (f" + {len(buffers)} buffers" if buffers else "")
     benchmark.extra_info.update(
-        provider=provider, shape=f"{arch}: {len(params)} tensors, {numel / 1e6:.1f} M elements",
-        device=_device_name(), threads=torch.get_num_threads(), bytes=moved,
+        provider=provider, shape=f"{arch}: {tensors}, {numel / 1e6:.1f} M elements",
+        device=device_label(DEVICE), threads=torch.get_num_threads(), bytes=moved,
         GBps=moved / benchmark.stats.stats.min / 1e9)
 
 
@@ -140,6 +142,6 @@ def test_teacher_forward(benchmark, provider):
     run()
     benchmark.pedantic(run, rounds=20 if DEVICE == "cuda" else 3, iterations=1,
                        warmup_rounds=2 if DEVICE == "cuda" else 0)
-    benchmark.extra_info.update(provider=provider, shape=shape, device=_device_name(),
+    benchmark.extra_info.update(provider=provider, shape=shape, device=device_label(DEVICE),
                                 threads=torch.get_num_threads(),
                                 images_per_s=x.shape[0] / benchmark.stats.stats.min)

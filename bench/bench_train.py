@@ -24,6 +24,7 @@ import time
 
 import pytest
 import torch
+from devices import device_label
 
 CPU_CASE = dict(arch="resnet20", batch=128, image=32, classes=100)
 GPU_CASES = [dict(arch="resnet50", batch=256, image=224, classes=1000),
@@ -101,7 +102,7 @@ def measure(bl, sd, images, labels, **kwargs):
 
 
 def _report(benchmark, case, device, settings, result, target):
-    benchmark.extra_info.update(dict(provider="fastsd.train step (bl vs sd)", device=str(device),
+    benchmark.extra_info.update(dict(provider="fastsd.train step (bl vs sd)", device=device_label(device),
                                      shape=f"{case['batch']}x3x{case['image']}x{case['image']}",
                                      **case, **settings, **result, target_sd_over_bl=target))
     print(f"\n{case['arch']} batch {case['batch']} on {device} {settings}: "

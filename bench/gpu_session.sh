@@ -9,6 +9,17 @@
 # come with one older than the 77 that this project's metadata needs; then the script installs a
 # setuptools wheel from .whl/, which the caller fetches beforehand and sends along (the device
 # tool's carry):  pip download 'setuptools>=77,<82' --no-deps -d .whl
+#
+# The whole session, as calls of the device tool back to back (the machine goes back when idle):
+#   1. carry .whl and .device-dali/chunk-1:
+#        mkdir -p /tmp/dali-parts && cp .device-dali/chunk-1/* /tmp/dali-parts/ &&
+#        DEADLINE_S=360 bash bench/gpu_session.sh core
+#   2-4. carry .device-dali/chunk-N: mkdir -p /tmp/dali-parts && cp .device-dali/chunk-N/* /tmp/dali-parts/
+#   5. carry .device-dali/chunk-5 and .data (cifar10-jpeg.tar.gz, copied from ../shared/datasets):
+#        the same copy, and cp .data/cifar10-jpeg.tar.gz /tmp/
+#   6. the install line ../shared/tools/device-dali prints, then
+#        FASTSD_CIFAR_JPEG_TAR=/tmp/cifar10-jpeg.tar.gz DEADLINE_S=240 bash bench/run_all.sh dali
+#   7. if time is left: bash bench/run_all.sh train
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}

@@ -92,6 +92,12 @@ for phase in "${phases[@]}"; do
       bench "$stem" step-resnet152 $((2 * limit)) bench/bench_train.py -k "gpu and resnet152"
       bench "$stem" ddp "$limit" bench/bench_ddp.py ;;
     dali)
+      # DALI is not on the GPU image: without it (and nvImageCodec, its GPU decoder) every case
+      # below would skip and the phase would look green
+      if ! $python -c "import nvidia.dali.backend as b; assert b.GetNvimgcodecVersion() > 0"; then
+        echo "DALI with nvImageCodec is not importable: install it first (../shared/tools/device-dali)" \
+          | tee -a "$stem-gpu-tests.txt"; status=1; continue
+      fi
       gpu_tests "$stem" tests/test_dali.py
       bench "$stem" data "$limit" bench/bench_data.py ;;
     *) echo "unknown phase $phase (core, train, dali, all)"; exit 2 ;;

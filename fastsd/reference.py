@@ -60,7 +60,7 @@ def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperatu
 def distill_loss_ref(logits, target=None, teacher_logits=None, *, temperature=1.0,
                      student_temperature=1.0, ce_weight=1.0, kd_weight=1.0, t2_scaling=False,
                      tolerance_weight=0.0, topk=5, ignore_index=-100, reduction="mean",
-                     return_terms=False, label_smoothing=0.0):
+                     return_terms=False, label_smoothing=0.0, check_labels=True):
     """The fused distillation loss of DESIGN.md section 2, in plain PyTorch.
 
     ``loss = ce_weight·CE(y, softmax(z)) + kd_weight·s·KL(softmax(t/T) ‖ softmax(z/T_s))
@@ -69,13 +69,15 @@ def distill_loss_ref(logits, target=None, teacher_logits=None, *, temperature=1.
     [...] (integer) or None, teacher_logits [..., C] or None. Returns a float32 (float64 for float64
     input) scalar for "mean"/"sum", or the per-row losses for "none"; with ``return_terms`` a pair
     ``(loss, LossTerms)``. "mean" divides by the number of rows whose label is not ignore_index
-    (all rows without a target); with no such row the mean is 0.
+    (all rows without a target); with no such row the mean is 0. ``check_labels=False`` skips
+    the range check of the labels (a host sync), as :func:`fastsd.distill_loss` can.
     """
     rows_shape = check_distill_args(logits, target, teacher_logits, temperature=temperature,
                                     student_temperature=student_temperature, ce_weight=ce_weight,
                                     kd_weight=kd_weight, tolerance_weight=tolerance_weight,
                                     topk=topk, ignore_index=ignore_index, reduction=reduction,
-                                    check_labels=True, label_smoothing=label_smoothing)
+                                    check_labels=check_labels,
+                                    label_smoothing=label_smoothing)
     classes = logits.shape[-1]
     ce, kl, tol, counted = distill_loss_rows_ref(
         logits.reshape(-1, classes),

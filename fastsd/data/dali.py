@@ -401,8 +401,13 @@ class DaliEpochLoader:
         try:
             for _ in range(len(batches) - first):
                 try:
-                    (out,) = self._pipe.run(torch.cuda.current_stream(self.device)
-                                            if bind_stream else None)
+                    if bind_stream:
+                        # On the pipeline's GPU: torch's default stream is handle 0, which DALI
+                        # takes for the legacy stream of the *current* device.
+                        with torch.cuda.device(self.device):
+                            (out,) = self._pipe.run(torch.cuda.current_stream(self.device))
+                    else:
+                        (out,) = self._pipe.run(None)
                 except StopIteration:
                     raise RuntimeError("DALI pipeline ended the epoch early (internal error)") from None
                 except RuntimeError as e:
