@@ -239,10 +239,12 @@ def test_eval_matches_the_torch_path(cifar_jpeg, imagenet_like, data, image_size
 
 # ------------------------------------------------------------------------------------- training
 
+@pytest.mark.parametrize("where", DEVICES)
 @pytest.mark.parametrize("cache_bytes", CACHING)
-def test_cifar_jpeg_train_epoch_is_the_drawn_augmentation(cifar_jpeg, cache_bytes):
+def test_cifar_jpeg_train_epoch_is_the_drawn_augmentation(cifar_jpeg, where, cache_bytes):
+    """The GPU graph too: nvJPEG decoding, then the padded crop and flip on the GPU."""
     dl = build_dali_loaders("cifar10", cifar_jpeg, batch_size=40, workers=2, seed=7,
-                            **_caching(cache_bytes))
+                            device=_device(where), dali_device=where, **_caching(cache_bytes))
     _assert_source(dl.train, cache_bytes)
     train = dl.train
     ref = datasets.ImageFolder(cifar_jpeg / "train")
@@ -263,7 +265,10 @@ def test_cifar_jpeg_train_epoch_is_the_drawn_augmentation(cifar_jpeg, cache_byte
         assert np.abs(anchor).max() <= 4 and set(np.unique(flip)) <= {0, 1}
         expected = torch.stack([_cifar_reference(images[i], anchor[j], flip[j], CIFAR10_MEAN,
                                                  CIFAR10_STD) for j, i in enumerate(idx)])
-        assert _pixel_diff(x, expected, CIFAR10_STD).max() <= 0.01
+        d = _pixel_diff(x.cpu(), expected, CIFAR10_STD)
+        # as in evaluation: libjpeg-turbo on the CPU is exact, nvJPEG a few levels off
+        assert d.max() <= (0.01 if where == "cpu" else 8.0)
+        assert d.mean() <= (0.001 if where == "cpu" else 1.0)
     assert k == 4
 
 
