@@ -572,6 +572,30 @@ def test_periodic_checkpoints_inside_an_epoch_resume_to_the_same_run(tmp_path, c
     assert [r["iteration"] for r in _rows(tmp_path / "run", "step")] == list(range(2, 16, 2))
 
 
+def test_tensorboard_after_a_crash_and_resume_holds_each_point_once(tmp_path):
+    """TensorBoard's events after a crash (at 9; checkpoint at 8) and a resume: the killed
+    attempt's points after the checkpoint are purged, the checkpoint's own (the step row at 8)
+    kept, so every scalar has the uninterrupted run's steps, each once. All on the iteration
+    axis: an epoch's and a snapshot's points sit at the iteration that ended them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    settings = dict(method="sd", epochs=5, cycle_epochs=[1, 2, 2], synthetic_size=[96, 48],
+                    log_every=2, checkpoint_every=4, tensorboard=True)
+    train(tiny(tmp_path, "reference", **settings))
+    with pytest.raises(Crash):
+        train(tiny(tmp_path, "run", **settings), hooks=[CrashAtIteration(9)])
+    assert _resume_to_the_reference(tmp_path)["iteration"] == 8
+
+    def steps(run, tag):
+        events = EventAccumulator(str(tmp_path / run / "tensorboard")).Reload()
+        return [e.step for e in events.Scalars(tag)]
+
+    for tag, expected in (("train/loss", list(range(2, 16, 2))),
+                          ("epoch/loss", [3, 6, 9, 12, 15]), ("snapshot/top1_error", [3, 9, 15])):
+        assert steps("reference", tag) == expected, tag
+        assert steps("run", tag) == expected, tag
+
+
 # ------------------------------------------------------------------------------------- faults
 def test_profile_records_the_iterations_after_the_first_six(tmp_path):
     """--profile 2: iterations 7 and 8 (after 5 left out and 1 of warm-up), as trace spans

@@ -567,7 +567,7 @@ class Trainer:
             row["test_top5_error"] = row.pop("top5_error")
             row.pop("samples", None)
         self.epochs_log.append(row)
-        self.monitor.log("epoch", row, tb_prefix="epoch", tb_step=epoch + 1)
+        self.monitor.log("epoch", row, tb_prefix="epoch")
         test = (f", test error {row['test_top1_error']:.2f}% (top-5 {row['test_top5_error']:.2f}%)"
                 if "test_top1_error" in row else "")
         memory = (f", {row['max_memory_gib']:.1f} GiB at most" if "max_memory_gib" in row
@@ -606,7 +606,7 @@ class Trainer:
                                  self._weights_metadata(label=stage.label))
                 entry["diagnostics"] = rel
         self.snapshots.append(entry)
-        self.monitor.log("snapshot", entry, tb_prefix="snapshot", tb_step=epoch + 1)
+        self.monitor.log("snapshot", entry, tb_prefix="snapshot")
         self._call_hooks("on_stage_end", stage)
 
     def _evaluate_student(self, collect=None) -> Dict[str, float]:

@@ -65,8 +65,11 @@ class Monitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
-                                             purge_step=resume_iteration or 0)
+                # A resume drops the events the attempt logged after its checkpoint (the
+                # checkpoint's own iteration stays: it is not logged again).
+                self._writer = SummaryWriter(
+                    os.path.join(run_dir, "tensorboard"),
+                    purge_step=0 if resume_iteration is None else resume_iteration + 1)
             except ImportError:
                 self._writer = None
 
@@ -88,8 +91,10 @@ class Monitor:
         atomic_write_text(self.path, "".join(keep))
 
     # ------------------------------------------------------------------------------------ rows
-    def log(self, kind: str, row: Dict[str, Any], *, tb_prefix: Optional[str] = None,
-            tb_step: Optional[int] = None) -> None:
+    def log(self, kind: str, row: Dict[str, Any], *, tb_prefix: Optional[str] = None) -> None:
+        """A row of ``kind`` into metrics.jsonl; its numbers into TensorBoard as ``tb_prefix/key``
+        where given, all at the row's iteration (one axis for every scalar, and the one a
+        resume's purge of a killed attempt's events goes by)."""
         if not self.enabled:
             return
         row = {"kind": kind, **{k: _clean(v) for k, v in row.items()}}
@@ -100,7 +105,7 @@ class Monitor:
 
             raise WriteError.of(self.path, e, "the last checkpoint") from e
         if self._writer is not None and tb_prefix is not None:
-            step = row.get("iteration") if tb_step is None else tb_step
+            step = row.get("iteration")
             for key, value in row.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) \
                         and key not in ("iteration", "epoch", "stage", "kind"):
