@@ -845,19 +845,22 @@ def test_clip_grad_norm_bounds_the_unscaled_gradient_under_fp16():
 
 def test_a_finite_loss_with_a_nonfinite_gradient_is_a_skipped_step():
     """sqrt(|g(x)|) is finite at g(x) = 0, its gradient is not: no update, counted as skipped,
-    and the run of such steps is what --max-nonfinite bounds (the loss alone never stops it)."""
+    and the run of such steps is what --max-nonfinite bounds (the loss alone never stops it).
+    The skipped update leaves BatchNorm's statistics too (under DDP such a skip may come from
+    another process's batch, whose loss this process never saw)."""
     from fastsd.train.schedule import LossSpec
     from fastsd.train.step import TrainStep, build_optimizer
 
     class SqrtNet(nn.Module):
         def __init__(self):
             super().__init__()
+            self.bn = nn.BatchNorm1d(12)
             self.fc = nn.Linear(12, 3)
             self.g = nn.Linear(12, 1, bias=False)
 
         def forward(self, x):
             h = x.flatten(1)
-            return self.fc(h) + torch.sqrt(self.g(h).abs())
+            return self.fc(self.bn(h)) + torch.sqrt(self.g(h).abs())
 
     torch.manual_seed(0)
     model = SqrtNet()
@@ -867,11 +870,11 @@ def test_a_finite_loss_with_a_nonfinite_gradient_is_a_skipped_step():
     step.set_stage(LossSpec(), None)
     x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
     step(x, y)                                   # a good step
-    before = [p.detach().clone() for p in model.parameters()]
+    before = [t.detach().clone() for t in model.state_dict().values()]
     bad = torch.zeros_like(x)                    # g(0) = 0: loss finite, d/dg.weight NaN
     for _ in range(3):
         step(bad, y)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
     m = step.read_metrics()
     assert m["steps"] == 4 and m["nonfinite"] == 0 and math.isfinite(m["loss"])
     assert m["skipped"] == 3 and m["max_nonfinite_run"] == 3

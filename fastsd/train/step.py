@@ -79,9 +79,10 @@ class BatchNormGuard:
     The device-side skip of a bad update protects weights and momentum, but the forward pass that
     went bad has already folded its batch statistics (inf / NaN) into every BatchNorm's running
     mean and variance, and evaluation, snapshots and teachers would be NaN from then on.
-    ``save()`` before an update's passes copies the statistics; ``restore_if_bad(loss_ok)`` after
-    them puts the copy back when a pass's loss was not finite or a statistic is no longer finite:
-    a skipped update leaves the running statistics (and ``num_batches_tracked``) as they were.
+    ``save()`` before an update's passes copies the statistics; ``restore_if_bad(ok)`` after the
+    update puts the copy back unless ``ok`` (every pass's loss finite and the update not skipped)
+    or where a statistic is no longer finite: a skipped update leaves the running statistics (and
+    ``num_batches_tracked``) as they were.
 
     On the device, without a host sync, and in a handful of kernels whatever the depth: the
     statistics are gathered with one ``cat`` per dtype (a ResNet-152 has 155 BatchNorm layers).
@@ -108,10 +109,10 @@ class BatchNormGuard:
             torch.cat(views, out=self.saved[dtype])
 
     @torch.no_grad()
-    def restore_if_bad(self, loss_ok: torch.Tensor) -> None:
-        """``loss_ok``: a 0-d bool tensor, whether every pass since ``save()`` had a finite loss."""
+    def restore_if_bad(self, ok: torch.Tensor) -> None:
+        """``ok``: a 0-d bool tensor, whether every pass since ``save()`` had a finite loss and the
+        update was made."""
         now = {dtype: torch.cat(views) for dtype, views in self.groups.items()}
-        ok = loss_ok
         for dtype, flat in now.items():
             if dtype.is_floating_point:
                 ok = ok & torch.isfinite(flat).all()
@@ -232,6 +233,7 @@ class TrainStep:
                 self.scaler.unscale_(opt)  # the bound is on the true gradient, not the scaled one
                 self._clip()
             self.scaler.step(opt)
+            update_ok = self._scaler_found_inf() == 0  # before update() forgets it
             self.scaler.update()
         else:
             if self.clip_grad_norm is not None:
@@ -249,9 +251,18 @@ class TrainStep:
             with torch.no_grad():
                 self.metrics[_SKIPPED] += self._found_inf[0]
             _extend_run(self.metrics, self._found_inf[0])
+            update_ok = self._found_inf[0] == 0
         opt.zero_grad(set_to_none=True)
         if self._bn_guard:
-            self._bn_guard.restore_if_bad(self._losses_finite)
+            # A skipped update leaves the statistics too: also one skipped for a gradient that
+            # is not finite after a finite loss, or under DDP for another process's bad batch.
+            self._bn_guard.restore_if_bad(self._losses_finite & update_ok)
+
+    def _scaler_found_inf(self) -> torch.Tensor:
+        """The GradScaler's verdict on the update it just stepped (> 0: skipped), on the device.
+        torch keeps it in a private field until update(); read there, it costs no host sync."""
+        state = self.scaler._per_optimizer_states[id(self.optimizer)]
+        return sum(found.to(self.device) for found in state["found_inf_per_device"].values())
 
     def _clip(self) -> None:
         """Scale the gradients down to a global L2 norm of ``clip_grad_norm`` where it is larger.
