@@ -338,6 +338,54 @@ def test_sigterm_stops_every_process_with_one_checkpoint_and_the_run_resumes(tmp
                                     else value), (row["iteration"], key)
 
 
+def _download_worker(rank, port, root):
+    """Joins a 2-process group and builds CIFAR-10's loaders with --download, the download
+    replaced by one that logs who called it and writes torchvision's files slowly."""
+    import pickle
+
+    import numpy as np
+    import torchvision.datasets.cifar as tv_cifar
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    from fastsd.train import distributed
+
+    def fake_download(url, download_root, **kwargs):
+        with open(os.path.join(root, "downloads.log"), "a") as fh:
+            fh.write(f"{rank}\n")
+        time.sleep(0.5)  # long enough for another process to read half-written files
+        folder = os.path.join(download_root, "cifar-10-batches-py")
+        os.makedirs(folder, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            with open(os.path.join(folder, name), "wb") as fh:
+                pickle.dump({"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
+                             "labels": rng.integers(0, 10, 8).tolist()}, fh)
+        with open(os.path.join(folder, "batches.meta"), "wb") as fh:
+            pickle.dump({"label_names": [f"class{c}" for c in range(10)]}, fh)
+
+    tv_cifar.download_and_extract_archive = fake_download
+    tv_cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
+    distributed.init("cpu", WORLD)
+    t = Trainer.__new__(Trainer)
+    t.cfg = TrainConfig(dataset="cifar10", data=os.path.join(root, "data"), download=True,
+                        batch_size=4, device="cpu", world_size=WORLD, progress="none")
+    t.rank, t.world_size, t.device, t.is_main = rank, WORLD, torch.device("cpu"), rank == 0
+    data = t._build_data()
+    torch.save(data.info.train_size, os.path.join(root, f"train_size{rank}.pt"))
+    distributed.shutdown()
+
+
+def test_download_under_several_processes_fetches_once(tmp_path):
+    """--download under torchrun: one process downloads, the others read the files once whole
+    (all of them at once would overwrite each other's partial files)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_download_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    assert (tmp_path / "downloads.log").read_text() == "0\n"
+    assert [torch.load(tmp_path / f"train_size{r}.pt") for r in range(WORLD)] == [40, 40]
+
+
 def test_world_size_must_match_the_launch(monkeypatch):
     with pytest.raises(ConfigError, match="--world-size.*this launch has 1"):
         TrainConfig(world_size=2, device="cpu")

@@ -215,7 +215,16 @@ class Trainer:
 
                 check_image_folder(cfg.data, cfg.num_classes, cfg.check_images,
                                    max(cfg.workers, os.cpu_count() or 1))
-            return build(cfg.dataset, cfg.data, **kwargs)
+            if not (cfg.download and self.world_size > 1):
+                return build(cfg.dataset, cfg.data, **kwargs)
+            # --download: one process fetches the files, the others read them once whole (all
+            # at once would overwrite each other's partial download and extraction).
+            if self.is_main:
+                data = build(cfg.dataset, cfg.data, **kwargs)
+            torch.distributed.barrier()
+            if not self.is_main:
+                data = build(cfg.dataset, cfg.data, **{**kwargs, "download": False})
+            return data
         except (ValueError, OSError) as e:
             # The data layer names the folder or file; say which flag leads there.
             where = f"{flag('dataset')} {cfg.dataset}" + (f", {flag('data')} {cfg.data}"
