@@ -142,6 +142,45 @@ def test_densenet_memory_efficient_gives_the_same_gradients():
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_cifar_resnet_forward_is_he_et_als_network():
+    """The forward of a CIFAR ResNet-20, written out from its layers in plain torch functional
+    calls (He et al. 2016, section 4.2): 3x3 conv stem, three stages of basic blocks whose
+    residual sum is followed by a ReLU, option-A shortcuts (stride-2 subsampling, zero channels),
+    global average pooling, a linear classifier. A dropped ReLU or shortcut, or blocks in the
+    wrong order, would not match."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10).eval()
+    for m in model.modules():  # non-trivial statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 32, 32)
+    F = torch.nn.functional
+
+    def bn(m, h):
+        return F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, eps=m.eps)
+
+    def conv(m, h):
+        return F.conv2d(h, m.weight, stride=m.stride, padding=1)
+
+    h = F.relu(bn(model.bn1, conv(model.conv1, x)))
+    blocks = [b for stage in (model.layer1, model.layer2, model.layer3) for b in stage]
+    widths = [b.conv1.out_channels for b in blocks]
+    assert widths == [16] * 3 + [32] * 3 + [64] * 3
+    for b in blocks:
+        out = bn(b.bn2, conv(b.conv2, F.relu(bn(b.bn1, conv(b.conv1, h)))))
+        short = h
+        if out.shape != h.shape:  # option A: subsample, then zero channels
+            short = h[:, :, ::2, ::2]
+            short = torch.cat([short, torch.zeros_like(short)], dim=1)
+        h = F.relu(out + short)
+    expected = F.linear(h.mean((2, 3)), model.fc.weight, model.fc.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_list_models_and_input_sizes():
     names = list_models()
     for name in ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "densenet_bc_100",

@@ -228,6 +228,64 @@ def test_sd_teacher_is_the_snapshot_of_the_previous_cycles_last_iteration(tmp_pa
             assert torch.equal(out, rec.outputs[c][0])
 
 
+class StepAudit:
+    """Hook: what each training step really used. Its learning rate (the optimizer's, against
+    the plan: a step that ran at the next step's rate, the cycle's last at lr_max, would show),
+    the teacher logits its loss got (recorded at the loss's door, against the stage's teacher on
+    the same images: a zero or shifted teacher would show), and at a generation's start fresh
+    weights (those of create_model under the generation's seed) and zero momentum."""
+
+    def __init__(self):
+        self.lrs, self.taught, self.fresh = [], 0, []
+        self.batch = None
+
+    def on_stage_start(self, trainer, stage):
+        from fastsd.models import create_model
+        from fastsd.train.loop import model_seed
+
+        step = trainer.step
+        forward = step._forward
+
+        def recorded(images, labels, teacher_logits, metrics):
+            self.batch = (images, teacher_logits)
+            return forward(images, labels, teacher_logits, metrics)
+
+        step._forward = recorded
+        if stage.fresh_model and stage.index > 0:
+            torch.manual_seed(model_seed(trainer.cfg.seed, stage.index))
+            expected = create_model(trainer.cfg.arch, trainer.num_classes).state_dict()
+            now = trainer.model.state_dict()
+            momentum = [s["momentum_buffer"] for s in trainer.optimizer.state.values()]
+            self.fresh.append(all(torch.equal(now[k], v) for k, v in expected.items())
+                              and all(not m.any() for m in momentum))
+
+    def on_step_end(self, trainer):
+        used = {g["lr"] for g in trainer.optimizer.param_groups}
+        self.lrs.append((used, trainer.plan.lr_at(trainer.iteration - 1)))
+        images, teacher_logits = self.batch
+        if trainer.step.teacher is None:
+            assert teacher_logits is None
+        else:
+            with torch.no_grad():
+                assert torch.equal(teacher_logits, trainer.step.teacher(images))
+            self.taught += 1
+
+
+@pytest.mark.parametrize("method", ["sd", "ban"])
+def test_every_step_trains_at_its_planned_rate_with_its_teacher(tmp_path, method):
+    audit = StepAudit()
+    settings = (dict(cycle_epochs=[1, 2]) if method == "sd" else
+                dict(generations=1, epochs=2))
+    trainer, _ = train(tiny(tmp_path, method=method, **settings), hooks=[audit])
+    assert len(audit.lrs) == trainer.plan.total_iters
+    assert all(used == {planned} for used, planned in audit.lrs), audit.lrs
+    assert len({planned for _, planned in audit.lrs}) > 3  # the schedule moves
+    stages = trainer.plan.stages
+    assert audit.taught == sum(s.epochs for s in stages if s.loss.teacher is not None) * \
+        trainer.plan.iters_per_epoch > 0
+    assert audit.fresh == ([True] if method == "ban" else [])
+
+
 def test_se_and_sd_give_the_same_first_cycle_snapshot(tmp_path):
     train(tiny(tmp_path, "se", method="se", epochs=2, cycles=2))
     train(tiny(tmp_path, "sd", method="sd", epochs=2, cycles=2))
@@ -810,14 +868,19 @@ def test_accumulated_passes_update_as_one_pass_over_all_their_images(bound):
     assert all(p.grad is None for p in model.parameters())  # the next update starts afresh
 
 
-@pytest.mark.gpu
-def test_accumulated_passes_under_fp16_update_as_one_pass():
+# The trainer refuses fp16 on a CPU (too slow there), but TrainStep's GradScaler path runs on one:
+# these checks then run on every machine, and on CUDA where there is one.
+FP16_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", FP16_DEVICES)
+def test_accumulated_passes_under_fp16_update_as_one_pass(device):
     """The GradScaler's scale multiplies every pass's loss and is taken off once, at the update."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).cuda()
-    x, y = torch.randn(16, 3, 2, 2).cuda(), torch.randint(0, 3, (16,)).cuda()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).to(device)
+    x, y = torch.randn(16, 3, 2, 2).to(device), torch.randint(0, 3, (16,)).to(device)
     expected, _ = _clipped_update(model, x, y, math.inf)
-    step = _plain_sgd_step(model, amp="fp16", device="cuda", grad_accum_steps=2)
+    step = _plain_sgd_step(model, amp="fp16", device=device, grad_accum_steps=2)
     step(x[:8], y[:8])
     step(x[8:], y[8:])
     assert step.scaler.get_scale() == 65536.0  # not skipped
@@ -825,18 +888,18 @@ def test_accumulated_passes_under_fp16_update_as_one_pass():
         torch.testing.assert_close(p.detach().double(), e, rtol=2e-3, atol=2e-4)
 
 
-@pytest.mark.gpu
-def test_clip_grad_norm_bounds_the_unscaled_gradient_under_fp16():
+@pytest.mark.parametrize("device", FP16_DEVICES)
+def test_clip_grad_norm_bounds_the_unscaled_gradient_under_fp16(device):
     """Under fp16 the GradScaler multiplies the loss by 65536: the bound must apply to the
     gradient after unscaling, or it would clip every step to almost nothing."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).cuda()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).to(device)
     # drawn on the CPU, as in the test above: the largest scaled gradient is then 24 800, which
     # float16 holds, so the scaler does not skip this step
-    x, y = torch.randn(8, 3, 2, 2).cuda(), torch.randint(0, 3, (8,)).cuda()
+    x, y = torch.randn(8, 3, 2, 2).to(device), torch.randint(0, 3, (8,)).to(device)
     expected, scale = _clipped_update(model, x, y, 0.05)
     assert scale < 0.2
-    step = _plain_sgd_step(model, amp="fp16", device="cuda", clip_grad_norm=0.05)
+    step = _plain_sgd_step(model, amp="fp16", device=device, clip_grad_norm=0.05)
     step(x, y)
     assert step.scaler.get_scale() == 65536.0  # not skipped (a skip halves the scale)
     for p, e in zip(model.parameters(), expected):  # the forward ran in float16
