@@ -386,6 +386,43 @@ def test_download_under_several_processes_fetches_once(tmp_path):
     assert [torch.load(tmp_path / f"train_size{r}.pt") for r in range(WORLD)] == [40, 40]
 
 
+def _rng_worker(rank, port, root):
+    """Sets a 2-process run up, draws from the global generator (dropout's), writes a checkpoint
+    and draws again; then resumes the run from that checkpoint and draws once more."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    from fastsd.train import distributed
+
+    distributed.init("cpu", WORLD)
+    cfg = config(os.path.join(root, "run"), WORLD, PER_PROCESS_BATCH)
+    trainer = Trainer(cfg, quiet=True).setup()
+    first = torch.rand(4)
+    trainer.save_checkpoint()
+    after_save = torch.rand(4)
+    trainer.monitor.close()
+    torch.distributed.barrier()  # rank 0 has written the checkpoint (a relaunch, in real life)
+    resumed = Trainer(cfg.replace(resume=cfg.out), quiet=True).setup()
+    after_resume = torch.rand(4)
+    resumed.monitor.close()
+    torch.save(dict(first=first, after_save=after_save, after_resume=after_resume),
+               os.path.join(root, f"rng{rank}.pt"))
+    distributed.shutdown()
+
+
+def test_each_process_draws_its_own_randomness_and_resumes_it(tmp_path):
+    """Dropout and other randomness inside the model: another stream in each process (one
+    process's batch would draw different masks for the two shards' samples), and a resumed run
+    goes on with each process's own stream, not rank 0's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rng_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    draws = [torch.load(tmp_path / f"rng{r}.pt") for r in range(WORLD)]
+    assert not torch.equal(draws[0]["first"], draws[1]["first"])
+    for d in draws:
+        assert torch.equal(d["after_resume"], d["after_save"])
+
+
 def test_world_size_must_match_the_launch(monkeypatch):
     with pytest.raises(ConfigError, match="--world-size.*this launch has 1"):
         TrainConfig(world_size=2, device="cpu")

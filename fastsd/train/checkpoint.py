@@ -128,10 +128,9 @@ def model_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
 def rng_state(device: torch.device) -> Dict[str, Any]:
     """Every generator the run could draw from, as ``torch.load(weights_only=True)`` reads it.
 
-    On CUDA, the generator of ``device``, the process's GPU. Only rank 0 writes the checkpoint,
-    and every rank restores it into its own GPU: the ranks are seeded alike and draw alike, so
-    rank 0's generator stands for each of them (its copies of the other GPUs' generators, which
-    it never draws from, would not).
+    On CUDA, the generator of ``device``, the process's GPU (its copies of the other GPUs'
+    generators, which it never draws from, are left out). Under DDP each process has generators
+    of its own; rank 0 gathers them all into the checkpoint and each process restores its own.
     """
     np_state = np.random.get_state()
     py_state = random.getstate()

@@ -124,6 +124,13 @@ def broadcast_buffers(model: nn.Module) -> None:
             b.copy_(v)
 
 
+def gather_objects(obj) -> list:
+    """Every process's ``obj`` (picklable), in rank order, on every process."""
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
 def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src)

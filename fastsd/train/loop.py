@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from fastsd.data.catalog import derive_seed
+
 from . import distributed
 from .checkpoint import (FORMAT_VERSION, atomic_torch_save, checkpoint_path, find_checkpoint,
                          load_checkpoint, model_weights, rng_state, save_safetensors,
@@ -47,6 +49,9 @@ def _empty_epoch_sums() -> Dict[str, float]:
     they count over, step counts, and the images and seconds of its timed windows."""
     return dict(loss=0.0, ce=0.0, kl=0.0, tolerance=0.0, correct=0.0, images=0.0, steps=0,
                 finite=0, skipped=0, clipped=0, timed_images=0, seconds=0.0)
+
+
+_PROCESS_RNG_STREAM = 3  # derive_seed stream of each process's global generators under DDP
 
 
 def model_seed(seed: int, generation: int) -> int:
@@ -110,7 +115,12 @@ class Trainer:
                 torch.set_float32_matmul_precision("high")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        _seed_all(cfg.seed)
+        # One process: the seed itself. Several: a stream of its own for each, so that dropout
+        # and other randomness inside the model differ between the shards as they would between
+        # the samples of one process's batch (initial weights, data order and augmentation have
+        # generators of their own, the same everywhere).
+        _seed_all(cfg.seed if self.world_size == 1 else
+                  derive_seed(cfg.seed, self.rank, _PROCESS_RNG_STREAM))
 
         self.data = self._build_data()
         info = self.data.info
@@ -263,7 +273,10 @@ class Trainer:
         return run_dir
 
     # ========================================================================== checkpointing
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, rng_states: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """What a checkpoint holds; ``rng_states``: every process's generators, in rank order
+        (default: this process's)."""
+        rngs = rng_states or [rng_state(self.device)]
         return {
             "format": FORMAT_VERSION, "arch": self.cfg.arch, "num_classes": self.num_classes,
             "method": self.cfg.method, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -272,7 +285,8 @@ class Trainer:
             "step": self.step.state_dict(),
             "teachers": self.teachers.state_dict() if self.teachers is not None else None,
             "epoch_sums": dict(self._epoch_sums) if self.batch_in_epoch else None,
-            "rng": rng_state(self.device), "snapshots": self.snapshots, "epochs": self.epochs_log,
+            "rng": rngs[0], "rng_per_process": rngs, "snapshots": self.snapshots,
+            "epochs": self.epochs_log,
             "wall_time_s": self.wall_time + self.monitor.elapsed(),
             "config": self.cfg.to_dict(), "world_size": self.world_size,
         }
@@ -297,7 +311,11 @@ class Trainer:
         self.step.load_state_dict(state["step"], window_sums=self.rank == 0)
         if self.teachers is not None and state.get("teachers") is not None:
             self.teachers.load_state_dict(state["teachers"])
-        set_rng_state(state["rng"], self.device)
+        rngs = state.get("rng_per_process") or []
+        # (a checkpoint of another number of processes is refused before; one from before every
+        # process's generators were kept has rank 0's only)
+        set_rng_state(rngs[self.rank] if len(rngs) == self.world_size else state["rng"],
+                      self.device)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         # (a checkpoint from before a total existed starts it at zero)
         self._epoch_sums = {**_empty_epoch_sums(), **(state.get("epoch_sums") or {})}
@@ -313,8 +331,11 @@ class Trainer:
                 f"iteration {self.iteration}; nothing was saved, so the last good checkpoint "
                 f"{checkpoint_path(self.run_dir)} is intact. Lower --lr, add --warmup-epochs, "
                 f"or use --amp bf16 / none, then --resume from it or start again")
+        # each process draws from generators of its own (see setup): all of them are kept
+        mine = rng_state(self.device)
+        rngs = [mine] if self.world_size == 1 else distributed.gather_objects(mine)
         if self.is_main:
-            atomic_torch_save(self.state_dict(), checkpoint_path(self.run_dir))
+            atomic_torch_save(self.state_dict(rngs), checkpoint_path(self.run_dir))
 
     def _weights_finite(self) -> bool:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
