@@ -165,6 +165,58 @@ def test_imagenet_style_eval_is_resize_and_center_crop(tmp_path):
     torch.testing.assert_close(x[1], tf(img), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [16, 72], ids=["cifar-style", "imagenet-style"])
+def test_image_folder_training_batches_are_the_drawn_augmentation(tmp_path, size):
+    """The torch path's training images, pixel by pixel: each sample's crop and flip drawn from
+    its augmentation seed (the sampler's key) and applied with torchvision's functions, as
+    torchvision's RandomCrop(padding=4) + flip (small images) or RandomResizedCrop + flip do.
+    The epoch must hold both flips and more than one crop window."""
+    import random
+
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from fastsd.data.torch_data import _random_resized_crop_params
+
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        for i in range(6):
+            pixels = rng.integers(0, 256, (size + 7, size + 3, 3), dtype=np.uint8)
+            for split in ("train", "val"):
+                (tmp_path / split / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
+    dl = build_loaders("imagefolder", tmp_path, batch_size=4, workers=0, image_size=size, seed=2)
+    loader = dl.train
+    loader.set_epoch(1)
+    keys = [key for batch in loader.sampler for key in batch]
+    got = torch.cat([x for x, _ in loader])
+    flips, windows, expected = set(), set(), []
+    for i, aug_seed in keys:
+        img = Image.open(loader.dataset.path(i)).convert("RGB")
+        draw = random.Random(aug_seed)
+        if size <= 64:  # CIFAR style: resized to the size, then pad-4 crop and flip
+            img = img.resize((size, size), Image.BILINEAR)
+            oy, ox = draw.randint(0, 8), draw.randint(0, 8)
+            window = (oy, ox)
+            img = TF.crop(TF.pad(img, 4), oy, ox, size, size)
+        else:
+            top, left, h, w = _random_resized_crop_params(img.width, img.height, draw)
+            window = (top, left, h, w)
+            img = TF.resized_crop(img, top, left, h, w, [size, size],
+                                  interpolation=InterpolationMode.BILINEAR)
+        flip = draw.random() < 0.5
+        flips.add(flip)
+        windows.add(window)
+        expected.append(TF.normalize(TF.to_tensor(TF.hflip(img) if flip else img),
+                                     dl.info.mean, dl.info.std))
+    assert flips == {True, False} and len(windows) > 1
+    diff = (got - torch.stack(expected)).abs() * torch.tensor(dl.info.std).view(3, 1, 1) * 255
+    if size <= 64:
+        assert diff.max() < 1e-3          # the same pixels
+    else:  # PIL resizes the box of the whole image, torchvision the cut-out crop: edges differ
+        assert diff.mean() < 2.0 and diff.median() < 0.5
+
+
 # ------------------------------------------------------------------------------------------
 # Epoch semantics on the in-memory path.
 
