@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 __all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "ImageFolderSplit", "find_split_dirs",
-           "scan_image_folder", "scan_train_and_eval", "read_rgb_image", "check_image_sizes",
-           "wrong_size_error"]
+           "scan_image_folder", "scan_train_and_eval", "read_rgb_image", "read_image_size",
+           "check_image_sizes", "wrong_size_error"]
 
 #: the extensions torchvision's ImageFolder accepts (compared case-insensitively)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -145,20 +145,27 @@ def check_image_sizes(paths: Sequence[str], size: int, workers: int = 1) -> None
     about a file-open per image."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import Image
-
-    def dimensions(path):
-        try:
-            with Image.open(path) as img:
-                return img.size
-        except (OSError, ValueError, SyntaxError) as e:
-            raise UnreadableImageError(f"cannot read image file {path!r} ({type(e).__name__}: "
-                                       f"{e}): replace or delete the file") from e
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for path, (width, height) in zip(paths, pool.map(dimensions, paths, chunksize=256)):
+        for path, (width, height) in zip(paths, pool.map(read_image_size, paths, chunksize=256)):
             if (width, height) != (size, size):
                 raise wrong_size_error(path, width, height, size)
+
+
+def _unreadable(path: str, error: Exception) -> UnreadableImageError:
+    return UnreadableImageError(f"cannot read image file {path!r} ({type(error).__name__}: "
+                                f"{error}): replace or delete the file")
+
+
+def read_image_size(path: str) -> Tuple[int, int]:
+    """``(width, height)`` from the image's header alone (fast: no decoding);
+    UnreadableImageError names a file that is no image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise _unreadable(path, e) from e
 
 
 def read_rgb_image(path: str):
@@ -171,5 +178,4 @@ def read_rgb_image(path: str):
             img.load()                  # decode now, while the file is open: errors surface here
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UnreadableImageError(f"cannot read image file {path!r} ({type(e).__name__}: {e}): "
-                                   f"replace or delete the file") from e
+        raise _unreadable(path, e) from e
