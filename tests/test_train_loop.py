@@ -450,6 +450,46 @@ def test_command_line_errors_name_what_the_user_did(tmp_path, capsys):
           "start the run again with another --out")
 
 
+@pytest.mark.parametrize("mode", ["full", "header"])
+def test_check_images_names_a_broken_file_before_training(tmp_path, capsys, mode):
+    """--check-images opens every file of both splits up front (full decodes it, header reads
+    only its header): a file that is no image ends the run with its name before any step; one
+    whose header is whole but whose pixels are cut short fails the full check only."""
+    import io
+
+    from PIL import Image
+
+    from fastsd.train.cli import main
+    from fastsd.train.preflight import check_image_folder
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "imgs" / split / c)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (40 * i, 9, 90)).save(tmp_path / "imgs" / split / c /
+                                                               f"{i}.png")
+    jpeg = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(jpeg, "JPEG")
+    cut = tmp_path / "imgs" / "val" / "a" / "cut.jpg"
+    cut.write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
+    if mode == "header":
+        assert check_image_folder(str(tmp_path / "imgs"), None, "header", 2) == 17
+    else:
+        with pytest.raises(ValueError, match="cut.jpg"):
+            check_image_folder(str(tmp_path / "imgs"), None, "full", 2)
+    cut.unlink()
+    broken = tmp_path / "imgs" / "val" / "b" / "1.png"
+    broken.write_bytes(b"not a png")
+    argv = ["--method", "bl", "--dataset", "imagefolder", "--data", str(tmp_path / "imgs"),
+            "--check-images", mode, "--epochs", "1", "--batch-size", "8", "--image-size", "8",
+            "--workers", "0", "--device", "cpu", "--progress", "none", "--no-tensorboard",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image file {str(broken)!r}" in err and "replace or delete" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
+
+
 def test_an_image_that_breaks_during_training_is_named_with_the_way_on(tmp_path, capsys):
     """With --check-images none a broken file stops the run when it is read: the message names
     it, and since no checkpoint was written yet, it says to start again (not to --resume)."""
