@@ -285,8 +285,7 @@ class Trainer:
             "step": self.step.state_dict(),
             "teachers": self.teachers.state_dict() if self.teachers is not None else None,
             "epoch_sums": dict(self._epoch_sums) if self.batch_in_epoch else None,
-            "rng": rngs[0], "rng_per_process": rngs, "snapshots": self.snapshots,
-            "epochs": self.epochs_log,
+            "rng_per_process": rngs, "snapshots": self.snapshots, "epochs": self.epochs_log,
             "wall_time_s": self.wall_time + self.monitor.elapsed(),
             "config": self.cfg.to_dict(), "world_size": self.world_size,
         }
@@ -311,11 +310,10 @@ class Trainer:
         self.step.load_state_dict(state["step"], window_sums=self.rank == 0)
         if self.teachers is not None and state.get("teachers") is not None:
             self.teachers.load_state_dict(state["teachers"])
-        rngs = state.get("rng_per_process") or []
         # (a checkpoint of another number of processes is refused before; one from before every
-        # process's generators were kept has rank 0's only)
-        set_rng_state(rngs[self.rank] if len(rngs) == self.world_size else state["rng"],
-                      self.device)
+        # process's generators were kept has rank 0's only, as "rng")
+        rngs = state.get("rng_per_process") or [state["rng"]] * self.world_size
+        set_rng_state(rngs[self.rank], self.device)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         # (a checkpoint from before a total existed starts it at zero)
         self._epoch_sums = {**_empty_epoch_sums(), **(state.get("epoch_sums") or {})}

@@ -296,11 +296,7 @@ class TrainStep:
         "step" of loss, ce, kl, tolerance, correct, steps and nonfinite (and of the fp16 run) is a
         forward pass; skipped and clipped count updates.
         """
-        values = self.metrics
-        if all_reduce is not None:
-            values = torch.cat([all_reduce(values[:_RUN].clone(), "sum"), values[_RUN:_MAX_RUN],
-                                all_reduce(values[_MAX_RUN:].clone(), "max")])
-        values = values.tolist()
+        values = (self.metrics if all_reduce is None else self._reduced(all_reduce)).tolist()
         steps = values[_STEPS]
         finite = steps - values[_NONFINITE]
         # A window without a finite step has no mean loss: NaN, not a perfect-looking 0.
@@ -321,9 +317,10 @@ class TrainStep:
             raise RuntimeError(f"TrainStep.state_dict() between the {self._passes} accumulated "
                                f"passes of an update and the update: save after the update")
         # "window": the accumulators of the log window in progress (empty at a log line), so
-        # that a run stopped between two log lines logs the same rows after its resume
+        # that a run stopped between two log lines logs the same rows after its resume; they
+        # hold the run of bad steps still going on too
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "nonfinite_run": float(self.metrics[_RUN]), "window": self.metrics.cpu().clone()}
+                "window": self.metrics.cpu().clone()}
 
     def load_state_dict(self, state: Dict[str, object], window_sums: bool = True) -> None:
         """``window_sums``: take the saved log window's sums (a run stopped between two log
@@ -332,7 +329,7 @@ class TrainStep:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         window = state.get("window")
-        if window is None:  # a checkpoint from before windows were kept
+        if window is None:  # a checkpoint from before windows were kept: the bad-step run only
             self.metrics[_RUN] = state.get("nonfinite_run", 0.0)
             return
         with torch.no_grad():
@@ -340,14 +337,21 @@ class TrainStep:
             if not window_sums:
                 self.metrics[:_RUN].zero_()
 
+    def _reduced(self, all_reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """The window over every process: its sums summed, its longest run of bad steps the
+        largest, the run still going on this process's own."""
+        m = self.metrics
+        return torch.cat([all_reduce(m[:_RUN].clone(), "sum"), m[_RUN:_MAX_RUN],
+                          all_reduce(m[_MAX_RUN:].clone(), "max")])
+
     def gather_window(self, all_reduce: Callable[..., torch.Tensor], keep_sums: bool) -> None:
-        """Before a checkpoint written by one process in the middle of a log window: the window's
-        sums over every process into this one's accumulator where ``keep_sums``, zero elsewhere;
-        the longest run of bad steps the same everywhere."""
+        """Before a checkpoint written by one process in the middle of a log window: the window
+        over every process (:meth:`_reduced`) into this one's accumulator, its sums only where
+        ``keep_sums`` (zero elsewhere, so that they count once after the resume)."""
         with torch.no_grad():
-            sums = all_reduce(self.metrics[:_RUN].clone(), "sum")
-            self.metrics[:_RUN] = sums if keep_sums else 0.0
-            self.metrics[_MAX_RUN:] = all_reduce(self.metrics[_MAX_RUN:].clone(), "max")
+            self.metrics.copy_(self._reduced(all_reduce))
+            if not keep_sums:
+                self.metrics[:_RUN].zero_()
 
 
 def mean_or_nan(total: float, count: float) -> float:
