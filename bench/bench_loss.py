@@ -7,8 +7,9 @@ random logits, forward only or forward + backward, on CUDA when present and othe
 ``extra_info`` holds the provider, shape, dtype, device, nominal GB/s (bytes = logits read + teacher
 read, + gradient written for forward+backward: what the loss must move at the least, the same
 count for every provider) and, on CUDA, the peak memory beyond the inputs. Every provider skips
-the labels' range check (a host sync), as a training loop whose data pipeline checked them does. Compare
-providers within a group (one shape, one mode): bench/report.py turns a JSON run into ratios.
+the labels' range check (a host sync), as a training loop whose data pipeline checked them does.
+Compare providers within a group (one shape, one mode): bench/report.py turns a JSON run into
+ratios.
 Liger-Kernel's cross-entropy and KL divergence join as a reference point where it is installed.
 """
 

@@ -102,7 +102,8 @@ def measure(bl, sd, images, labels, **kwargs):
 
 
 def _report(benchmark, case, device, settings, result, target):
-    benchmark.extra_info.update(dict(provider="fastsd.train step (bl vs sd)", device=device_label(device),
+    benchmark.extra_info.update(dict(provider="fastsd.train step (bl vs sd)",
+                                     device=device_label(device),
                                      shape=f"{case['batch']}x3x{case['image']}x{case['image']}",
                                      **case, **settings, **result, target_sd_over_bl=target))
     print(f"\n{case['arch']} batch {case['batch']} on {device} {settings}: "

@@ -350,8 +350,8 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
 
     Shapes: logits [N, C] (float32/bfloat16/float16), target [N] int64 or None, teacher_logits
     [N, C] (any of those float dtypes) or None; any strides (the kernels take the row strides,
-    and what they read at unit stride, the columns and the labels, is made so here). ``kd_scale`` is the KL
-    term's factor ``kd_weight * s``; ``tolerance_weight`` 0 switches the penalty off;
+    and what they read at unit stride, the columns and the labels, is made so here).
+    ``kd_scale`` is the KL term's factor ``kd_weight * s``; ``tolerance_weight`` 0 switches the penalty off;
     ``label_smoothing`` ε makes the CE target (1 - ε) one-hot + ε/C. Returns
     ``(terms, grad)``: terms [5, N] float32 (each row's loss
     ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, then CE, KL, TOL, all zero for rows

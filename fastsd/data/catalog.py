@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 __all__ = ["DATASETS", "list_datasets", "CIFAR_SETS", "CIFAR10_MEAN", "CIFAR10_STD",
            "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_PAD",
            "SMALL_IMAGE_MAX", "IMAGENET_CROP_RATIO", "RRC_SCALE", "RRC_RATIO", "TRAIN_STREAM",
-           "derive_seed", "check_epoch", "check_start", "eval_range", "check_int", "check_shard", "LoaderArgs",
-           "check_loader_args"]
+           "derive_seed", "check_epoch", "check_start", "eval_range", "check_int", "check_shard",
+           "LoaderArgs", "check_loader_args"]
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 _ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "imagenet": "imagefolder",

@@ -32,8 +32,9 @@ encoded file knows; it is computed inside the graph (``fn.peek_image_shape`` + D
 see :mod:`fastsd.data.dali_graph`) and the decoder decodes only that region.
 
 Epoch semantics (as :mod:`fastsd.data.torch_data`): iterating again without ``set_epoch`` repeats
-the same epoch; ``set_epoch(e, start=k)`` feeds the pipeline from batch ``k`` on; evaluation yields this process's contiguous part of the split (parts are disjoint,
-cover it, and have no padding or duplicates; sizes may differ by one), the last batch partial.
+the same epoch; ``set_epoch(e, start=k)`` feeds the pipeline from batch ``k`` on; evaluation
+yields this process's contiguous part of the split (parts are disjoint, cover it, and have no
+padding or duplicates; sizes may differ by one), the last batch partial.
 
 Errors: a file that cannot be read or decoded stops the pipeline (DALI does not skip samples, and its
 message does not say which sample). The loader then decodes the files of the batches in flight one
@@ -53,8 +54,8 @@ import torch
 
 from .base import DataLoaders, DatasetInfo
 from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
-                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM, check_epoch, check_int, check_start,
-                      check_loader_args, check_shard, derive_seed, eval_range)
+                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM, check_epoch, check_int,
+                      check_loader_args, check_shard, check_start, derive_seed, eval_range)
 from .folders import (ImageFolderSplit, UnreadableImageError, check_image_sizes,
                       scan_train_and_eval)
 from .torch_data import load_in_memory
