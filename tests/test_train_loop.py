@@ -450,6 +450,25 @@ def test_command_line_errors_name_what_the_user_did(tmp_path, capsys):
           "start the run again with another --out")
 
 
+def _tiny_image_folder(root):
+    """train/ and val/ with classes a and b of 4 small PNGs each."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (40 * i, 9, 90)).save(root / split / c / f"{i}.png")
+
+
+def _image_folder_cli(tmp_path, check_images):
+    """A one-epoch BL run on tmp_path/imgs into tmp_path/run."""
+    return ["--method", "bl", "--dataset", "imagefolder", "--data", str(tmp_path / "imgs"),
+            "--check-images", check_images, "--epochs", "1", "--batch-size", "8",
+            "--image-size", "8", "--workers", "0", "--device", "cpu", "--progress", "none",
+            "--no-tensorboard", "--out", str(tmp_path / "run")]
+
+
 @pytest.mark.parametrize("mode", ["full", "header"])
 def test_check_images_names_a_broken_file_before_training(tmp_path, capsys, mode):
     """--check-images opens every file of both splits up front (full decodes it, header reads
@@ -462,12 +481,7 @@ def test_check_images_names_a_broken_file_before_training(tmp_path, capsys, mode
     from fastsd.train.cli import main
     from fastsd.train.preflight import check_image_folder
 
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            os.makedirs(tmp_path / "imgs" / split / c)
-            for i in range(4):
-                Image.new("RGB", (8, 8), (40 * i, 9, 90)).save(tmp_path / "imgs" / split / c /
-                                                               f"{i}.png")
+    _tiny_image_folder(tmp_path / "imgs")
     jpeg = io.BytesIO()
     Image.effect_noise((64, 64), 40).convert("RGB").save(jpeg, "JPEG")
     cut = tmp_path / "imgs" / "val" / "a" / "cut.jpg"
@@ -480,11 +494,7 @@ def test_check_images_names_a_broken_file_before_training(tmp_path, capsys, mode
     cut.unlink()
     broken = tmp_path / "imgs" / "val" / "b" / "1.png"
     broken.write_bytes(b"not a png")
-    argv = ["--method", "bl", "--dataset", "imagefolder", "--data", str(tmp_path / "imgs"),
-            "--check-images", mode, "--epochs", "1", "--batch-size", "8", "--image-size", "8",
-            "--workers", "0", "--device", "cpu", "--progress", "none", "--no-tensorboard",
-            "--out", str(tmp_path / "run")]
-    assert main(argv) == 2
+    assert main(_image_folder_cli(tmp_path, mode)) == 2
     err = capsys.readouterr().err
     assert f"cannot read image file {str(broken)!r}" in err and "replace or delete" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
@@ -493,23 +503,12 @@ def test_check_images_names_a_broken_file_before_training(tmp_path, capsys, mode
 def test_an_image_that_breaks_during_training_is_named_with_the_way_on(tmp_path, capsys):
     """With --check-images none a broken file stops the run when it is read: the message names
     it, and since no checkpoint was written yet, it says to start again (not to --resume)."""
-    from PIL import Image
-
     from fastsd.train.cli import main
 
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            os.makedirs(tmp_path / "imgs" / split / c)
-            for i in range(4):
-                Image.new("RGB", (8, 8), (40 * i, 9, 90)).save(tmp_path / "imgs" / split / c /
-                                                               f"{i}.png")
+    _tiny_image_folder(tmp_path / "imgs")
     broken = tmp_path / "imgs" / "train" / "b" / "2.png"
     broken.write_bytes(b"not a png")
-    argv = ["--method", "bl", "--dataset", "imagefolder", "--data", str(tmp_path / "imgs"),
-            "--check-images", "none", "--epochs", "1", "--batch-size", "8", "--image-size", "8",
-            "--workers", "0", "--device", "cpu", "--progress", "none", "--no-tensorboard",
-            "--out", str(tmp_path / "run")]
-    assert main(argv) == 2
+    assert main(_image_folder_cli(tmp_path, "none")) == 2
     err = capsys.readouterr().err
     assert str(broken) in err and "start the run again (it stopped before its first " \
         "checkpoint)" in err and "--resume" not in err
