@@ -92,15 +92,23 @@ def _train(cfg, record_initial_eval=False):
     return out
 
 
-def _worker(rank, port, root):
+def _join_group(rank, port):
+    """In a spawned worker: join the WORLD-process group from the environment torchrun would
+    set, as ``python -m fastsd.train`` does."""
+    from fastsd.train import distributed
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+    distributed.init("cpu", WORLD)
+
+
+def _worker(rank, port, root):
     import fastsd.models
     from fastsd.ops.distill import cpu_backend
     from fastsd.train import distributed
 
-    distributed.init("cpu", WORLD)
+    _join_group(rank, port)
     # Rank 1 is given a run directory of its own: if it wrote anything, the directory would exist.
     name = "rank0" if rank == 0 else "rank1"
     saved = {}
@@ -346,8 +354,6 @@ def _download_worker(rank, port, root):
     import numpy as np
     import torchvision.datasets.cifar as tv_cifar
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     from fastsd.train import distributed
 
     def fake_download(url, download_root, **kwargs):
@@ -366,7 +372,7 @@ def _download_worker(rank, port, root):
 
     tv_cifar.download_and_extract_archive = fake_download
     tv_cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
-    distributed.init("cpu", WORLD)
+    _join_group(rank, port)
     t = Trainer.__new__(Trainer)
     t.cfg = TrainConfig(dataset="cifar10", data=os.path.join(root, "data"), download=True,
                         batch_size=4, device="cpu", world_size=WORLD, progress="none")
@@ -389,12 +395,9 @@ def test_download_under_several_processes_fetches_once(tmp_path):
 def _rng_worker(rank, port, root):
     """Sets a 2-process run up, draws from the global generator (dropout's), writes a checkpoint
     and draws again; then resumes the run from that checkpoint and draws once more."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
     from fastsd.train import distributed
 
-    distributed.init("cpu", WORLD)
+    _join_group(rank, port)
     cfg = config(os.path.join(root, "run"), WORLD, PER_PROCESS_BATCH)
     trainer = Trainer(cfg, quiet=True).setup()
     first = torch.rand(4)
