@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 __all__ = ["DATASETS", "list_datasets", "CIFAR_SETS", "CIFAR10_MEAN", "CIFAR10_STD",
            "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_PAD",
            "SMALL_IMAGE_MAX", "IMAGENET_CROP_RATIO", "RRC_SCALE", "RRC_RATIO", "TRAIN_STREAM",
-           "derive_seed", "check_epoch", "check_start", "eval_range", "check_int", "check_shard",
-           "LoaderArgs", "check_loader_args"]
+           "DALI_AUG_STREAM", "PROCESS_RNG_STREAM", "derive_seed", "check_epoch", "check_start",
+           "eval_range", "check_int", "check_shard", "LoaderArgs", "check_loader_args"]
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 _ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "imagenet": "imagefolder",
@@ -40,7 +40,10 @@ SMALL_IMAGE_MAX = 64      #: image folders at or below this size get CIFAR-style
 IMAGENET_CROP_RATIO = 0.875  #: evaluation: resize to size / 0.875 (256 for 224), centre-crop size
 RRC_SCALE = (0.08, 1.0)   #: RandomResizedCrop: area fraction range (torchvision's default)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  #: RandomResizedCrop: aspect ratio (w / h) range
-TRAIN_STREAM = 1       #: derive_seed stream of the training order and augmentation
+# The derive_seed streams: one value per consumer, all defined here so no two can collide.
+TRAIN_STREAM = 1        #: the training order and the torch path's augmentation
+DALI_AUG_STREAM = 2     #: the DALI pipelines' augmentation parameters
+PROCESS_RNG_STREAM = 3  #: each DDP process's global generators (dropout and other in-model randomness)
 
 
 def list_datasets() -> List[str]:

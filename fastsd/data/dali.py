@@ -54,8 +54,9 @@ import torch
 
 from .base import DataLoaders, DatasetInfo
 from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
-                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM, check_epoch, check_int,
-                      check_loader_args, check_shard, check_start, derive_seed, eval_range)
+                      DALI_AUG_STREAM, RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM,
+                      check_epoch, check_int, check_loader_args, check_shard, check_start,
+                      derive_seed, eval_range)
 from .folders import (ImageFolderSplit, UnreadableImageError, check_image_sizes,
                       scan_train_and_eval)
 from .torch_data import load_in_memory
@@ -69,7 +70,6 @@ DALI_INSTALL = 'pip install "fastsd[dali]"'
 DALI_DEVICES = ("auto", "gpu", "cpu")
 #: image folder splits up to this size are held in memory, encoded (see build_dali_loaders)
 DEFAULT_CACHE_BYTES = 512 << 20
-_AUG_STREAM = 2            # derive_seed stream of the DALI augmentation parameters
 _LOG_RATIO = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
 
 
@@ -337,7 +337,7 @@ class DaliEpochLoader:
         if not self.train:
             return ()
         if self._aug_key[0] != epoch:
-            self._aug_key = (epoch, derive_seed(self.seed, epoch, _AUG_STREAM))
+            self._aug_key = (epoch, derive_seed(self.seed, epoch, DALI_AUG_STREAM))
         rng = np.random.default_rng([self._aug_key[1], self.rank, k])
         if self.augment == "cifar":
             # torchvision RandomCrop(padding=p): the corner in the padded image is uniform in [0, 2p]
@@ -372,7 +372,7 @@ class DaliEpochLoader:
         self._pipe = build_pipeline(
             spec, self._feed, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self._device_id(), prefetch=self.prefetch,
-            seed=derive_seed(self.seed, 0, _AUG_STREAM) % (1 << 31))
+            seed=derive_seed(self.seed, 0, DALI_AUG_STREAM) % (1 << 31))
         self._fresh = True
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

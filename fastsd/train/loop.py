@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from fastsd.data.catalog import derive_seed
+from fastsd.data.catalog import PROCESS_RNG_STREAM, derive_seed
 
 from . import distributed
 from .checkpoint import (FORMAT_VERSION, atomic_torch_save, checkpoint_path, find_checkpoint,
@@ -51,7 +51,6 @@ def _empty_epoch_sums() -> Dict[str, float]:
                 finite=0, skipped=0, clipped=0, timed_images=0, seconds=0.0)
 
 
-_PROCESS_RNG_STREAM = 3  # derive_seed stream of each process's global generators under DDP
 
 
 def model_seed(seed: int, generation: int) -> int:
@@ -120,7 +119,7 @@ class Trainer:
         # the samples of one process's batch (initial weights, data order and augmentation have
         # generators of their own, the same everywhere).
         _seed_all(cfg.seed if self.world_size == 1 else
-                  derive_seed(cfg.seed, self.rank, _PROCESS_RNG_STREAM))
+                  derive_seed(cfg.seed, self.rank, PROCESS_RNG_STREAM))
 
         self.data = self._build_data()
         info = self.data.info
