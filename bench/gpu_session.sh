@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
 # One call of a lent GPU machine, from a bare checkout: install fastsd into the machine's python3
 # (its CUDA extension built for that GPU only, which is quicker than the full list of setup.py),
-# print the versions, then run bench/run_all.sh with the given phases.
+# DALI from the parts sent ahead into /tmp/dali-parts (when there), print the versions, then run
+# bench/run_all.sh with the given phases.
 #
-#   bash bench/gpu_session.sh [PHASE ...]        e.g. DEADLINE_S=480 bash bench/gpu_session.sh core train
+#   bash bench/gpu_session.sh [PHASE ...]     e.g. DEADLINE_S=480 bash bench/gpu_session.sh snapshots dali
 #
 # Such a machine has no network. Its image pins torch 2.11, which asks for setuptools < 82 and may
-# come with one older than the 77 that this project's metadata needs; then the script installs a
-# setuptools wheel from .whl/, which the caller fetches beforehand and sends along (the device
-# tool's carry):  pip download 'setuptools>=77,<82' --no-deps -d .whl
+# come with one older than the 77 that this project's metadata needs; then the script installs the
+# setuptools wheel in .whl/. DALI is not on the image and its wheels (~270 MB) travel in 5 parts.
+# `bash bench/prepare_gpu_session.sh` prepares all of it beforehand (git-ignored: .whl/,
+# .device-dali/chunk-N/, .data/ with the CIFAR-10 JPEG archive).
 #
-# The whole session, as calls of the device tool back to back (the machine goes back when idle):
-#   1. carry .whl and .device-dali/chunk-1:
-#        mkdir -p /tmp/dali-parts && cp .device-dali/chunk-1/* /tmp/dali-parts/ &&
-#        DEADLINE_S=360 bash bench/gpu_session.sh core
-#   2-4. carry .device-dali/chunk-N: mkdir -p /tmp/dali-parts && cp .device-dali/chunk-N/* /tmp/dali-parts/
-#   5. carry .device-dali/chunk-5 and .data (cifar10-jpeg.tar.gz, copied from ../shared/datasets):
-#        the same copy, and cp .data/cifar10-jpeg.tar.gz /tmp/
-#   6. the install line ../shared/tools/device-dali prints, then
-#        FASTSD_CIFAR_JPEG_TAR=/tmp/cifar10-jpeg.tar.gz DEADLINE_S=240 bash bench/run_all.sh dali
-#   7. if time is left: bash bench/run_all.sh train
+# The whole session, for a lease of 15 minutes of device time (the start, idle waits and transfers
+# count), as calls of the device tool back to back (the machine goes back after 30 s idle):
+#   1-4. carry .device-dali/chunk-N (the first call starts the machine):
+#        mkdir -p /tmp/dali-parts && cp .device-dali/chunk-N/* /tmp/dali-parts/
+#   5.   carry .device-dali/chunk-5, .whl and .data, timeout_s 560:
+#        mkdir -p /tmp/dali-parts && cp .device-dali/chunk-5/* /tmp/dali-parts/ &&
+#        DEADLINE_S=480 bash bench/gpu_session.sh snapshots dali kernels
+#   6.   give_back; commit what came back under bench/results/ (the files name the GPU).
+#   With more device time: the train phase (ResNet-50 and ResNet-152 steps), then kernels in full.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -33,6 +34,19 @@ if ! $python -c "import setuptools, sys; sys.exit(int(setuptools.__version__.spl
     exit 1
   fi
   $python -m pip install -q --no-deps --no-index "${wheels[0]}" || exit 1
+fi
+
+if [ -z "${FASTSD_CIFAR_JPEG_TAR:-}" ] && [ -f .data/cifar10-jpeg.tar.gz ]; then
+  export FASTSD_CIFAR_JPEG_TAR=$PWD/.data/cifar10-jpeg.tar.gz
+fi
+if compgen -G "/tmp/dali-parts/part-*" >/dev/null && ! $python -c "import nvidia.dali" 2>/dev/null; then
+  # the parts are one tar of wheels, cut in order (../shared/tools/device-dali)
+  if [ ! -d /tmp/dali-site ]; then
+    cat /tmp/dali-parts/part-* | tar -x -C /tmp &&
+      $python -m pip install -q --no-index --no-deps --no-compile --target /tmp/dali-site \
+        /tmp/wheels/*.whl || echo "DALI did not install from /tmp/dali-parts (a part missing?)" >&2
+  fi
+  export PYTHONPATH=/tmp/dali-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 arch=$($python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || {
@@ -49,6 +63,11 @@ import numpy, setuptools, torch, triton, fastsd._C as ext
 print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__,
       '| setuptools', setuptools.__version__, '|', torch.cuda.get_device_name(),
       '| fastsd._C with CUDA:', ext.built_with_cuda())
+try:
+    import nvidia.dali as dali
+    print('DALI', dali.__version__)
+except ImportError:
+    print('DALI not installed')
 assert ext.built_with_cuda(), 'fastsd._C was built without CUDA'" || exit 1
 echo "installed in $((SECONDS - start)) s"
 

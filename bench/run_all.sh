@@ -2,10 +2,13 @@
 # GPU tests and benchmarks, with the results written under bench/results/ in files named after the
 # device (the GPU's name, or "cpu") and the phase. Run from the project root after installing it.
 #
-#   bash bench/run_all.sh [PHASE ...]       PHASE: core, train, dali, all (the default: all three)
+#   bash bench/run_all.sh [PHASE ...]       PHASE: snapshots, kernels, core (the two), train, dali,
+#                                           all (the default: snapshots kernels train dali)
 #
-#   core   GPU tests of the loss kernels, snapshots, trainer and torch data path; loss and snapshot
-#          benchmarks (Triton kernels, pack_tensors CUDA kernel, copy bandwidth)
+#   snapshots  GPU tests of the snapshot store; its benchmark (pack_tensors CUDA kernel, copy
+#          bandwidth, teacher forward)
+#   kernels  GPU tests of the loss kernels, trainer and torch data path; loss benchmarks (Triton
+#          kernels against the eager and the compiled reference)
 #   train  training-step benchmarks: SD vs BL on ResNet-50, then ResNet-152 (AMP, channels_last,
 #          compiled), DDP scaling (needs 2+ GPUs)
 #   dali   GPU tests and the loader benchmark of the DALI pipelines (DALI must be importable), then
@@ -17,11 +20,20 @@
 # (at most 10 minutes) returns what finished even when something hangs or runs long. DEADLINE_S
 # bounds the whole script as well: each call gets at most what is left of it (less a margin to
 # publish), and calls that would get under 20 s are skipped and say so. The calls run in order of
-# importance (GPU tests first). When $OUT is set (the device tool), the phase's markdown and logs
-# are copied there too. Without the CIFAR archive beside the checkout, set FASTSD_CIFAR_JPEG_TAR
+# importance (GPU tests first). When $OUT is set (the device tool), the phase's markdown, logs
+# and JSON files are copied there too. Without the CIFAR archive beside the checkout, set FASTSD_CIFAR_JPEG_TAR
 # to it (those cases skip otherwise).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+phases=()
+for phase in "${@:-all}"; do  # checked before anything runs: a typo must not cost a lent machine
+  case $phase in
+    all) phases+=(snapshots kernels train dali) ;;
+    core) phases+=(snapshots kernels) ;;
+    snapshots|kernels|train|dali) phases+=("$phase") ;;
+    *) echo "unknown phase $phase (snapshots, kernels, core, train, dali, all)" >&2; exit 2 ;;
+  esac
+done
 python=${PYTHON:-python3}
 limit=${CALL_TIMEOUT:-240}
 deadline=$((SECONDS + ${DEADLINE_S:-1000000}))
@@ -29,15 +41,13 @@ export PYTHONUNBUFFERED=1
 device=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')") || exit 1
 mkdir -p bench/results
 status=0
-phases=("$@")
-[ ${#phases[@]} -eq 0 ] || [ "${phases[0]}" = all ] && phases=(core train dali)
 
 publish() {  # publish STEM: the phase's markdown from its JSON files so far, and to $OUT
   local stem=$1
   local jsons=("$stem"-*.json)
   [ -e "${jsons[0]}" ] && $python bench/report.py "${jsons[@]}" > "$stem.md"
   # after every call, not once at the end: a device call cut short still returns what finished
-  if [ -n "${OUT:-}" ]; then cp "$stem".md "$stem"-*.txt "$OUT"/ 2>/dev/null; fi
+  if [ -n "${OUT:-}" ]; then cp "$stem".md "$stem"-*.txt "$stem"-*.json "$OUT"/ 2>/dev/null; fi
   return 0
 }
 
@@ -77,11 +87,13 @@ bench() {  # bench STEM PART SECONDS PYTEST_ARGS...
 for phase in "${phases[@]}"; do
   stem=bench/results/$device-$phase-$(date +%Y%m%d-%H%M)
   case $phase in
-    core)
+    snapshots)
+      gpu_tests "$stem" tests/test_snapshots.py
+      bench "$stem" snapshots "$limit" bench/bench_snapshots.py ;;
+    kernels)
       # one time box each: the loss and trainer tests compile many kernels and models, and one
       # running long must not cost the others their run
-      gpu_tests "$stem" tests/test_snapshots.py tests/test_data.py
-      bench "$stem" snapshots "$limit" bench/bench_snapshots.py  # short: before the long loss tests
+      gpu_tests "$stem" tests/test_data.py
       gpu_tests "$stem" tests/test_loss.py "${parallel[@]}"
       gpu_tests "$stem" tests/test_train_loop.py
       bench "$stem" loss "$limit" bench/bench_loss.py -k "not compiled_reference"
@@ -100,7 +112,6 @@ for phase in "${phases[@]}"; do
       fi
       gpu_tests "$stem" tests/test_dali.py
       bench "$stem" data "$limit" bench/bench_data.py ;;
-    *) echo "unknown phase $phase (core, train, dali, all)"; exit 2 ;;
   esac
   echo "results: $stem.md"
 done
