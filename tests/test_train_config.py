@@ -107,6 +107,20 @@ def test_every_field_has_help_and_a_flag():
     assert "--no-nesterov" in options and "--compile" in options
 
 
+def test_console_scripts_run_the_three_programs():
+    from importlib.metadata import entry_points
+
+    import fastsd.evaluate
+    import fastsd.report
+
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts")
+               if ep.dist is not None and ep.dist.name == "fastsd"}
+    assert sorted(scripts) == ["fastsd-evaluate", "fastsd-report", "fastsd-train"], \
+        "reinstall the project (pip install --no-build-isolation -e .) to refresh its metadata"
+    assert scripts["fastsd-train"].load() is main
+    assert scripts["fastsd-evaluate"].load() is fastsd.evaluate.main
+    assert scripts["fastsd-report"].load() is fastsd.report.main
+
 # ------------------------------------------------------------------------------------ schedules
 def test_lr_follows_the_cyclic_cosine_and_restarts_at_cycle_starts():
     cfg = TrainConfig(method="sd", epochs=6, cycle_epochs=[2, 1, 3], lr=0.2, lr_min=0.01, **CPU)
