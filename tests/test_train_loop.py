@@ -600,6 +600,49 @@ def _resume_to_the_reference(tmp_path):
     return state
 
 
+def test_deterministic_selects_deterministic_cuda_kernels(monkeypatch):
+    """What --deterministic sets for CUDA runs; process-wide flags that need no GPU to read."""
+    from fastsd.train.loop import configure_cuda_kernels
+
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        configure_cuda_kernels(True)
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own is kept
+        configure_cuda_kernels(True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+        configure_cuda_kernels(False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        benchmark, deterministic, algorithms, precision = saved
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.deterministic = deterministic
+        torch.use_deterministic_algorithms(algorithms)
+        torch.set_float32_matmul_precision(precision)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_a_stop_resumes_bit_exactly_on_cuda_with_deterministic(tmp_path, amp):
+    """README: resume is bit for bit on CUDA with --deterministic (the fp16 run carries the
+    GradScaler's state over the stop). The SD teacher of cycle 2 is in play after the stop."""
+    from fastsd.train.errors import Interrupted
+
+    settings = dict(device="cuda", amp=amp, deterministic=True, method="sd", epochs=3,
+                    cycle_epochs=[1, 2], synthetic_size=[96, 48], log_every=2)
+    train(tiny(tmp_path, "reference", **settings))
+    with pytest.raises(Interrupted, match="at iteration 5 "):
+        train(tiny(tmp_path, "run", **settings), hooks=[StopAtIteration(5)])
+    assert _resume_to_the_reference(tmp_path)["iteration"] == 5
+
+
 @pytest.mark.parametrize("stop", [2, 3, 4, 5, 6, 7], ids=lambda i: f"iteration{i}")
 def test_a_stop_anywhere_resumes_to_the_same_run_and_epoch_rows(tmp_path, stop):
     """3 iterations an epoch, a line logged at every even iteration, cycles of 1 and 2 epochs: a

@@ -199,8 +199,9 @@ class TrainConfig:
     sync_bn: bool = _f(False, "several processes: SyncBatchNorm, BatchNorm statistics over the "
                        "global batch (CUDA only); without it each process normalises with its "
                        "own batch's statistics", "perf")
-    deterministic: bool = _f(False, "deterministic kernels (cudnn.deterministic, no cudnn "
-                             "benchmark): bit-exact resume on CUDA, a little slower", "perf")
+    deterministic: bool = _f(False, "deterministic CUDA kernels (cuDNN without autotuning, "
+                             "torch.use_deterministic_algorithms, no TF32 matmuls): bit-exact "
+                             "resume on CUDA, a little slower", "perf")
 
     # ------------------------------------------------------------------------------------- run
     out: Optional[str] = _f(None, "run directory [auto: runs/<method>-<arch>-<date-time>]",

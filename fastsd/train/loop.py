@@ -106,12 +106,7 @@ class Trainer:
         if self.device.type == "cuda":
             if self.device.index is not None:
                 torch.cuda.set_device(self.device)
-            torch.backends.cudnn.benchmark = not cfg.deterministic
-            torch.backends.cudnn.deterministic = cfg.deterministic
-            if not cfg.deterministic:
-                # float32 matmuls (the classifier, and everything with --amp none) on tensor
-                # cores as TF32, as cuDNN already does for convolutions
-                torch.set_float32_matmul_precision("high")
+            configure_cuda_kernels(cfg.deterministic)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         # One process: the seed itself. Several: a stream of its own for each, so that dropout
@@ -827,6 +822,24 @@ class Trainer:
                 print(f"\nresults: {os.path.join(self.run_dir, 'results.md')} "
                       f"(and results.json, metrics.jsonl, model.safetensors); {wall:.1f} s")
         return results
+
+
+def configure_cuda_kernels(deterministic: bool) -> None:
+    """The process-wide choice of CUDA kernels for a run (``--deterministic``).
+
+    Deterministic: cuDNN's deterministic algorithms without autotuning, float32 matmuls in
+    float32, cuBLAS with a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, unless the user set one;
+    read when cuBLAS starts, so before the first matmul), and
+    ``torch.use_deterministic_algorithms``, under which an op that has only a nondeterministic
+    CUDA kernel raises torch's error naming it instead of quietly breaking the bit-exact resume.
+    Otherwise: cuDNN autotuning, and float32 matmuls (the classifier, everything with ``--amp
+    none``) as TF32 on tensor cores, as cuDNN already does for convolutions."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_float32_matmul_precision("highest" if deterministic else "high")
 
 
 def _seed_all(seed: int) -> None:
