@@ -43,6 +43,8 @@ def render(report):
             info = bench.get("extra_info", {})
             throughput = (f"{info['GBps']:.1f} GB/s" if "GBps" in info else
                           f"{info['images_per_s']:.0f} img/s" if "images_per_s" in info else "")
+            if "GBps_streamed" in info:
+                throughput += f" ({info['GBps_streamed']:.1f} streamed)"
             base_info = base.get("extra_info", {})
             if "images_per_s" in info and "images_per_s" in base_info:
                 # rounds of different sizes (batch 256 on a GPU, 64 for the DataLoader)
