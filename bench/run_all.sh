@@ -21,8 +21,8 @@
 # bounds the whole script as well: each call gets at most what is left of it (less a margin to
 # publish), and calls that would get under 20 s are skipped and say so. The calls run in order of
 # importance (GPU tests first). When $OUT is set (the device tool), the phase's markdown, logs
-# and JSON files are copied there too. Without the CIFAR archive beside the checkout, set FASTSD_CIFAR_JPEG_TAR
-# to it (those cases skip otherwise).
+# and JSON files are copied there too. Without the CIFAR archive beside the checkout, set
+# FASTSD_CIFAR_JPEG_TAR to it (those cases skip otherwise).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phases=()

@@ -43,7 +43,7 @@ RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  #: RandomResizedCrop: aspect ratio (w / h) r
 # The derive_seed streams: one value per consumer, all defined here so no two can collide.
 TRAIN_STREAM = 1        #: the training order and the torch path's augmentation
 DALI_AUG_STREAM = 2     #: the DALI pipelines' augmentation parameters
-PROCESS_RNG_STREAM = 3  #: each DDP process's global generators (dropout and other in-model randomness)
+PROCESS_RNG_STREAM = 3  #: each DDP process's global generators (dropout, other in-model noise)
 
 
 def list_datasets() -> List[str]:
