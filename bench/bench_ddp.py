@@ -19,10 +19,10 @@ import os
 import socket
 import statistics
 import tempfile
-import time
 
 import pytest
 import torch
+from timing import seconds_per_call
 
 GPU_CASE = dict(arch="resnet50", batch=256, image=224, classes=1000)
 
@@ -82,12 +82,7 @@ def _worker(rank, world, port, case, device_type, compile, rounds, steps_per_rou
         step(images, labels)
     times = []
     for _ in range(rounds):
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps_per_round):
-            step(images, labels)
-        sync()
-        times.append((time.perf_counter() - start) / steps_per_round)
+        times.append(seconds_per_call(lambda: step(images, labels), steps_per_round, sync))
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(dict(step_s=statistics.median(times)), fh)

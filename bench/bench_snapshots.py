@@ -26,13 +26,13 @@ into ratios against ``per_tensor_loop`` and ``fp32``.
 """
 
 import functools
-import time
 
 import pytest
 import torch
 import torchvision
 
 from devices import device_label
+from timing import seconds_per_call
 from fastsd import SnapshotStore
 from fastsd.ops.snapshot import pack_tensors
 
@@ -112,15 +112,7 @@ def _streamed_seconds(fn, calls=STREAMED_CALLS, repeats=3):
     ``repeats``). On a GPU the host's work for a call (the tensor list's conversion, the table)
     then overlaps the previous call's kernel, so this is the bandwidth of the device work, where
     the benchmark's own timing (one call, then a sync) adds each call's host latency."""
-    best = float("inf")
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _sync()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
+    return min(seconds_per_call(fn, calls, _sync) for _ in range(repeats))
 
 
 def _teacher_case():

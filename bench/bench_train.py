@@ -20,11 +20,11 @@ Targets (issue 4): SD/BL step time <= 1.20 on a GPU, <= 1.28 on the 2-core CPU o
 """
 
 import statistics
-import time
 
 import pytest
 import torch
 from devices import device_label
+from timing import seconds_per_call
 
 CPU_CASE = dict(arch="resnet20", batch=128, image=32, classes=100)
 GPU_CASES = [dict(arch="resnet50", batch=256, image=224, classes=1000),
@@ -84,12 +84,8 @@ def alternate(steps, images, labels, *, rounds=7, steps_per_round=3, warmup=2):
     for r in range(rounds):
         order = list(steps.items()) if r % 2 == 0 else list(steps.items())[::-1]
         for name, step in order:
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps_per_round):
-                step(images, labels)
-            _sync(device)
-            times[name].append((time.perf_counter() - start) / steps_per_round)
+            times[name].append(seconds_per_call(lambda: step(images, labels), steps_per_round,
+                                                lambda: _sync(device)))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
