@@ -121,6 +121,7 @@ def test_console_scripts_run_the_three_programs():
     assert scripts["fastsd-evaluate"].load() is fastsd.evaluate.main
     assert scripts["fastsd-report"].load() is fastsd.report.main
 
+
 # ------------------------------------------------------------------------------------ schedules
 def test_lr_follows_the_cyclic_cosine_and_restarts_at_cycle_starts():
     cfg = TrainConfig(method="sd", epochs=6, cycle_epochs=[2, 1, 3], lr=0.2, lr_min=0.01, **CPU)
