@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from fastsd.train.config import auto_image_size, check_device
-from fastsd.train.errors import SetupError, TrainError
+from fastsd.train.errors import SetupError, TrainError, program_name
 
 __all__ = ["evaluate_models", "resolve_models", "main"]
 
@@ -200,7 +200,7 @@ def load_model(path: str, arch: Optional[str], num_classes: Optional[int], devic
 # --------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fastsd.evaluate",
+        prog=program_name("fastsd.evaluate"),
         description="Evaluate a saved fastsd model, a snapshot, or an ensemble of snapshots on a "
                     "test split; print top-1/top-5 error, the ensemble's, and the secondary "
                     "information (top-1..4 confidences, agreement, entropy).",

@@ -35,7 +35,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from fastsd.train.config import RESUME_OVERRIDABLE, TrainConfig
-from fastsd.train.errors import TrainError
+from fastsd.train.errors import TrainError, program_name
 from fastsd.train.results import (METHOD_NAMES, counted, format_table, run_title,
                                   stage_labels, table_columns)
 
@@ -484,7 +484,7 @@ def build_report(run_dirs: Sequence[str], out: str, *, plots: bool = True) -> Di
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m fastsd.report",
+        prog=program_name("fastsd.report"),
         description="Compare fastsd training runs: report.md with the SD-paper error table, "
                     "learning-rate / loss / error plots, secondary information (top-1..4 "
                     "confidences, second-class confusion) and SD teacher agreement / entropy.")

@@ -2,6 +2,7 @@
 
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -120,6 +121,22 @@ def test_console_scripts_run_the_three_programs():
     assert scripts["fastsd-train"].load() is main
     assert scripts["fastsd-evaluate"].load() is fastsd.evaluate.main
     assert scripts["fastsd-report"].load() is fastsd.report.main
+
+
+@pytest.mark.parametrize("module", ["fastsd.train", "fastsd.evaluate", "fastsd.report"])
+@pytest.mark.parametrize("started_as", ["console script", "python -m"])
+def test_usage_names_the_program_the_way_it_was_started(module, started_as, monkeypatch, capsys):
+    import importlib
+
+    script = module.replace(".", "-")
+    argv0 = f"/venv/bin/{script}" if started_as == "console script" else f"/src/{module}.py"
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    program = importlib.import_module("fastsd.train.cli" if module == "fastsd.train" else module)
+    with pytest.raises(SystemExit) as exit_info:
+        program.main(["--help"])
+    assert exit_info.value.code == 0
+    expected = script if started_as == "console script" else f"python -m {module}"
+    assert capsys.readouterr().out.startswith(f"usage: {expected} ")
 
 
 # ------------------------------------------------------------------------------------ schedules

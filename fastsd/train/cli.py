@@ -14,7 +14,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .config import RESUME_OVERRIDABLE, TrainConfig, flag, load_yaml
-from .errors import ConfigError, TrainError
+from .errors import ConfigError, TrainError, program_name
 
 _GROUPS = {
     "method": "method (bl, se, sd, kd, ban, tt) and its loss",
@@ -41,7 +41,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fastsd.train",
+        prog=program_name("fastsd.train"),
         description="Train image classifiers with Snapshot Distillation and the methods it is\n"
                     "compared with (BL, SE, SD, KD, BAN, TT). Values marked [auto] are resolved\n"
                     "from the method, data set and device and written to <run>/config.yaml.",

@@ -4,6 +4,18 @@ The command line prints these without a traceback and exits with a non-zero stat
 is a bug (or a failure of a lower layer) and keeps its traceback.
 """
 
+import os
+import sys
+
+
+def program_name(module: str) -> str:
+    """How the user started the program, for its usage line: ``fastsd-train`` (the console
+    script of ``module`` fastsd.train) or ``python -m fastsd.train``."""
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if script == module.replace(".", "-"):
+        return script
+    return f"python -m {module}"
+
 
 class TrainError(Exception):
     """Base class: the message says what is wrong and what to do."""
