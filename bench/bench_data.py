@@ -97,7 +97,8 @@ def _torch_dataloader(root, style, batch_size):
 def _loader(provider, data, root, batch_size):
     dataset = "cifar10" if data == "cifar10-jpeg" else "imagefolder"
     if provider == "torch-dataloader":
-        return _torch_dataloader(root, "cifar" if data == "cifar10-jpeg" else "imagenet", batch_size)
+        return _torch_dataloader(root, "cifar" if data == "cifar10-jpeg" else "imagenet",
+                                 batch_size)
     if provider == "fastsd-torch":
         from fastsd.data import build_loaders
 

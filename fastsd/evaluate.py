@@ -2,9 +2,9 @@
 
 Examples::
 
-    python -m fastsd.evaluate --checkpoint runs/sd-resnet20          # the run's final model
-    python -m fastsd.evaluate --checkpoint runs/sd-resnet20 --snapshots all      # every snapshot
-    python -m fastsd.evaluate --checkpoint runs/sd-resnet20 --snapshots 2 3      # M#L2, M#L3 + ensemble
+    python -m fastsd.evaluate --checkpoint runs/sd-resnet20                # the final model
+    python -m fastsd.evaluate --checkpoint runs/sd-resnet20 --snapshots all  # every snapshot
+    python -m fastsd.evaluate --checkpoint runs/sd-resnet20 --snapshots 2 3  # M#L2, M#L3, ensemble
     python -m fastsd.evaluate --checkpoint model.safetensors --arch resnet56 \\
         --dataset cifar100 --data ~/data
 

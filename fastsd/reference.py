@@ -1,4 +1,4 @@
-"""Plain-PyTorch definitions of fastsd's ops: the oracle of the tests and the baseline of the benchmarks.
+"""Plain-PyTorch definitions of fastsd's ops: the tests' oracle and the benchmarks' baseline.
 
 Everything here is written for clarity, from the definitions in DESIGN.md section 2, with autograd
 providing the gradient. It shares no code with the kernels it checks, except the argument checks
@@ -65,12 +65,13 @@ def distill_loss_ref(logits, target=None, teacher_logits=None, *, temperature=1.
 
     ``loss = ce_weight·CE(y, softmax(z)) + kd_weight·s·KL(softmax(t/T) ‖ softmax(z/T_s))
     + tolerance_weight·TOL``, with ``s = T²`` when ``t2_scaling``; ``label_smoothing`` ε replaces
-    the one-hot target of CE by (1 − ε) one-hot + ε/C, as ``torch.nn.functional.cross_entropy``. Shapes: logits [..., C], target
-    [...] (integer) or None, teacher_logits [..., C] or None. Returns a float32 (float64 for float64
-    input) scalar for "mean"/"sum", or the per-row losses for "none"; with ``return_terms`` a pair
-    ``(loss, LossTerms)``. "mean" divides by the number of rows whose label is not ignore_index
-    (all rows without a target); with no such row the mean is 0. ``check_labels=False`` skips
-    the range check of the labels (a host sync), as :func:`fastsd.distill_loss` can.
+    the one-hot target of CE by (1 − ε) one-hot + ε/C, as ``torch.nn.functional.cross_entropy``.
+    Shapes: logits [..., C], target [...] (integer) or None, teacher_logits [..., C] or None.
+    Returns a float32 (float64 for float64 input) scalar for "mean"/"sum", or the per-row losses
+    for "none"; with ``return_terms`` a pair ``(loss, LossTerms)``. "mean" divides by the number of
+    rows whose label is not ignore_index (all rows without a target); with no such row the mean is
+    0. ``check_labels=False`` skips the range check of the labels (a host sync), as
+    :func:`fastsd.distill_loss` can.
     """
     rows_shape = check_distill_args(logits, target, teacher_logits, temperature=temperature,
                                     student_temperature=student_temperature, ce_weight=ce_weight,

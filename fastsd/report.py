@@ -45,7 +45,8 @@ REQUIRED_FILES = ("results.json", "metrics.jsonl", "config.yaml")
 
 
 class ReportError(TrainError):
-    """A run directory the report cannot use; the message names the directory and what is missing."""
+    """A run directory the report cannot use;
+    the message names the directory and what is missing."""
 
 
 # ----------------------------------------------------------------------------------- reading runs
@@ -69,7 +70,8 @@ def load_run(run_dir: str) -> Dict[str, Any]:
         raise ReportError(f"{run_dir}: cannot read results.json ({e})") from None
     for key in ("method", "snapshots", "best"):
         if key not in results:
-            raise ReportError(f"{run_dir}: results.json has no {key!r}: not written by fastsd.train")
+            raise ReportError(f"{run_dir}: results.json has no {key!r}: "
+                              f"not written by fastsd.train")
     import yaml
 
     try:
@@ -351,8 +353,9 @@ def plot_stage_errors(runs, path, plt) -> None:
         ens = run["results"].get("ensemble")
         if ens:
             by["ensemble"] = ens["top1_error"]
-        xs = [j + (i - (len(runs) - 1) / 2) * width for j, l in enumerate(labels) if l in by]
-        ys = [by[l] for l in labels if l in by]
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j, label in enumerate(labels)
+              if label in by]
+        ys = [by[label] for label in labels if label in by]
         ax.bar(xs, ys, width, label=title, color=f"C{i % 10}")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("test top-1 error (%)")

@@ -351,13 +351,12 @@ def distill_loss_forward(logits, target, teacher_logits, *, temperature, student
     Shapes: logits [N, C] (float32/bfloat16/float16), target [N] int64 or None, teacher_logits
     [N, C] (any of those float dtypes) or None; any strides (the kernels take the row strides,
     and what they read at unit stride, the columns and the labels, is made so here).
-    ``kd_scale`` is the KL term's factor ``kd_weight * s``; ``tolerance_weight`` 0 switches the penalty off;
-    ``label_smoothing`` ε makes the CE target (1 - ε) one-hot + ε/C. Returns
-    ``(terms, grad)``: terms [5, N] float32 (each row's loss
-    ``ce_weight*CE + kd_scale*KL + tolerance_weight*TOL``, then CE, KL, TOL, all zero for rows
-    whose label is ignore_index; then 1 for the rows that count and 0 for those) and grad [N, C]
-    in ``gradient_dtype(logits.dtype)``, the gradient of each row's loss (an empty [0, C] tensor
-    when ``write_grad`` is False).
+    ``kd_scale`` is the KL term's factor ``kd_weight * s``; ``tolerance_weight`` 0 switches the
+    penalty off; ``label_smoothing`` ε makes the CE target (1 - ε) one-hot + ε/C. Returns
+    ``(terms, grad)``: terms [5, N] float32 (each row's loss ``ce_weight*CE + kd_scale*KL +
+    tolerance_weight*TOL``, then CE, KL, TOL, all zero for rows whose label is ignore_index; then 1
+    for the rows that count and 0 for those) and grad [N, C] in ``gradient_dtype(logits.dtype)``,
+    the gradient of each row's loss (an empty [0, C] tensor when ``write_grad`` is False).
     """
     if logits.stride(-1) != 1:
         logits = logits.contiguous()

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install \"fastsd[dali]\")")
+pytest.importorskip("nvidia.dali",
+                    reason="NVIDIA DALI is not installed (pip install \"fastsd[dali]\")")
 
 from PIL import Image  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
@@ -96,7 +97,8 @@ def _write_jpeg(path, w, h, seed):
 
 @pytest.fixture(scope="session")
 def imagenet_like(tmp_path_factory):
-    """train/ and val/ with 3 classes of JPEGs of ImageNet-like sizes (odd sides, both orientations)."""
+    """train/ and val/ with 3 classes of JPEGs of ImageNet-like sizes
+    (odd sides, both orientations)."""
     root = tmp_path_factory.mktemp("imagenet_like")
     sizes = [(400, 300), (300, 400), (500, 333), (375, 500), (257, 257), (224, 300), (641, 481),
              (300, 225), (333, 500)]
@@ -202,7 +204,8 @@ def test_imagenet_eval_matches_torchvision(imagenet_like, where, cache_bytes):
     ref = datasets.ImageFolder(imagenet_like / "val")
     assert dl.info.class_names == tuple(ref.classes) and dl.info.image_size == 224
     tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
-                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                             transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     x, y = _collect(dl.test)
     assert y.tolist() == ref.targets
     expected = torch.stack([tf(ref.loader(p)) for p, _ in ref.samples])
@@ -370,7 +373,8 @@ def test_random_resized_crop_window_is_torchvisions_rule():
     n = len(shapes)
     hw = np.array([[h, w, 3] for h, w in shapes], dtype=np.float32)
     area = rng.uniform(0.08, 1.0, size=(n, RRC_ATTEMPTS)).astype(np.float32)
-    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), size=(n, RRC_ATTEMPTS))).astype(np.float32)
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3),
+                               size=(n, RRC_ATTEMPTS))).astype(np.float32)
     area[-3:] = 1.0          # the whole area: (1000, 90) and (33, 35) fall back to the central crop
     uv = rng.random((n, 2), dtype=np.float32)
 
@@ -423,7 +427,8 @@ def test_imagenet_train_is_resized_crop_of_the_drawn_window(imagenet_like, cache
 def test_shapes_dtype_and_layout(imagenet_like, channels_last, dtype):
     dl = build_dali_loaders("imagefolder", imagenet_like, batch_size=4, eval_batch_size=5,
                             workers=2, channels_last=channels_last, dtype=dtype)
-    ref = build_dali_loaders("imagefolder", imagenet_like, batch_size=4, eval_batch_size=5, workers=2)
+    ref = build_dali_loaders("imagefolder", imagenet_like, batch_size=4, eval_batch_size=5,
+                             workers=2)
     for loader, ref_loader, shapes in ((dl.train, ref.train, [(4, 3, 224, 224)] * 2),
                                        (dl.test, ref.test, [(5, 3, 224, 224), (1, 3, 224, 224)])):
         got = list(loader)

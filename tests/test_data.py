@@ -63,7 +63,8 @@ def test_cifar10_jpeg_subset_loads_with_the_right_labels(cifar_jpeg):
         cls, n = divmod(idx, 10)
         with Image.open(cifar_jpeg / "test" / CIFAR10_CLASSES[cls] / f"{n:04d}.jpg") as im:
             pixels = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
-        expected = (pixels - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
+        expected = ((pixels - torch.tensor(CIFAR10_MEAN)[:, None, None])
+                    / torch.tensor(CIFAR10_STD)[:, None, None])
         torch.testing.assert_close(images[idx], expected, rtol=0, atol=1e-5)
     # The training set has every class 20 times per epoch (drop_last: 6 batches of 32 = 192).
     dl.train.set_epoch(0)
@@ -82,7 +83,8 @@ def test_cifar_image_folder_matches_imagefolder_path(cifar_jpeg):
     # Same pixels; only the normalisation constants differ (CIFAR-10's vs ImageNet's).
     def pixels(x, info):
         return x * torch.tensor(info.std)[:, None, None] + torch.tensor(info.mean)[:, None, None]
-    torch.testing.assert_close(pixels(x_mem, mem.info), pixels(x_files, files.info), rtol=0, atol=1e-5)
+    torch.testing.assert_close(pixels(x_mem, mem.info), pixels(x_files, files.info),
+                               rtol=0, atol=1e-5)
 
 
 def test_image_folder_batches_do_not_depend_on_workers(cifar_jpeg):
@@ -129,7 +131,8 @@ def test_a_pass_can_start_mid_epoch_without_reading_the_batches_before(source, c
         assert same_batches(epoch_batches(loader, 3), whole)  # set_epoch(e) starts at 0 again
         loader.set_epoch(3, start=len(loader))
         assert list(loader) == []
-        with pytest.raises(ValueError, match=f"start must be a batch index in \\[0, {len(loader)}\\]"):
+        with pytest.raises(ValueError,
+                           match=f"start must be a batch index in \\[0, {len(loader)}\\]"):
             loader.set_epoch(3, start=len(loader) + 1)
 
 
@@ -161,7 +164,8 @@ def test_imagenet_style_eval_is_resize_and_center_crop(tmp_path):
     tf = torchvision.transforms.Compose([torchvision.transforms.Resize(110),
                                          torchvision.transforms.CenterCrop(96),
                                          torchvision.transforms.ToTensor(),
-                                         torchvision.transforms.Normalize(dl.info.mean, dl.info.std)])
+                                         torchvision.transforms.Normalize(dl.info.mean,
+                                                                          dl.info.std)])
     torch.testing.assert_close(x[1], tf(img), rtol=0, atol=1e-5)
 
 
@@ -222,7 +226,8 @@ def test_image_folder_training_batches_are_the_drawn_augmentation(tmp_path, size
 
 def test_set_epoch_is_deterministic_and_new_each_epoch():
     a = small_synthetic()
-    e0, e0_again, e1 = epoch_batches(a.train, 0), epoch_batches(a.train, 0), epoch_batches(a.train, 1)
+    e0, e0_again, e1 = (epoch_batches(a.train, 0), epoch_batches(a.train, 0),
+                        epoch_batches(a.train, 1))
     assert same_batches(e0, e0_again)
     assert not same_batches(e0, e1)
     # A fresh loader jumping straight to epoch 1 (a resumed run) sees the very same batches.
@@ -320,10 +325,12 @@ def test_synthetic_is_deterministic_sized_and_balanced():
     b = make_synthetic(5, 16, 50, 20, seed=1)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     assert not torch.equal(a[0], make_synthetic(5, 16, 50, 20, seed=2)[0])
-    assert a[0].shape == (50, 16, 16, 3) and a[0].dtype == torch.uint8 and a[2].shape == (20, 16, 16, 3)
+    assert (a[0].shape == (50, 16, 16, 3) and a[0].dtype == torch.uint8
+            and a[2].shape == (20, 16, 16, 3))
     assert torch.bincount(a[1]).tolist() == [10] * 5
     dl = build_loaders("synthetic", batch_size=8, num_classes=5, image_size=16, synthetic_size=64)
-    assert (dl.info.num_classes, dl.info.image_size, dl.info.train_size, dl.info.test_size) == (5, 16, 64, 12)
+    assert ((dl.info.num_classes, dl.info.image_size, dl.info.train_size, dl.info.test_size)
+            == (5, 16, 64, 12))
 
 
 def test_synthetic_data_is_learnable_but_not_trivial():
@@ -400,7 +407,8 @@ def _write_fake_cifar10_binary(root, n_per_batch=4):
 def test_cifar10_binary_layout(tmp_path, monkeypatch):
     batches = _write_fake_cifar10_binary(tmp_path)
     # The fake files cannot have torchvision's MD5 sums.
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity",
+                        lambda path, md5=None: os.path.isfile(path))
     for data_dir in (tmp_path, tmp_path / "cifar-10-batches-py"):
         dl = build_loaders("cifar10", data_dir, batch_size=4, eval_batch_size=3)
         assert dl.info.class_names == CIFAR10_CLASSES and dl.info.train_size == 20
@@ -408,7 +416,8 @@ def test_cifar10_binary_layout(tmp_path, monkeypatch):
         data, labels = batches["test_batch"]
         assert y.tolist() == labels
         pixels = torch.from_numpy(data.reshape(-1, 3, 32, 32)).float() / 255
-        expected = (pixels - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
+        expected = ((pixels - torch.tensor(CIFAR10_MEAN)[:, None, None])
+                    / torch.tensor(CIFAR10_STD)[:, None, None])
         torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
     resized = build_loaders("cifar10", tmp_path, batch_size=4, image_size=40, channels_last=True)
     resized.train.set_epoch(0)
@@ -466,9 +475,11 @@ def test_empty_folders(tmp_path):
 
 def test_class_count_must_match_num_classes(tmp_path):
     make_folder(tmp_path, ["c0", "c1", "c2"])
-    with pytest.raises(ValueError, match=r"has 3 class folders but num_classes is 5.*--num-classes 3"):
+    with pytest.raises(ValueError,
+                       match=r"has 3 class folders but num_classes is 5.*--num-classes 3"):
         build_loaders("imagefolder", tmp_path, batch_size=1, num_classes=5)
-    assert build_loaders("imagefolder", tmp_path, batch_size=1, num_classes=3, workers=0).info.num_classes == 3
+    assert build_loaders("imagefolder", tmp_path, batch_size=1, num_classes=3,
+                         workers=0).info.num_classes == 3
 
 
 def test_train_and_eval_classes_must_agree(tmp_path):

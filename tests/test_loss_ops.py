@@ -1,4 +1,4 @@
-"""The loss as torch.library ops: opcheck, torch.compile, bad input, and the GPU kernels' compilation."""
+"""The loss as torch.library ops: opcheck, torch.compile, bad input, GPU kernel compilation."""
 
 import math
 import os

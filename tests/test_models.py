@@ -39,7 +39,8 @@ def test_exact_counts_of_the_cifar_designs():
     assert n_params(create_model("resnet20", 10, shortcut="B")) == 272_474
     assert n_params(create_model("densenet_bc_100", 10)) == 769_162
     # The classifier is the only part that depends on the class count.
-    assert n_params(create_model("resnet20", 100)) - n_params(create_model("resnet20", 10)) == 90 * 65
+    assert (n_params(create_model("resnet20", 100)) - n_params(create_model("resnet20", 10))
+            == 90 * 65)
 
 
 CIFAR_FORWARD = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "densenet_bc_100"]
@@ -193,7 +194,8 @@ def test_list_models_and_input_sizes():
         assert get_model_info(name).family == "cifar" and model_input_size(name) == 32
     tv = torchvision.models.list_models(module=torchvision.models)
     assert set(tv) <= set(names) and set(tv) == set(list_models("imagenet"))
-    assert model_input_size("resnet50") == 224 and get_model_info("resnet50").eval_resize_size == 256
+    assert (model_input_size("resnet50") == 224
+            and get_model_info("resnet50").eval_resize_size == 256)
     # the crop of each architecture's own ImageNet recipe (torchvision's IMAGENET1K_V1 metadata)
     assert [model_input_size(n) for n in ("inception_v3", "efficientnet_b1", "efficientnet_b7",
                                           "efficientnet_v2_s", "swin_v2_t", "vit_h_14")] == [

@@ -249,7 +249,8 @@ def test_loss_keywords_match_the_formulas_of_design_section_1():
     penalty = (f[:, 0] - f[:, 1:3].sum(-1) / 2).mean()
     assert _loss(tt.stages[0].loss, z, y, t) == pytest.approx(float(0.6 * ce + 0.4 * penalty),
                                                               rel=1e-10)
-    # generation 1: plain CE + KL to generation 0 (λ_S = 1 for a fresh student: TrainConfig.lambda_s)
+    # generation 1: plain CE + KL to generation 0 (λ_S = 1 for a fresh student:
+    # TrainConfig.lambda_s)
     assert _loss(tt.stages[1].loss, z, y, t) == pytest.approx(
         float(1.0 * ce + kl(t / 2, z)), rel=1e-10)
 

@@ -133,7 +133,8 @@ def check_loader_args(dataset, data_dir, *, batch_size, eval_batch_size, workers
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from e
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', "
+                         f"got {device!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is cuda but no CUDA GPU is available: pass --device cpu")
     if download and name not in CIFAR_SETS:

@@ -1,4 +1,4 @@
-"""NVIDIA DALI input pipelines (``--dali``): the same data sets and epoch semantics as the torch path.
+"""NVIDIA DALI input pipelines (``--dali``): the torch path's data sets and epoch semantics.
 
 DALI decodes and augments the images, on the GPU (``device="mixed"`` JPEG decoding, GPU crop,
 resize, flip, normalisation) or, without a GPU, with its CPU operators in ``num_threads`` threads.
@@ -17,7 +17,8 @@ feeds it in, one batch per call:
 * the order: the torch path's permutation of the training split (``torch.randperm`` seeded with
   ``derive_seed(seed, epoch)``, :mod:`fastsd.data.torch_data`), the same in every process, cut into
   ``world_size`` disjoint shards of ``N // world_size`` samples; batches of ``batch_size``, the last
-  partial one dropped. So a run with and without ``--dali`` sees the same samples in the same batches;
+  partial one dropped. So a run with and without ``--dali`` sees the same samples in the same
+  batches;
 * the augmentation of each batch: pad-crop offsets and flips (CIFAR), or the candidate areas,
   aspect ratios and corner positions of torchvision's RandomResizedCrop plus flips (ImageNet),
   from a generator seeded with ``(derive_seed(seed, epoch, stream), rank, batch)``, so any batch of
@@ -28,17 +29,19 @@ The images are still decoded by DALI, in its threads. The feed passes file *path
 memory encoded (``cache_bytes``: CIFAR-10 as JPEGs is 56 MB; reading 50 000 small files each epoch
 took as much CPU time as decoding them), or, for CIFAR in torchvision's binary layout, the uint8
 images themselves. The crop window of RandomResizedCrop needs the image size, which only the
-encoded file knows; it is computed inside the graph (``fn.peek_image_shape`` + DALI arithmetic, the same rule as torchvision,
-see :mod:`fastsd.data.dali_graph`) and the decoder decodes only that region.
+encoded file knows; it is computed inside the graph (``fn.peek_image_shape`` + DALI arithmetic,
+the same rule as torchvision, see :mod:`fastsd.data.dali_graph`) and the decoder decodes only that
+region.
 
 Epoch semantics (as :mod:`fastsd.data.torch_data`): iterating again without ``set_epoch`` repeats
 the same epoch; ``set_epoch(e, start=k)`` feeds the pipeline from batch ``k`` on; evaluation
 yields this process's contiguous part of the split (parts are disjoint, cover it, and have no
 padding or duplicates; sizes may differ by one), the last batch partial.
 
-Errors: a file that cannot be read or decoded stops the pipeline (DALI does not skip samples, and its
-message does not say which sample). The loader then decodes the files of the batches in flight one
-by one, on the CPU, and raises :class:`~fastsd.data.folders.UnreadableImageError` naming the file.
+Errors: a file that cannot be read or decoded stops the pipeline (DALI does not skip samples, and
+its message does not say which sample). The loader then decodes the files of the batches in flight
+one by one, on the CPU, and raises :class:`~fastsd.data.folders.UnreadableImageError` naming the
+file.
 """
 
 import math
@@ -97,7 +100,8 @@ def dali_available() -> bool:
 def resolve_dali_device(dali_device: str, device: torch.device) -> str:
     """"gpu" or "cpu": where DALI runs. "auto" is the GPU iff the batches go to a CUDA device."""
     if not isinstance(dali_device, str) or dali_device.strip().lower() not in DALI_DEVICES:
-        raise ValueError(f"dali_device must be one of {', '.join(DALI_DEVICES)}, got {dali_device!r}")
+        raise ValueError(f"dali_device must be one of {', '.join(DALI_DEVICES)}, "
+                         f"got {dali_device!r}")
     choice = dali_device.strip().lower()
     if choice == "auto":
         return "gpu" if device.type == "cuda" and torch.cuda.is_available() else "cpu"
@@ -106,8 +110,8 @@ def resolve_dali_device(dali_device: str, device: torch.device) -> str:
             raise ValueError("dali_device is gpu but no CUDA GPU is available: pass "
                              "--dali-device cpu (or auto)")
         if device.type != "cuda":
-            raise ValueError(f"dali_device is gpu but the batches go to {device}: DALI's GPU output "
-                             f"stays on the GPU; pass --device cuda, or --dali-device cpu")
+            raise ValueError(f"dali_device is gpu but the batches go to {device}: DALI's GPU "
+                             f"output stays on the GPU; pass --device cuda, or --dali-device cpu")
     return choice
 
 
@@ -118,7 +122,8 @@ def _half(dtype) -> bool:
         return dtype == torch.float16
     if isinstance(dtype, str) and dtype.strip().lower() in names:
         return names[dtype.strip().lower()]
-    raise ValueError(f"dtype must be torch.float32 or torch.float16 (or 'fp32' / 'fp16'), got {dtype!r}")
+    raise ValueError(f"dtype must be torch.float32 or torch.float16 (or 'fp32' / 'fp16'), "
+                     f"got {dtype!r}")
 
 
 class _PaddedRows:
@@ -150,7 +155,8 @@ class _PaddedRows:
 
 class _PathTable(_PaddedRows):
     """File paths as padded rows. The common leading folder is stored once (``prefix``) and put
-    back in the graph, so the matrix holds only the part that differs (ImageNet: ~30 bytes a file)."""
+    back in the graph, so the matrix holds only the part that differs
+    (ImageNet: ~30 bytes a file)."""
 
     def __init__(self, paths: Sequence[str]):
         encoded = [os.fsencode(p) for p in paths]
@@ -163,7 +169,8 @@ class _PathTable(_PaddedRows):
 
 
 def _read_files(paths: Sequence[str]) -> _PaddedRows:
-    """The bytes of every file, read now (the cache of small image files, see build_dali_loaders)."""
+    """The bytes of every file, read now (the cache of small image files,
+    see build_dali_loaders)."""
     contents = []
     for path in paths:
         try:
@@ -191,7 +198,8 @@ def _fits_in_memory(paths: Sequence[str], budget: int) -> bool:
 
 
 class _Feed:
-    """The ``fn.external_source`` callback: batch ``k`` of the current plan per call, then StopIteration.
+    """The ``fn.external_source`` callback: batch ``k`` of the current plan per call,
+    then StopIteration.
 
     DALI calls it in this thread, from ``pipeline.run()``, up to ``prefetch`` batches ahead of the
     output; ``in_flight`` remembers which batches were fed and not yet returned, oldest first.
@@ -244,7 +252,8 @@ class DaliEpochLoader:
         num_threads: DALI CPU threads. prefetch: batches DALI prepares ahead.
     """
 
-    def __init__(self, *, images: Optional[np.ndarray] = None, paths: Optional[Sequence[str]] = None,
+    def __init__(self, *, images: Optional[np.ndarray] = None,
+                 paths: Optional[Sequence[str]] = None,
                  labels, train: bool, augment: str, batch_size: int, seed: int, image_size: int,
                  mean, std, device: torch.device, dali_device: str, half: bool = False,
                  channels_last: bool = False, resize_size: int = 256, native_size: int = 0,
@@ -264,7 +273,8 @@ class DaliEpochLoader:
                 raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} "
                                  f"{images.shape}")
             if augment not in ("cifar", "none"):
-                raise ValueError(f"in-memory images take augment 'cifar' or 'none', not {augment!r}")
+                raise ValueError(f"in-memory images take augment 'cifar' or 'none', "
+                                 f"not {augment!r}")
             native_size = images.shape[1]
         self.images = images
         self.paths = _PathTable(paths) if paths is not None else None
@@ -274,7 +284,8 @@ class DaliEpochLoader:
         self.labels = np.asarray(labels, dtype=np.int64)
         n = len(self.labels)
         if n != (len(images) if images is not None else len(self.paths)):
-            raise ValueError(f"{n} labels for {len(images) if images is not None else len(self.paths)} images")
+            raise ValueError(f"{n} labels for "
+                             f"{len(images) if images is not None else len(self.paths)} images")
         self.num_samples = n
         self.augment = augment
         self.batch_size = int(batch_size)
@@ -319,7 +330,8 @@ class DaliEpochLoader:
         return self._len
 
     def epoch_batches(self, epoch: Optional[int] = None) -> List[np.ndarray]:
-        """The sample indices of each batch this process yields in ``epoch`` (default: the current)."""
+        """The sample indices of each batch this process yields in ``epoch``
+        (default: the current)."""
         B = self.batch_size
         if not self.train:
             lo, hi = self._range
@@ -333,14 +345,16 @@ class DaliEpochLoader:
         return list(perm[lo:lo + self._len * B].reshape(self._len, B))
 
     def augmentation(self, epoch: int, k: int, n: int) -> Tuple[np.ndarray, ...]:
-        """The random parameters of batch ``k`` of ``epoch`` (n samples): see fastsd.data.dali_graph."""
+        """The random parameters of batch ``k`` of ``epoch`` (n samples):
+        see fastsd.data.dali_graph."""
         if not self.train:
             return ()
         if self._aug_key[0] != epoch:
             self._aug_key = (epoch, derive_seed(self.seed, epoch, DALI_AUG_STREAM))
         rng = np.random.default_rng([self._aug_key[1], self.rank, k])
         if self.augment == "cifar":
-            # torchvision RandomCrop(padding=p): the corner in the padded image is uniform in [0, 2p]
+            # torchvision RandomCrop(padding=p): the corner in the padded image
+            # is uniform in [0, 2p]
             anchor = rng.integers(-self.pad, self.pad + 1, size=(n, 2), dtype=np.int32)
             flip = rng.integers(0, 2, size=n, dtype=np.int32)
             return anchor, flip
@@ -410,7 +424,8 @@ class DaliEpochLoader:
                     else:
                         (out,) = self._pipe.run(None)
                 except StopIteration:
-                    raise RuntimeError("DALI pipeline ended the epoch early (internal error)") from None
+                    raise RuntimeError("DALI pipeline ended the epoch early "
+                                       "(internal error)") from None
                 except RuntimeError as e:
                     self._fail(e)
                 k = feed.in_flight.popleft()
@@ -420,7 +435,8 @@ class DaliEpochLoader:
             self._finish()
 
     def _finish(self):
-        """Make the pipeline ready for the next pass: consume what it still has, up to StopIteration."""
+        """Make the pipeline ready for the next pass: consume what it still has,
+        up to StopIteration."""
         self._active = None
         if self._pipe is None:
             return
@@ -446,7 +462,8 @@ class DaliEpochLoader:
 
             on_gpu = self.dali_device == "gpu"
             x = torch.empty(t.shape(), dtype=self._dtype, device=self.device if on_gpu else "cpu")
-            feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
+            feed_ndarray(t, x,
+                         cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
         if x.device.type != self.device.type:   # CPU DALI feeding a GPU
             x = x.pin_memory().to(self.device, non_blocking=True)
         if self._channels_last:
@@ -518,7 +535,8 @@ def _cifar_source(name: str, data_dir) -> str:
     return "binary"
 
 
-def build_dali_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.PathLike]] = None,
+def build_dali_loaders(dataset: str = "synthetic",
+                       data_dir: Optional[Union[str, os.PathLike]] = None,
                        *, batch_size: int, eval_batch_size: Optional[int] = None, workers: int = 2,
                        device: Union[str, torch.device] = "cpu", seed: int = 0,
                        channels_last: bool = False, download: bool = False,

@@ -1,4 +1,4 @@
-"""The DALI graphs of fastsd's input pipelines (imports NVIDIA DALI: load it through fastsd.data.dali).
+"""The DALI graphs of fastsd's input pipelines (imports DALI: load it via fastsd.data.dali).
 
 Every random choice (sample order, crop window, flip) is drawn in numpy by fastsd.data.dali and fed
 in through ``fn.external_source``; the graphs themselves hold no random operator. That is what makes
@@ -6,19 +6,20 @@ an epoch a function of (seed, epoch) alone, whatever ran before it (see fastsd/d
 
 Per-sample inputs of each graph, in the order the feed returns them (B = samples in the batch):
 
-======================  ==============================================================================
+======================  ============================================================================
 source="memory"         images uint8 [B, H, W, 3]
 source="files"          path tails uint8 [B, L] (``os.fsencode(path)`` after ``path_prefix``, zero
                         padded), their lengths int32 [B, 1]
 source="encoded"        the files' bytes, read once and held in memory: uint8 [B, L] zero padded,
                         their lengths int32 [B, 1]
-augment="cifar"         + anchor int32 [B, 2]: (x, y) of the crop in the unpadded image, in [-pad, pad];
-                        flip int32 [B]
+augment="cifar"         + anchor int32 [B, 2]: (x, y) of the crop in the unpadded image, in
+                        [-pad, pad]; flip int32 [B]
 augment="imagenet"      + area float32 [B, K], ratio float32 [B, K], uv float32 [B, 2] in [0, 1);
-                        flip int32 [B]  (K candidate crops, torchvision's RandomResizedCrop attempts)
+                        flip int32 [B] (K candidate crops: torchvision's RandomResizedCrop
+                        attempts)
 augment="none"          nothing more: normalise only (CIFAR evaluation)
 augment="center"        nothing more: resize the shorter side, centre crop (ImageNet evaluation)
-======================  ==============================================================================
+======================  ============================================================================
 
 Output: one batch of images, float32 or float16, normalised, "CHW" or "HWC" per sample.
 """
@@ -45,7 +46,7 @@ RRC_ATTEMPTS = 10
 class GraphSpec:
     source: str                        #: "memory" (uint8 HWC arrays), "files" (paths) or "encoded"
     #: (the files' bytes in memory); DALI decodes the last two
-    augment: str                       #: "cifar", "imagenet", "none" or "center" (see module docstring)
+    augment: str                       #: "cifar", "imagenet", "none" or "center" (module doc)
     image_size: int                    #: output side (square)
     resize_size: int                   #: shorter side before the centre crop ("center" only)
     native_size: int                   #: "cifar"/"none": side of the stored images (crop size)
@@ -76,7 +77,8 @@ def _decode(data, spec: GraphSpec, start=None, size=None):
 
 
 def _round(x):
-    # torchvision rounds with Python's round(); ties are measure-zero for the square roots rounded here
+    # torchvision rounds with Python's round(); ties are measure-zero
+    # for the square roots rounded here
     return dmath.floor(x + 0.5)
 
 
@@ -84,10 +86,11 @@ def random_resized_crop_window(hw_shape, area, ratio, uv):
     """torchvision's RandomResizedCrop.get_params in DALI arithmetic, on given random numbers.
 
     ``hw_shape``: float [>=2] (H, W, ...) of the encoded image (``fn.peek_image_shape``).
-    ``area``: float [K], fraction of the image area, uniform in [0.08, 1); ``ratio``: float [K], aspect
-    ratio w/h, log-uniform in [3/4, 4/3); ``uv``: float [2] in [0, 1). The first of the K candidates
-    that fits wins, its corner drawn from ``uv``; if none fits, the central crop of the clamped aspect
-    ratio, as torchvision does. Returns ``(start, size)``: int32 [2] each, in (x, y) / (w, h) order.
+    ``area``: float [K], fraction of the image area, uniform in [0.08, 1); ``ratio``: float [K],
+    aspect ratio w/h, log-uniform in [3/4, 4/3); ``uv``: float [2] in [0, 1). The first of the K
+    candidates that fits wins, its corner drawn from ``uv``; if none fits, the central crop of the
+    clamped aspect ratio, as torchvision does. Returns ``(start, size)``: int32 [2] each, in
+    (x, y) / (w, h) order.
     """
     h_img, w_img = hw_shape[0], hw_shape[1]
     target = h_img * w_img * area
@@ -120,8 +123,8 @@ def center_crop_position(extent, crop: int):
     """crop_pos for fn.crop / crop_mirror_normalize giving torchvision CenterCrop's corner.
 
     torchvision takes ``int(round((extent - crop) / 2))`` with Python's round (half to even); DALI
-    computes the corner as ``crop_pos * (extent - crop)`` and rounds it. Aim a quarter pixel past the
-    wanted integer corner, so both rounding to nearest and truncation land on it.
+    computes the corner as ``crop_pos * (extent - crop)`` and rounds it. Aim a quarter pixel past
+    the wanted integer corner, so both rounding to nearest and truncation land on it.
     """
     d = extent - float(crop)
     half = dmath.floor(d * 0.5)
@@ -209,8 +212,8 @@ def define_pipeline(spec: GraphSpec, feed: Callable, *, batch_size: int, num_thr
     """The pipeline of ``spec``, defined but not built; its only output is the image batch.
 
     Defining runs DALI's own checks of the graph (argument names, and which device each input of
-    each operator may come from), and ``Pipeline.serialize()`` needs no GPU: so the GPU graphs can be
-    checked on a machine without one (``device_id=None``), see tests/test_dali.py.
+    each operator may come from), and ``Pipeline.serialize()`` needs no GPU: so the GPU graphs
+    can be checked on a machine without one (``device_id=None``), see tests/test_dali.py.
     """
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     seed=seed, prefetch_queue_depth=prefetch)
@@ -231,7 +234,8 @@ def build_probe_pipeline(feed: Callable, peek: bool) -> Pipeline:
     pipe = Pipeline(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
     with pipe:
         raw = fn.external_source(source=feed, batch=True, parallel=False)
-        out = [fn.decoders.image(raw, device="cpu", output_type=types.RGB, adjust_orientation=False)]
+        out = [fn.decoders.image(raw, device="cpu", output_type=types.RGB,
+                                 adjust_orientation=False)]
         if peek:
             out.append(fn.peek_image_shape(raw, adjust_orientation=False))
         pipe.set_outputs(*out)

@@ -1,4 +1,4 @@
-"""Finding and checking image folders (the ImageFolder / ImageNet layout), shared by the input pipelines.
+"""Finding and checking image folders (ImageFolder / ImageNet layout) for both input pipelines.
 
 Layout: ``root/train/<class>/**/<image>`` and ``root/val/<class>/...`` (or ``root/test/...``).
 Classes are the sorted names of the sub-folders and the images of a class are in the order of
@@ -54,8 +54,10 @@ def _check_dir(path: Path, what: str, fix: str) -> None:
                                 f"extracted first): {fix}")
 
 
-def find_split_dirs(data_dir: Optional[PathLike], dataset: str = "imagefolder") -> Tuple[Path, Path]:
-    """``(data_dir/train, data_dir/val or data_dir/test)``, or a clear error saying what is missing."""
+def find_split_dirs(data_dir: Optional[PathLike],
+                    dataset: str = "imagefolder") -> Tuple[Path, Path]:
+    """``(data_dir/train, data_dir/val or data_dir/test)``, or a clear error
+    saying what is missing."""
     layout = (f"{dataset} expects DIR/train/<class>/<images> and DIR/val/<class>/<images> "
               f"(or DIR/test/...)")
     if data_dir is None or str(data_dir) == "":

@@ -22,7 +22,8 @@ __all__ = ["make_synthetic", "SYNTHETIC_DEFAULTS"]
 #: (num_classes, image_size, train_size, test_size) when nothing else is asked for
 SYNTHETIC_DEFAULTS = (10, 32, 5000, 1000)
 
-_GRID = 8           # template resolution before upsampling: patterns vary on a scale of S / 8 pixels
+_GRID = 8           # template resolution before upsampling:
+                    # patterns vary on a scale of S / 8 pixels
 _MAX_SHIFT = 4      # pixels of random translation, each axis
 _NOISE = 1.0        # per-pixel noise, in units of the template's standard deviation
 _DISTRACTOR = 0.7   # weight of the other class's template
@@ -46,7 +47,8 @@ def _shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     return x[idx, ch, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def _sample(templates: torch.Tensor, n: int, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+def _sample(templates: torch.Tensor, n: int,
+            g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     k, _, s, _ = templates.shape
     labels = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
     other = (labels + torch.randint(1, max(k, 2), (n,), generator=g)) % k if k > 1 else labels

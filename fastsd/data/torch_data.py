@@ -1,4 +1,4 @@
-"""The torch input pipeline: in-memory data sets augmented on the device, image folders via DataLoader.
+"""The torch input pipeline: in-memory data augmented on the device, image folders via DataLoader.
 
 Two kinds of loaders implement :class:`fastsd.data.base.EpochLoader`:
 
@@ -51,9 +51,11 @@ __all__ = ["build_loaders", "TensorEpochLoader", "FileEpochLoader", "load_in_mem
 
 
 class _Normalize:
-    """uint8 [B, H, W, 3] on the device -> normalised float32 [B, 3, H, W] (optionally channels_last)."""
+    """uint8 [B, H, W, 3] on the device -> normalised float32 [B, 3, H, W]
+    (optionally channels_last)."""
 
-    def __init__(self, mean, std, device: torch.device, channels_last: bool, output_size: Optional[int]):
+    def __init__(self, mean, std, device: torch.device, channels_last: bool,
+                 output_size: Optional[int]):
         mean_t = torch.tensor(mean, dtype=torch.float32)
         std_t = torch.tensor(std, dtype=torch.float32)
         # x/255 - mean) / std as one multiply-add.
@@ -90,7 +92,8 @@ class TensorEpochLoader:
                  output_size: Optional[int] = None, pad: int = CIFAR_PAD, rank: int = 0,
                  world_size: int = 1):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} "
+                             f"{tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels must be [N] = [{images.shape[0]}], got {tuple(labels.shape)}")
         self.device = torch.device(device)
@@ -129,7 +132,8 @@ class TensorEpochLoader:
         return self._iter_train() if self.train else self._iter_eval()
 
     def epoch_plan(self, epoch: int):
-        """(indices, crop row offsets, crop column offsets, flips) of this process's shard, on the CPU."""
+        """(indices, crop row offsets, crop column offsets, flips) of this process's shard,
+        on the CPU."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         n = self.num_samples
         perm = torch.randperm(n, generator=g)
@@ -366,12 +370,13 @@ class FileEpochLoader:
 # --------------------------------------------------------------------------------------------
 # Data sets.
 
-def _decode_folder(split: ImageFolderSplit, size: int, workers: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _decode_folder(split: ImageFolderSplit, size: int,
+                   workers: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decode every image of a split (each must be size x size) into uint8 [N, S, S, 3] + labels."""
     dataset = _FileDataset(split, _as_array, expect_size=size)
     keys = [(i, 0) for i in range(len(dataset))]
-    loader = torch.utils.data.DataLoader(dataset, sampler=keys, batch_size=1024, num_workers=workers,
-                                         collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(dataset, sampler=keys, batch_size=1024,
+                                         num_workers=workers, collate_fn=_collate)
     batches, error = [], None
     it = iter(loader)
     for batch in it:
@@ -393,7 +398,8 @@ def _as_array(img, aug_seed) -> np.ndarray:
 
 
 def _load_cifar(name: str, data_dir, num_classes: Optional[int], download: bool, workers: int):
-    """CIFAR from torchvision's binary layout or an image folder: uint8 NHWC arrays + class names."""
+    """CIFAR from torchvision's binary layout or an image folder:
+    uint8 NHWC arrays + class names."""
     classes, folder, tv_class, _, _ = CIFAR_SETS[name]
     if num_classes is not None and num_classes != classes:
         raise ValueError(f"{name} has {classes} classes but num_classes is {num_classes}: drop "

@@ -6,11 +6,11 @@
 >>> get_model_info("resnet56").input_size, get_model_info("resnet50").input_size
 (32, 224)
 
-Names are case-insensitive and may use "-" (``"ResNet-20"``, ``"DenseNet-BC-100"`` work). torchvision
-models are always built with ``weights=None``: nothing is ever downloaded. Every model maps
-[B, 3, H, W] float images to [B, num_classes] logits, in train and eval mode (the auxiliary heads
-of inception_v3 and googlenet are off by default so that training also returns one tensor; pass
-``aux_logits=True`` to get them back), and runs in channels_last memory format.
+Names are case-insensitive and may use "-" (``"ResNet-20"``, ``"DenseNet-BC-100"`` work).
+torchvision models are always built with ``weights=None``: nothing is ever downloaded. Every model
+maps [B, 3, H, W] float images to [B, num_classes] logits, in train and eval mode (the auxiliary
+heads of inception_v3 and googlenet are off by default so that training also returns one tensor;
+pass ``aux_logits=True`` to get them back), and runs in channels_last memory format.
 """
 
 import difflib
@@ -41,9 +41,14 @@ class ModelInfo:
 
 _CIFAR_BUILDERS: Dict[str, Callable[..., nn.Module]] = {}
 for _depth in CIFAR_RESNET_DEPTHS:
-    _CIFAR_BUILDERS[f"resnet{_depth}"] = (lambda d: (lambda num_classes, **kw: cifar_resnet(d, num_classes, **kw)))(_depth)
-_CIFAR_BUILDERS["densenet_bc_100"] = lambda num_classes, **kw: densenet_bc(100, kw.pop("growth_rate", 12), num_classes, **kw)
-_CIFAR_BUILDERS["densenet_bc_190"] = lambda num_classes, **kw: densenet_bc(190, kw.pop("growth_rate", 40), num_classes, **kw)
+    _CIFAR_BUILDERS[f"resnet{_depth}"] = (lambda d: (lambda num_classes, **kw:
+                                                     cifar_resnet(d, num_classes, **kw)))(_depth)
+_CIFAR_BUILDERS["densenet_bc_100"] = (lambda num_classes, **kw:
+                                      densenet_bc(100, kw.pop("growth_rate", 12),
+                                                  num_classes, **kw))
+_CIFAR_BUILDERS["densenet_bc_190"] = (lambda num_classes, **kw:
+                                      densenet_bc(190, kw.pop("growth_rate", 40),
+                                                  num_classes, **kw))
 
 @lru_cache(maxsize=None)
 def _torchvision_input_size(name: str) -> int:
@@ -88,7 +93,8 @@ def _torchvision_names() -> tuple:
 
 
 def list_models(family: Optional[str] = None) -> List[str]:
-    """All model names ``create_model`` accepts, sorted; ``family`` = "cifar" or "imagenet" filters."""
+    """All model names ``create_model`` accepts, sorted;
+    ``family`` = "cifar" or "imagenet" filters."""
     if family not in (None, "cifar", "imagenet"):
         raise ValueError(f"family must be None, 'cifar' or 'imagenet', got {family!r}")
     names: List[str] = []
@@ -115,7 +121,8 @@ def _canonical(name: str) -> str:
     key = key.replace("-", "_")
     close = difflib.get_close_matches(key, list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {name!r}.{hint} CIFAR models: {', '.join(list_models('cifar'))}; "
+    raise ValueError(f"unknown model {name!r}.{hint} "
+                     f"CIFAR models: {', '.join(list_models('cifar'))}; "
                      f"ImageNet models: every torchvision classification model by its name "
                      f"(resnet18 ... resnet152, ...). fastsd.models.list_models() lists all "
                      f"{len(list_models())}.")
@@ -148,7 +155,8 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     weights are never downloaded (``weights`` is refused).
     """
     key = _canonical(name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+    if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+            or num_classes < 1):
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     if kwargs.get("weights") is not None:
         raise ValueError("fastsd never downloads pretrained weights (weights must be None): build "

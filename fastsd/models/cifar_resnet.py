@@ -64,7 +64,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """CIFAR ResNet of depth 6n + 2. Input [B, 3, H, W] (32x32 in the paper); output [B, num_classes]."""
+    """CIFAR ResNet of depth 6n + 2. Input [B, 3, H, W] (32x32 in the paper);
+    output [B, num_classes]."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10, shortcut: str = "A",
                  width: int = 16, zero_init_residual: bool = False):
@@ -96,7 +97,8 @@ class CifarResNet(nn.Module):
 
         he_init_(self)
         if zero_init_residual:
-            # Each block starts as the identity (Goyal et al. 2017); off by default, as in the paper.
+            # Each block starts as the identity (Goyal et al. 2017);
+            # off by default, as in the paper.
             for m in self.modules():
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)

@@ -80,11 +80,13 @@ class DenseNetBC(nn.Module):
                  memory_efficient: bool = False):
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
-            raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (100, 190, ...), got {depth}")
+            raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (100, 190, ...), "
+                             f"got {depth}")
         if not 0.0 < compression <= 1.0:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
         if growth_rate < 1 or num_classes < 1:
-            raise ValueError(f"growth_rate and num_classes must be >= 1, got {growth_rate} and {num_classes}")
+            raise ValueError(f"growth_rate and num_classes must be >= 1, got {growth_rate} and "
+                             f"{num_classes}")
         n = (depth - 4) // 6
         channels = 2 * growth_rate
         self.conv0 = nn.Conv2d(3, channels, 3, 1, 1, bias=False)

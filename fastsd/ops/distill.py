@@ -34,7 +34,8 @@ def triton_interpreting() -> bool:
 
 @contextlib.contextmanager
 def cpu_backend(name: str):
-    """Run the loss on CPU tensors with ``"native"`` (C++), ``"triton"`` (interpreter) or ``"auto"``."""
+    """Run the loss on CPU tensors with ``"native"`` (C++),
+    ``"triton"`` (interpreter) or ``"auto"``."""
     global _cpu_backend
     if name not in CPU_BACKENDS:
         raise ValueError(f"cpu_backend must be one of {CPU_BACKENDS}, got {name!r}")

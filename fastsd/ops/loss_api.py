@@ -1,4 +1,4 @@
-"""The distillation loss's argument checks and result type, shared by the fused op and the reference.
+"""The distillation loss's argument checks and result type, shared by the fused op and reference.
 
 Every check runs on the host before any kernel is launched, so bad input is reported by name
 instead of surfacing as a wrong number or an out-of-bounds read.
@@ -14,7 +14,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class LossTerms(NamedTuple):
-    """The unweighted terms of the distillation loss, detached, float32 (float64 for float64 logits).
+    """The unweighted terms of the distillation loss, detached,
+    float32 (float64 for float64 logits).
 
     For a reduced loss ("mean"/"sum") each field is a 0-d tensor reduced the same way as the loss;
     for ``reduction="none"`` each has the shape of the rows. A term that is absent (no target, no

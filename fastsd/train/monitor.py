@@ -8,9 +8,9 @@
   for a non-finite gradient; bf16/fp32, summed over processes), clipped (steps whose gradient
   norm was above ``--clip-grad-norm`` and was scaled down, summed over processes), images_per_s,
   time (seconds since the run started);
-- ``"epoch"``: per epoch: lr (its last), the same training means and counts over the epoch, test_top1_error /
-  test_top5_error when evaluated, epoch_time, images_per_s, and on a GPU max_memory_gib (the
-  peak of the memory the training step allocated);
+- ``"epoch"``: per epoch: lr (its last), the same training means and counts over the epoch,
+  test_top1_error / test_top5_error when evaluated, epoch_time, images_per_s, and on a GPU
+  max_memory_gib (the peak of the memory the training step allocated);
 - ``"stage"``: at every cycle / generation start: stage, kind, iteration, epoch, teacher (the slot
   teaching it, "external" or null), loss keywords;
 - ``"snapshot"``: at every cycle / generation end: index, label, epoch, iteration, test errors,

@@ -65,7 +65,7 @@ def table_columns(run: Dict[str, Any], labels: Sequence[str], key: str) -> List[
     None where the run has no such column."""
     by_label = {e["label"]: e for e in run["snapshots"]}
     ens = run.get("ensemble")
-    return ([by_label[l][key] if l in by_label else None for l in labels]
+    return ([by_label[label][key] if label in by_label else None for label in labels]
             + [run["best"][key], ens[key] if ens else None])
 
 
