@@ -7,7 +7,8 @@ For each case (rows x classes, terms) it takes the launcher's choice of path, BL
 and warps for a GPU with ``--sms`` multiprocessors (132: H100 SXM), compiles that variant for
 ``sm_<arch>`` and reports what ptxas allocated. Spills (local memory) on the register path mean
 the tile is too large for its warps; the occupancy column is the bound the registers alone set
-(warps resident per SM out of 64), which a memory-bound kernel wants well above a quarter.
+(warps resident per SM out of 64), which a memory-bound kernel wants at a quarter or more:
+tests/test_loss_ops.py holds the launcher's choices to that.
 """
 
 import argparse
@@ -17,23 +18,18 @@ import sys
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run with TRITON_INTERPRET unset: the interpreter does not compile kernels")
 
-from fastsd.kernels.aot import K, compile_kernel, loss_constexprs, resource_usage  # noqa: E402
+import triton  # noqa: E402
+
+from fastsd.kernels.aot import (  # noqa: E402
+    K, compile_kernel, loss_constexprs, register_occupancy, resource_usage)
 
 CASES = [  # (rows, classes, terms)
-    (256, 10, "sd"), (256, 100, "sd"), (256, 1000, "sd"), (1024, 1000, "sd"), (4096, 1000, "sd"),
-    (1024, 1000, "tt"), (2048, 8192, "sd"), (8192, 32000, "sd"), (8192, 131072, "sd"),
+    (256, 10, "sd"), (65536, 10, "sd"), (256, 100, "sd"), (16384, 100, "sd"), (16384, 100, "tt"),
+    (4096, 300, "sd"), (256, 1000, "sd"), (1024, 1000, "sd"), (4096, 1000, "sd"),
+    (1024, 1000, "tt"), (4096, 1000, "tt"), (2048, 8192, "sd"), (8192, 32000, "sd"),
+    (8192, 32000, "tt"), (8192, 131072, "sd"),
 ]
 TERMS = {"sd": dict(tol=False), "tt": dict(tol=True, topk=5)}
-MAX_WARPS_PER_SM = 64
-MAX_BLOCKS_PER_SM = 32
-REGISTERS_PER_SM = 65536
-
-
-def register_occupancy(regs: int, warps: int) -> int:
-    """Warps resident per SM as the register file allows (allocation in units of 256 per warp)."""
-    per_warp = -(-regs * 32 // 256) * 256
-    blocks = min(MAX_BLOCKS_PER_SM, REGISTERS_PER_SM // (per_warp * warps))
-    return min(MAX_WARPS_PER_SM, blocks * warps)
 
 
 def main(argv=None):
@@ -45,8 +41,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     lines = [f"# Loss kernels on sm_{args.arch} ({args.sms} SMs), {args.dtype} logits: resources",
-             "", "Compiled ahead of time (bench/kernel_resources.py, no GPU needed): what ptxas "
-             "allocates for the configuration the launcher picks, not a measurement on a GPU.",
+             "", f"Compiled ahead of time by Triton {triton.__version__} "
+             "(bench/kernel_resources.py, no GPU needed): what ptxas allocates for the "
+             "configuration the launcher picks, not a measurement on a GPU.",
              "", "| rows x classes | terms | path | BLOCK_R x BLOCK_C | warps | registers | "
              "spills (bytes) | shared (bytes) | warps/SM by registers |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -2,7 +2,8 @@
 
 Triton compiles down to a cubin for any target on any machine (ptxas ships with it), so a CPU-only
 machine can check that every kernel variant compiles for sm_80 / sm_90 (tests/test_loss_ops.py)
-and read the registers, spills and shared memory each one needs (bench/kernel_resources.py).
+and read the registers, spills and shared memory each one needs and the occupancy these allow
+(bench/kernel_resources.py).
 Run with TRITON_INTERPRET unset: under the interpreter the kernels are not compilable objects.
 """
 
@@ -76,4 +77,19 @@ def resource_usage(compiled) -> Dict[str, int]:
     return {k.lower(): int(v) for k, v in usage.items()}
 
 
-__all__ = ["signature", "loss_constexprs", "compile_kernel", "resource_usage", "K"]
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+REGISTERS_PER_SM = 65536
+
+
+def register_occupancy(registers: int, num_warps: int) -> int:
+    """Warps resident per SM (of 64, sm_80 and sm_90) as the register file alone allows, for a
+    kernel of ``registers`` per thread launched with ``num_warps``: registers are allocated per
+    warp in units of 256, and a program's warps are resident together or not at all."""
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(MAX_BLOCKS_PER_SM, REGISTERS_PER_SM // (per_warp * num_warps))
+    return min(MAX_WARPS_PER_SM, blocks * num_warps)
+
+
+__all__ = ["signature", "loss_constexprs", "compile_kernel", "resource_usage",
+           "register_occupancy", "K"]

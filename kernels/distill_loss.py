@@ -29,11 +29,20 @@ import triton.language as tl
 TERM_ROWS = 5
 # Rows up to this many classes are held in registers; longer rows take the chunked path.
 MAX_REGISTER_COLUMNS = 8192
+# Elements of a tile each thread holds: 8 for one row per program, 4 when a program holds several
+# short rows (Triton's layout then gives a thread parts of several rows, each with statistics of
+# its own). With 16 per thread, or 8 over several rows, ptxas allocated up to 255 registers per
+# thread (its limit), which leaves room for 8 resident warps per SM out of 64; these settings keep
+# 16 or more (bench/kernel_resources.py and tests/test_loss_ops.py, Triton 3.6 and 3.8, sm_90).
+ELEMENTS_PER_THREAD = 8
+ROWS_ELEMENTS_PER_THREAD = 4
+MAX_NUM_WARPS = 32
 # Columns per chunk on the chunked path, and its warps per program (one row per program).
 CHUNK_COLUMNS = 4096
-CHUNKED_NUM_WARPS = 8
-# Elements a program of the register path holds at once (rows x padded columns).
-REGISTER_TILE = 4096
+CHUNKED_NUM_WARPS = CHUNK_COLUMNS // (32 * ELEMENTS_PER_THREAD)
+# Short rows share a program up to this many elements (rows x padded columns); a row of this
+# width or more has a program of its own.
+ROWS_TILE = 512
 
 
 def gradient_dtype(logits_dtype: torch.dtype) -> torch.dtype:
@@ -325,16 +334,16 @@ def register_path_config(n_rows, n_cols, multiprocessors=None):
     leaves streaming multiprocessors idle (``multiprocessors``: the GPU's count; None on the CPU).
     """
     block_c = triton.next_power_of_2(n_cols)
-    block_r = max(1, min(64, REGISTER_TILE // block_c))
+    block_r = max(1, min(64, ROWS_TILE // block_c))
     if multiprocessors is not None:
         # Aim for a few programs per multiprocessor; round down to a power of two.
         enough = max(1, n_rows // (4 * multiprocessors))
         block_r = min(block_r, 1 << (enough.bit_length() - 1))
     block_r = min(block_r, triton.next_power_of_2(n_rows))
-    # At most 16 elements of the tile per thread (more spills registers), and no warps that would
-    # only hold masked-off lanes (a CIFAR-10 row is 16 wide).
-    tile = block_r * block_c
-    num_warps = min(16, max(1, tile // 512)) if tile > 2048 else max(1, min(4, tile // 256))
+    # Warps enough for ELEMENTS_PER_THREAD (ROWS_ELEMENTS_PER_THREAD for several rows) and no
+    # more: extra warps would only hold masked-off lanes (a CIFAR-10 row is 16 wide).
+    per_thread = ELEMENTS_PER_THREAD if block_r == 1 else ROWS_ELEMENTS_PER_THREAD
+    num_warps = max(1, min(MAX_NUM_WARPS, block_r * block_c // (32 * per_thread)))
     return block_r, block_c, num_warps
 
 

@@ -236,7 +236,7 @@ def test_long_rows_chunked(backend, classes, dtype):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_interpreting(), reason="Triton's interpreter is off")
-@pytest.mark.parametrize("rows,classes", [(300, 10), (600, 300), (1100, 1000)])
+@pytest.mark.parametrize("rows,classes", [(300, 10), (600, 100), (1100, 60)])
 def test_kernels_in_the_tiles_the_launcher_picks_for_a_gpu(monkeypatch, rows, classes):
     """On CUDA the launcher sizes the row tiles by the number of SMs (fewer rows per program than
     on the CPU); run those tiles under the interpreter: an H100's 132 SMs, and a small GPU's 8."""
