@@ -17,6 +17,7 @@ import functools
 
 import pytest
 import torch
+import triton
 from devices import device_label
 
 from fastsd import distill_loss
@@ -133,3 +134,61 @@ def test_device_copy_bandwidth(benchmark, shape):
     benchmark.extra_info.update(provider="torch copy_", shape=list(shape), bytes=moved,
                                 device=torch.cuda.get_device_name(),
                                 GBps=moved / benchmark.stats.stats.min / 1e9)
+
+
+# The register path's tile choice (kernels/distill_loss.py: ELEMENTS_PER_THREAD, ROWS_TILE, set
+# from ptxas's register counts, bench/kernel_resources.py) timed against its neighbours, on
+# inputs of tens of MB so that bandwidth, not launch latency, shows: the launcher's pick, the same
+# tile with half and twice its warps, and the rule the launcher had before 2026-12-03 (up to 4096
+# elements per program, 16 per thread), kept here as the baseline.
+TILE_SHAPES = [(65536, 100), (16384, 1000), (4096, 8192)]
+TILE_VARIANTS = ["launcher", "half_warps", "double_warps", "previous_rule"]
+CALLS_PER_ROUND = 10
+
+
+def _previous_rule(n_rows, n_cols, multiprocessors):
+    block_c = triton.next_power_of_2(n_cols)
+    block_r = max(1, min(64, 4096 // block_c))
+    enough = max(1, n_rows // (4 * multiprocessors))
+    block_r = min(block_r, 1 << (enough.bit_length() - 1), triton.next_power_of_2(n_rows))
+    tile = block_r * block_c
+    num_warps = min(16, max(1, tile // 512)) if tile > 2048 else max(1, min(4, tile // 256))
+    return block_r, block_c, num_warps
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", TILE_VARIANTS)
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_register_path_tiles(benchmark, monkeypatch, shape, variant):
+    from fastsd.kernels import distill_loss as K
+
+    rows, classes = shape
+    sms = K._multiprocessors(torch.device(DEVICE))
+    block_r, block_c, warps = K.register_path_config(rows, classes, sms)
+    if variant == "half_warps":
+        warps //= 2
+    elif variant == "double_warps":
+        warps *= 2
+    elif variant == "previous_rule":
+        block_r, block_c, warps = _previous_rule(rows, classes, sms)
+    if not 1 <= warps <= K.MAX_NUM_WARPS:
+        pytest.skip(f"{warps} warps: outside 1..{K.MAX_NUM_WARPS}")
+    monkeypatch.setattr(K, "register_path_config", lambda *_: (block_r, block_c, warps))
+    logits, target, teacher = _case(shape, torch.bfloat16)
+
+    def run():
+        for _ in range(CALLS_PER_ROUND):
+            K.distill_loss_forward(logits, target, teacher, temperature=SD["temperature"],
+                                   student_temperature=1.0, ce_weight=SD["ce_weight"],
+                                   kd_scale=SD["kd_weight"], tolerance_weight=0.0, topk=2,
+                                   ignore_index=-100, write_grad=True)
+        _sync()
+
+    benchmark.group = f"register path tiles {rows}x{classes}"
+    run()  # compiles this variant
+    benchmark(run)
+    moved = 3 * logits.numel() * logits.element_size() * CALLS_PER_ROUND  # z, t read; grad written
+    benchmark.extra_info.update(
+        provider=variant, shape=list(shape), tile=f"{block_r} x {block_c}", num_warps=warps,
+        dtype="bfloat16", device=device_label(DEVICE), bytes=moved,
+        GBps=moved / benchmark.stats.stats.min / 1e9)
