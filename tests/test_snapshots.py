@@ -121,6 +121,23 @@ def test_pack_offsets_leave_gaps_untouched(device, pack, start):
     assert bool((dst[~written] == -2.0).all())
 
 
+
+@pytest.mark.parametrize("device,pack", PACKS)
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16,
+                                       torch.float64])
+@pytest.mark.parametrize("dst_dtype", [torch.float16, torch.float32])
+def test_pack_whole_chunks_of_every_source_dtype(device, pack, src_dtype, dst_dtype):
+    """Sources spanning several whole CUDA chunks (8192 elements; their loads are batched) and a
+    partial one, aligned and misaligned, in each source dtype (float32 is a plain copy then)."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3 * 8192 + 13, generator=g) * 50).to(src_dtype).to(device)
+    x[:len(SPECIAL)] = torch.tensor(SPECIAL, dtype=torch.float64).to(src_dtype)
+    srcs, offsets = [x, x[1:], x[3:]], [0, 32 * 1024, 64 * 1024 + 1]
+    dst = torch.zeros(96 * 1024, dtype=dst_dtype, device=device)
+    pack(srcs, dst, offsets)
+    for src, start in zip(srcs, offsets):
+        _assert_bits_equal(dst[start:start + src.numel()], src.to(dst_dtype))
+
 def test_pack_leaves_sources_alone():
     srcs = _sources("cpu")
     before = [s.clone() for s in srcs]
