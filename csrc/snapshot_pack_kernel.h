@@ -111,8 +111,8 @@ FASTSD_HOST_DEVICE void pack_chunk(const DeviceItem& item, const DeviceLayout* l
       if (nvec == kVecsPerThread * threads) {
         // A whole chunk: every load of the thread is issued before its first store. The compiler
         // cannot tell that `in` and `out` do not overlap, so in the loop below each load waits
-        // for the store before it, one memory round trip per vector (measured in the sm_90
-        // SASS); kVecsPerThread loads in flight per thread is what keeps HBM busy.
+        // for the store before it, one memory round trip per vector (as the sm_90 SASS
+        // shows); kVecsPerThread loads in flight per thread is what keeps HBM busy.
         VecOf<src_t> x[kVecsPerThread];
 #pragma unroll
         for (int j = 0; j < kVecsPerThread; ++j) x[j] = vin[thread + j * threads];

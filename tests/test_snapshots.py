@@ -121,7 +121,6 @@ def test_pack_offsets_leave_gaps_untouched(device, pack, start):
     assert bool((dst[~written] == -2.0).all())
 
 
-
 @pytest.mark.parametrize("device,pack", PACKS)
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16,
                                        torch.float64])
@@ -137,6 +136,7 @@ def test_pack_whole_chunks_of_every_source_dtype(device, pack, src_dtype, dst_dt
     pack(srcs, dst, offsets)
     for src, start in zip(srcs, offsets):
         _assert_bits_equal(dst[start:start + src.numel()], src.to(dst_dtype))
+
 
 def test_pack_leaves_sources_alone():
     srcs = _sources("cpu")
