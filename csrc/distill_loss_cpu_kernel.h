@@ -135,8 +135,9 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       p.resize(cols);
       if (!o.student_t_is_one) q.resize(cols);
     }
-    std::vector<int64_t> top_index(o.topk);
-    std::vector<acc_t> top_value(o.topk);
+    // topk means nothing while the penalty is off (it may be any value then): no lists.
+    std::vector<int64_t> top_index(o.has_tol ? o.topk : 0);
+    std::vector<acc_t> top_value(o.has_tol ? o.topk : 0);
     for (int64_t row = begin; row < end; ++row) {
       // The row as acc_t: read in place when it already is, else converted into the buffer.
       const acc_t* z = z_buffer.data();
@@ -230,6 +231,12 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       grad_t* g_row = grad + row * cols;
       if (!counted) {
         std::fill(g_row, g_row + cols, grad_t(0));
+        continue;
+      }
+      if (o.has_target && label < 0 && ce_w != 0) {
+        // A row whose loss is NaN for its label gets a NaN gradient: a check of the gradients
+        // alone (GradScaler's) then also sees the bad step.
+        std::fill(g_row, g_row + cols, static_cast<grad_t>(nan));
         continue;
       }
       // Dense part: ce_w (f - ε/C) + kd_grad (q - p) - tol_w TOL f; then the few sparse

@@ -58,6 +58,10 @@ class DistillLossFunction(torch.autograd.Function):
                 count = sums[4].clamp_min(1)
                 sums = sums / count
             loss, parts = sums[0], sums[1:4]
+        # Outputs of their own, not views of `terms`: autograd refuses to let a view made inside
+        # a Function's forward be modified in place (`loss /= accum_steps` would raise). Only a
+        # few floats per row.
+        loss, parts = loss.clone(), parts.clone()
         ctx.mark_non_differentiable(parts)
         ctx.reduction = reduction
         ctx.logits_shape = logits.shape
@@ -83,7 +87,7 @@ class DistillLossFunction(torch.autograd.Function):
             scale = grad_loss / divisor[0]
         else:
             scale = grad_loss
-        if _last_backward_through_graph():
+        if _last_backward_through_graph() and not _is_batched(scale):
             # The stored gradient is needed by nothing else: scale it in place rather than
             # allocate a second [N, C] tensor, which is what the fused loss exists to avoid.
             grad_logits = grad.mul_(scale)
@@ -93,6 +97,13 @@ class DistillLossFunction(torch.autograd.Function):
         # to float16 only now, after the loss scale of fp16 training is applied.
         grad_logits = grad_logits.to(ctx.logits_dtype)
         return (grad_logits.reshape(ctx.logits_shape),) + (None,) * 12
+
+
+def _is_batched(t):
+    """Whether ``t`` is vmapped (``autograd.grad(..., is_grads_batched=True)``, jacobians): then
+    scaling the unbatched stored gradient in place cannot hold the batched result."""
+    functorch = torch._C._functorch
+    return functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t)
 
 
 def _last_backward_through_graph():
@@ -132,7 +143,8 @@ def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
         check_labels: check that every label lies in [0, C) (or is ignore_index) first. On CUDA
             this reads the labels on the host (a synchronisation): training loops whose data
             pipeline guarantees valid labels pass False. Unchecked out-of-range labels are never
-            read out of bounds: their rows' loss is NaN. Skipped under torch.compile.
+            read out of bounds: their rows' loss and gradient are NaN (with ce_weight > 0). Skipped
+            under torch.compile.
         label_smoothing: ε in [0, 1): the CE target becomes (1 − ε) one-hot + ε/C, as in
             ``torch.nn.functional.cross_entropy``; the teacher term is unchanged.
 
@@ -151,6 +163,10 @@ def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
                          "GPU (the kernels compute in float32 anyway)")
     if target is not None and target.dtype != torch.int64:
         target = target.long()
+    if logits.requires_grad and not torch.is_grad_enabled():
+        # Under no_grad nothing will call backward: detached, the kernels skip the gradient
+        # (needs_input_grad inside the Function does not see the grad mode).
+        logits = logits.detach()
     loss, parts = DistillLossFunction.apply(
         logits, target, teacher_logits, temperature, student_temperature, ce_weight, kd_weight,
         t2_scaling, tolerance_weight, topk, ignore_index, reduction, label_smoothing)

@@ -160,6 +160,10 @@ def _rows_kernel(
     tl.store(terms_ptr + 3 * n_rows + rows, tl.where(counted, tol, 0.0), mask=row_ok)
     tl.store(terms_ptr + 4 * n_rows + rows, tl.where(counted, 1.0, 0.0), mask=row_ok)
     if WRITE_GRAD:
+        if HAS_TARGET:
+            # A row whose loss is NaN for its label gets a NaN gradient: a check of the gradients
+            # alone (GradScaler's) then also sees the bad step.
+            grad = tl.where((label_ok | (ce_weight == 0))[:, None], grad, float("nan"))
         grad = tl.where(counted[:, None], grad, 0.0)
         tl.store(grad_ptr + rows64[:, None] * grad_stride + cols[None, :],
                  grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
@@ -230,7 +234,11 @@ def _chunked_kernel(
             old_t_max = t_max
             t_max, t_sum, shift = _online_update(t_max, t_sum, t)
             weight = tl.exp(t - shift)
-            t_dot = t_dot * tl.exp(old_t_max - shift) \
+            # The weights folded in so far shrink by `rescale`; where it underflows to 0 their
+            # teacher probabilities are 0 and, by 0 log 0 = 0, so are their terms, even an
+            # infinite one (a student logit of -inf): inf * 0 would be NaN.
+            rescale = tl.exp(old_t_max - shift)
+            t_dot = tl.where(rescale == 0, 0.0, t_dot * rescale) \
                 + tl.sum(tl.where(weight == 0, 0.0, weight * (t - zq)), axis=0)
         if HAS_TOL:
             remaining = z
@@ -318,6 +326,8 @@ def _chunked_kernel(
                                 .to(tl.int32), axis=1) > 0
                 w = tl.where(cols == top1, 1.0, tl.where(in_top, -1.0 / (TOPK - 1), 0.0))
                 grad += tol_weight * f * (w - tol)
+            if HAS_TARGET:  # a NaN loss for the label, a NaN gradient (as in _rows_kernel)
+                grad = tl.where(label_ok | (ce_weight == 0), grad, float("nan"))
             grad = tl.where(counted, grad, 0.0)
             tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=ok)
 

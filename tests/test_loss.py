@@ -234,6 +234,26 @@ def test_long_rows_chunked(backend, classes, dtype):
         assert_matches(backend, logits, target, teacher, **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_rows_infinite_kl_term_whose_teacher_weight_vanishes(backend):
+    """The chunked path rescales its running KL sum when a later chunk raises the teacher's
+    max. A student logit of -inf where the first chunk's teacher is finite makes that sum
+    infinite; once the teacher's max is 1000 higher (beyond even float64's exp, so the float64
+    reference agrees) its weight there is 0 and, by 0 log 0 = 0, so is its term: the KL is
+    finite (inf * 0 once gave NaN)."""
+    classes = 9000
+    assert classes > kernels.CHUNK_COLUMNS
+    logits, target, teacher = make_inputs(2, classes, seed=4)
+    logits[:, 0] = -math.inf
+    teacher[:, :kernels.CHUNK_COLUMNS] = 0.0
+    teacher[0, classes - 5] = 2000.0  # row 0: the max in the last chunk; row 1: mass at class 0
+    loss, terms, grad, ref_loss, ref_terms, ref_grad = run_both(
+        backend, logits, target, teacher, temperature=2.0, reduction="none")
+    assert torch.isfinite(terms.kl[0]) and torch.isinf(terms.kl[1])
+    torch.testing.assert_close(terms.kl.double(), ref_terms.kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad[0].double(), ref_grad[0], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_interpreting(), reason="Triton's interpreter is off")
 @pytest.mark.parametrize("rows,classes", [(300, 10), (600, 100), (1100, 60)])
@@ -489,6 +509,63 @@ def test_fp16_gradient_survives_the_loss_scale(backend, classes):
             _, stored = torch.ops.fastsd.distill_loss_fwd(logits, target, teacher, 3.0, 1.0, 1.0,
                                                           1.0, 0.0, 5, -100, True)
         assert stored.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_can_be_changed_in_place(backend, reduction):
+    """`loss /= accum_steps`, as with F.cross_entropy: the loss and the terms are tensors of
+    their own, not views of the kernels' output (which autograd forbids to modify in place)."""
+    logits, target, teacher = on_backend(backend, *make_inputs(4, 12, seed=3))
+    x = logits.clone().requires_grad_()
+    with cpu_backend(backend if backend != "cuda" else "auto"):
+        loss, terms = distill_loss(x, target, teacher, temperature=2.0, reduction=reduction,
+                                   return_terms=True)
+    loss /= 4
+    terms.ce.mul_(2)
+    loss.sum().backward()
+    ref_x = logits.detach().double().requires_grad_()
+    ref = distill_loss_ref(ref_x, target, teacher.double(), temperature=2.0, reduction=reduction)
+    (ref.sum() / 4).backward()
+    torch.testing.assert_close(loss.double(), ref / 4, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_gradient_computed_under_no_grad(monkeypatch):
+    """Under torch.no_grad nothing calls backward, so the kernels are not asked for the
+    gradient even when the logits require grad (an evaluation of a training model)."""
+    from fastsd import losses
+    asked = []
+    real = losses._distill_ops.run_distill_loss_fwd
+
+    def spy(*args):
+        asked.append(args[10])  # write_grad
+        return real(*args)
+
+    monkeypatch.setattr(losses._distill_ops, "run_distill_loss_fwd", spy)
+    logits, target, teacher = make_inputs(3, 10)
+    x = logits.clone().requires_grad_()
+    with torch.no_grad():
+        loss = distill_loss(x, target, teacher, temperature=2.0)
+    assert asked == [False] and loss.grad_fn is None
+    torch.testing.assert_close(loss, distill_loss_ref(logits, target, teacher, temperature=2.0))
+    distill_loss(x, target, teacher, temperature=2.0)
+    assert asked == [False, True]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_gradients(reduction):
+    """autograd.grad(..., is_grads_batched=True) (what vectorised jacobians use) runs backward
+    under vmap: each incoming gradient scales the stored one out of place."""
+    logits, target, teacher = make_inputs(3, 7, seed=2)
+    upstream = torch.eye(3) if reduction == "none" else torch.tensor([1.0, -2.0])
+    grads = []
+    for fn in (distill_loss, distill_loss_ref):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, target, teacher, temperature=2.0, reduction=reduction)
+        grads.append(torch.autograd.grad(loss, x, upstream, is_grads_batched=True)[0])
+    assert grads[0].shape == (upstream.shape[0], 3, 7)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 def test_retained_graph_gives_the_same_gradient_twice():

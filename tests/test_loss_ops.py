@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -111,6 +112,10 @@ BAD_INPUTS = [
     (dict(tolerance_weight=0.5, topk=1), "topk must be an integer in \\[2, 16\\]"),
     (dict(tolerance_weight=0.5, topk=17), "topk must be an integer in \\[2, 16\\]"),
     (dict(tolerance_weight=0.5, topk=6), "topk=6 is larger than the number of classes \\(5\\)"),
+    # topk is checked with the penalty off too (the C++ kernel once sized its lists by it)
+    (dict(topk=-1), "topk must be an integer in \\[2, 16\\]"),
+    (dict(topk=None), "topk must be an integer in \\[2, 16\\]"),
+    (dict(temperature=True), "temperature must be a finite number > 0"),
     (dict(reduction="avg"), "reduction must be one of"),
     (dict(label_smoothing=1.0), "label_smoothing must be a number in \\[0, 1\\)"),
     (dict(label_smoothing=-0.1), "label_smoothing must be"),
@@ -134,13 +139,65 @@ def test_module_rejects_bad_options_at_construction():
         DistillLoss(temperature=0)
     with pytest.raises(ValueError, match="topk"):
         DistillLoss(tolerance_weight=0.1, topk=40)
+    with pytest.raises(ValueError, match="topk"):
+        DistillLoss(topk=None)
 
 
-def test_unchecked_out_of_range_label_gives_nan_not_a_wild_read():
-    z, y, t = inputs(rows=3, classes=6)
+def test_numpy_scalars_are_numbers():
+    x, y, t = inputs()
+    got = distill_loss(x, y, t, temperature=np.float32(2.0), ce_weight=np.float64(1.5))
+    torch.testing.assert_close(got, distill_loss_ref(x, y, t, temperature=2.0, ce_weight=1.5))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_dynamic_shapes(backend):
+    """dynamic=True makes the float arguments symbolic (SymFloat): the argument checks must
+    trace them (math.isfinite could not), and the result must follow the batch size."""
+    def loss_and_kl(x, y, t, temperature):
+        loss, terms = distill_loss(x, y, t, temperature=temperature, ce_weight=1.5,
+                                   return_terms=True)
+        return loss, terms.kl
+
+    compiled = torch.compile(loss_and_kl, fullgraph=True, dynamic=True, backend="aot_eager")
+    with cpu_backend(backend):
+        for rows, temperature in ((5, 2.0), (3, 3.0)):
+            x, y, t = inputs(rows=rows)
+            x = x.requires_grad_()
+            loss, kl = compiled(x, y, t, temperature)
+            loss.backward()
+            ref_x = x.detach().double().requires_grad_()
+            ref, ref_terms = distill_loss_ref(ref_x, y, t.double(), temperature=temperature,
+                                              ce_weight=1.5, return_terms=True)
+            ref.backward()
+            torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(kl.double(), ref_terms.kl, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("classes", [6, 9000])
+def test_unchecked_out_of_range_label_gives_nan_not_a_wild_read(backend, classes):
+    """The row's loss and its gradient are NaN (so a check of the gradients alone, GradScaler's,
+    skips the step); the other rows are exact; without the CE term the label is not read."""
+    z, y, t = inputs(rows=3, classes=classes)
     y[1] = 1_000_000
-    loss = distill_loss(z, y, t, check_labels=False, reduction="none")
-    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    good = [0, 2]
+    with cpu_backend(backend):
+        for ce_weight in (1.0, 0.0):
+            x = z.clone().requires_grad_()
+            loss = distill_loss(x, y, t, temperature=2.0, ce_weight=ce_weight,
+                                check_labels=False, reduction="none")
+            loss.sum().backward()
+            ref_x = z.double()[good].requires_grad_()
+            ref = distill_loss_ref(ref_x, y[good], t.double()[good], temperature=2.0,
+                                   ce_weight=ce_weight, reduction="none")
+            ref.sum().backward()
+            torch.testing.assert_close(loss[good].double(), ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad[good].double(), ref_x.grad, rtol=1e-5, atol=1e-7)
+            if ce_weight:
+                assert torch.isnan(loss[1]) and torch.isnan(x.grad[1]).all()
+            else:
+                assert torch.isfinite(loss[1]) and torch.isfinite(x.grad[1]).all()
 
 
 # Compiling the Triton kernels for the GPUs needs no GPU: this catches code that runs under the

@@ -5,6 +5,7 @@ instead of surfacing as a wrong number or an out-of-bounds read.
 """
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -27,13 +28,21 @@ class LossTerms(NamedTuple):
     tolerance: torch.Tensor
 
 
+def _is_finite_number(value):
+    # Comparisons rather than math.isfinite (which NaN also fails): under
+    # torch.compile(dynamic=True) a float argument is a SymFloat, which math.isfinite cannot
+    # trace. numbers.Real admits numpy scalars (np.float32(2.0)); bool is not a number here.
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and -math.inf < value < math.inf)
+
+
 def _check_positive(name, value):
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (_is_finite_number(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _check_weight(name, value):
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    if not (_is_finite_number(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -107,10 +116,12 @@ def check_distill_args(logits, target, teacher_logits, *, temperature, student_t
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    # topk is checked even while the penalty is off, so that a bad value is not found only once
+    # the penalty is switched on (a tolerant-teacher generation late in a run).
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 2 <= topk <= MAX_TOPK:
+        raise ValueError(f"topk must be an integer in [2, {MAX_TOPK}] (the K of the tolerance "
+                         f"penalty), got {topk!r}")
     if tolerance_weight > 0:
-        if not isinstance(topk, int) or isinstance(topk, bool) or not 2 <= topk <= MAX_TOPK:
-            raise ValueError(f"topk must be an integer in [2, {MAX_TOPK}] while the tolerance "
-                             f"penalty is on (tolerance_weight={tolerance_weight}), got {topk!r}")
         if topk > classes:
             raise ValueError(f"topk={topk} is larger than the number of classes ({classes}): "
                              f"the penalty compares the top-{topk} scores of each row")
