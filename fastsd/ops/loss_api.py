@@ -29,7 +29,7 @@ class LossTerms(NamedTuple):
 
 
 def _is_finite_number(value):
-    # Comparisons rather than math.isfinite (which NaN also fails): under
+    # Comparisons (which NaN fails too) rather than math.isfinite: under
     # torch.compile(dynamic=True) a float argument is a SymFloat, which math.isfinite cannot
     # trace. numbers.Real admits numpy scalars (np.float32(2.0)); bool is not a number here.
     return (isinstance(value, numbers.Real) and not isinstance(value, bool)
