@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastsd.train.config import auto_image_size, check_device
+from fastsd.train.config import GENERATION_METHODS, auto_image_size, check_device
 from fastsd.train.errors import SetupError, TrainError, program_name
 
 __all__ = ["evaluate_models", "resolve_models", "main"]
@@ -43,17 +43,19 @@ EVAL_AMP_MODES = ("bf16", "fp16", "none")
 @torch.no_grad()
 def evaluate_models(forwards: Sequence[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]],
                     loader, *, num_classes: int, temperature: float = 1.0,
-                    device="cpu") -> Dict[str, Any]:
+                    device="cpu", ensemble_of: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """Evaluate each ``(label, forward)`` over ``loader`` (one pass each) and their ensemble.
 
     ``forward(images) -> logits [B, C]``. Returns ``{"models": [...], "ensemble": {...} or None}``;
     each model entry: label, top1_error, top5_error (percent), confidence_top4, entropy_T (mean
     entropy in nats of softmax(logits / T)), agreement_prev (percent of test images whose top-1
     class equals the previous model's; absent for the first), second_confusion ([C, C] tensor).
-    The ensemble (two or more models) averages the softmax outputs.
+    The ensemble (of two or more models) averages the softmax outputs of the models at the
+    indices ``ensemble_of`` (default: all; BAN/TT runs leave generation 0 out, as the trainer does).
     """
     from fastsd.train.step import SecondaryMeter, evaluate, topk_correct
 
+    members = list(range(len(forwards))) if ensemble_of is None else sorted(ensemble_of)
     results, prev_top = [], None
     sums: List[torch.Tensor] = []
     labels_all: List[torch.Tensor] = []
@@ -76,8 +78,9 @@ def evaluate_models(forwards: Sequence[Tuple[str, Callable[[torch.Tensor], torch
             probs = torch.softmax(logits, dim=-1)
             if m == 0:
                 labels_all.append(labels)
+            if members and m == members[0]:
                 sums.append(probs)
-            else:
+            elif m in members:
                 sums[b] = sums[b] + probs
             state["b"] = b + 1
 
@@ -91,13 +94,13 @@ def evaluate_models(forwards: Sequence[Tuple[str, Callable[[torch.Tensor], torch
         results.append(entry)
         prev_top = top_now
     ensemble = None
-    if len(forwards) > 1:
+    if len(forwards) > 1 and members:
         c1 = c5 = 0
         n = 0
         for probs, y in zip(sums, labels_all):
             k1, k5 = topk_correct(probs, y)
             c1, c5, n = c1 + int(k1), c5 + int(k5), n + y.shape[0]
-        ensemble = dict(members=[label for label, _ in forwards],
+        ensemble = dict(members=[forwards[i][0] for i in members],
                         top1_error=100.0 * (1 - c1 / n), top5_error=100.0 * (1 - c5 / n))
     return dict(models=results, ensemble=ensemble)
 
@@ -352,8 +355,12 @@ def _main(args) -> Dict[str, Any]:
     from fastsd.train.step import autocast_forward
 
     forwards = [(label, autocast_forward(model, device, amp)) for label, model in models]
+    ensemble_of = None
+    if cfg.get("method") in GENERATION_METHODS:
+        # the run's rule (Trainer.snapshot_members): generations 1..g, without generation 0
+        ensemble_of = [i for i, (label, _) in enumerate(files) if label != "G#0"]
     out = evaluate_models(forwards, loaders.test, num_classes=num_classes,
-                          temperature=temperature, device=device)
+                          temperature=temperature, device=device, ensemble_of=ensemble_of)
     out.update(checkpoint=args.checkpoint, dataset=dataset, temperature=temperature,
                amp=amp, channels_last=channels_last, files=[f for _, f in files])
     if args.json:

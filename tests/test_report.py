@@ -1,6 +1,7 @@
 """python -m fastsd.report and python -m fastsd.evaluate: numbers against a hand computation on tiny
 runs, real PNG files, one table row per run, clear messages for incomplete run directories."""
 
+import json
 import os
 import shutil
 
@@ -241,6 +242,25 @@ def test_evaluate_prints_the_same_numbers(runs, capsys):
     assert "ensemble" not in text and f"| {hand[0]['top1']:.2f} |" in text
     assert main(["--checkpoint", os.path.join(run, "model.safetensors"), "--device", "cpu"]) == 0
     assert f"| {hand[1]['top1']:.2f} |" in capsys.readouterr().out
+
+
+def test_evaluate_ensembles_generations_as_the_run_does(runs, capsys):
+    """BAN/TT: the ensemble is of generations 1..g, without generation 0, in the run's
+    results.json and in fastsd.evaluate alike (evaluate once averaged G#0 in as well)."""
+    from fastsd.evaluate import main
+
+    root, out = runs
+    cfg, results = out["tt"]
+    assert main(["--checkpoint", cfg.out, "--snapshots", "all", "--device", "cpu", "--json",
+                 os.path.join(root, "tt-eval.json")]) == 0
+    capsys.readouterr()
+    with open(os.path.join(root, "tt-eval.json")) as f:
+        evaluated = json.load(f)
+    assert [m["label"] for m in evaluated["models"]] == ["G#0", "G#1"]
+    assert evaluated["ensemble"]["members"] == ["G#1"]
+    for key in ("top1_error", "top5_error"):
+        assert evaluated["ensemble"][key] == pytest.approx(results["ensemble"][key])
+        assert evaluated["ensemble"][key] == pytest.approx(evaluated["models"][1][key])
 
 
 def test_evaluate_follows_the_runs_mixed_precision(tmp_path, capsys):

@@ -37,6 +37,8 @@ def test_method_dependent_defaults():
     kd = TrainConfig(method="kd", teacher_checkpoint="x", temperature=4, **CPU)
     assert kd.student_temperature == 4 and kd.t2_scaling and kd.lambda_s == 1.0
     assert kd.teacher_arch == kd.arch and kd.cycles == 1
+    # kept absolute, so that a resume started from another directory finds the teacher
+    assert kd.teacher_checkpoint == os.path.join(os.getcwd(), "x")
     cifar = TrainConfig(dataset="cifar100", data="/nowhere", **CPU)
     assert cifar.epochs == 300 and cifar.cycle_epochs == [75] * 4
     imnet = TrainConfig(dataset="imagefolder", data="/x", arch="resnet50", **CPU)

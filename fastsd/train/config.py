@@ -431,7 +431,8 @@ class TrainConfig:
                 bad("teacher_checkpoint", "--method kd distils a separately trained teacher: give "
                     "--teacher-checkpoint (a fastsd run directory or weights file) and "
                     "--teacher-arch if it differs from --arch")
-            self.teacher_checkpoint = os.path.expanduser(self.teacher_checkpoint)
+            # absolute: a resume (config.yaml, --auto-resume) may start from another directory
+            self.teacher_checkpoint = os.path.abspath(os.path.expanduser(self.teacher_checkpoint))
             if self.teacher_arch is None:
                 self.teacher_arch = self.arch
             self._check_arch("teacher_arch", self.teacher_arch)
