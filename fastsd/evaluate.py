@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastsd.train.config import GENERATION_METHODS, auto_image_size, check_device
+from fastsd.train.config import auto_image_size, check_device, in_run_ensemble
 from fastsd.train.errors import SetupError, TrainError, program_name
 
 __all__ = ["evaluate_models", "resolve_models", "main"]
@@ -154,8 +154,7 @@ def resolve_models(checkpoint: str, snapshots: Optional[Sequence[str]]) -> List[
             continue
         match = [f for f in available
                  if item in (os.path.splitext(os.path.basename(f))[0], _label_of(f))
-                 or (item.isdigit() and re.search(r"(\d+)$", os.path.splitext(
-                     os.path.basename(f))[0]).group(1) == item)]
+                 or (item.isdigit() and _snapshot_number(f) == item)]
         if not match:
             names = ", ".join(f"{os.path.splitext(os.path.basename(f))[0]} ({_label_of(f)})"
                               for f in available) or "none"
@@ -163,6 +162,13 @@ def resolve_models(checkpoint: str, snapshots: Optional[Sequence[str]]) -> List[
                              f"there are: {names}")
         out.append((_label_of(match[0]), match[0]))
     return out
+
+
+def _snapshot_number(path: str) -> Optional[str]:
+    """The digits a snapshot file's name ends in (its cycle or generation: cycle2, gen0), or
+    None."""
+    match = re.search(r"(\d+)$", os.path.splitext(os.path.basename(path))[0])
+    return match.group(1) if match else None
 
 
 def _label_of(path: str) -> str:
@@ -356,9 +362,10 @@ def _main(args) -> Dict[str, Any]:
 
     forwards = [(label, autocast_forward(model, device, amp)) for label, model in models]
     ensemble_of = None
-    if cfg.get("method") in GENERATION_METHODS:
-        # the run's rule (Trainer.snapshot_members): generations 1..g, without generation 0
-        ensemble_of = [i for i, (label, _) in enumerate(files) if label != "G#0"]
+    if cfg.get("method"):  # a run's snapshots: its own ensemble rule (BAN/TT leave out G#0)
+        numbers = [_snapshot_number(file) for _, file in files]
+        ensemble_of = [i for i, number in enumerate(numbers)
+                       if number is None or in_run_ensemble(cfg["method"], int(number))]
     out = evaluate_models(forwards, loaders.test, num_classes=num_classes,
                           temperature=temperature, device=device, ensemble_of=ensemble_of)
     out.update(checkpoint=args.checkpoint, dataset=dataset, temperature=temperature,

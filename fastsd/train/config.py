@@ -544,6 +544,13 @@ class TrainConfig:
         return cls(**normalise_keys(values, source))
 
 
+def in_run_ensemble(method: str, index: int) -> bool:
+    """Whether the snapshot with results index ``index`` (the cycle, 1-based, or the
+    generation, from 0) is averaged into the run's ensemble: every cycle of SE/SD; for BAN/TT
+    generations 1..g, not the generation 0 that taught them."""
+    return method not in GENERATION_METHODS or index >= 1
+
+
 def check_device(name: str):
     """``name`` ("cpu", "cuda", "cuda:N") as a torch.device that exists here, else a ValueError
     that says what to pass instead."""

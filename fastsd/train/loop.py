@@ -26,7 +26,7 @@ from . import distributed
 from .checkpoint import (FORMAT_VERSION, atomic_torch_save, checkpoint_path, find_checkpoint,
                          load_checkpoint, model_weights, rng_state, save_safetensors,
                          set_rng_state)
-from .config import GENERATION_METHODS, TrainConfig, dump_yaml, flag
+from .config import GENERATION_METHODS, TrainConfig, dump_yaml, flag, in_run_ensemble
 from .errors import ConfigError, Interrupted, NonFiniteLossError, SetupError
 from .monitor import Monitor
 from .results import counted, format_table, summarise, write_results
@@ -706,8 +706,8 @@ class Trainer:
         """The slots whose softmax outputs are averaged into the run's ensemble."""
         if self.teachers is None:
             return []
-        slots = list(range(self.plan.num_slots))
-        return slots[1:] if self.cfg.method in GENERATION_METHODS else slots
+        return [slot for slot in range(self.plan.num_slots)
+                if in_run_ensemble(self.cfg.method, self._slot_index(slot))]
 
     @torch.no_grad()
     def evaluate_snapshots(self) -> Dict[str, Any]:
