@@ -34,7 +34,7 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from fastsd.train.config import RESUME_OVERRIDABLE, TrainConfig
+from fastsd.train.config import AUTO_KEY, RESUME_OVERRIDABLE, TrainConfig
 from fastsd.train.errors import TrainError, program_name
 from fastsd.train.results import (METHOD_NAMES, counted, format_table, run_title,
                                   stage_labels, table_columns)
@@ -79,6 +79,7 @@ def load_run(run_dir: str) -> Dict[str, Any]:
             config = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ReportError(f"{run_dir}: cannot read config.yaml ({e})") from None
+    config.pop(AUTO_KEY, None)  # which settings were auto: not a setting
     metrics = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         for line in fh:

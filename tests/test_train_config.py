@@ -89,10 +89,61 @@ def test_yaml_round_trip_and_flag_precedence(tmp_path):
     dump_yaml(cfg, str(path))
     text = path.read_text()
     assert "# peak learning rate" in text and "lambda_s: 1.0" in text  # se: no teacher
-    assert TrainConfig(**load_yaml(str(path))) == cfg
+    assert TrainConfig(**load_yaml(str(path))[0]) == cfg
     # flags override the file
     again = config_from_args(["--config", str(path), "--lr", "0.2"])
     assert again.lr == 0.2 and again.method == "se" and again.cycle_epochs == [2, 2, 2, 2]
+
+
+def test_a_run_config_read_with_config_resolves_its_auto_settings_again(tmp_path):
+    """config.yaml lists what was auto: --config resolves it from the new flags (a changed
+    temperature moves λ_S, another method drops the cycles), while what was given stays."""
+    path = str(tmp_path / "config.yaml")
+    sd = TrainConfig(method="sd", epochs=6, temperature=2.0, lr=0.05, **CPU)
+    dump_yaml(sd, path)
+    text = (tmp_path / "config.yaml").read_text()
+    assert "\nauto_resolved: [" in text and "lambda_s" in text.rsplit("\n", 2)[-2]
+    assert config_from_args(["--config", path]) == sd  # the same run, nothing changed
+    hotter = config_from_args(["--config", path, "--temperature", "4"])
+    assert hotter.lambda_s == pytest.approx(1 + 1 / 4) and hotter.lr == 0.05
+    assert config_from_args(["--config", path, "--epochs", "9"]).cycle_epochs == [3, 3, 3]
+    bl = config_from_args(["--config", path, "--method", "bl"])  # sd's cycles were auto
+    assert bl.cycles == 1 and bl.lambda_s == 1.0
+    ban = config_from_args(["--config", path, "--method", "ban"])  # sd had set generations 0
+    assert ban.generations == 2 and ban.warmup_epochs == 1.0
+    assert config_from_args(["--config", path, "--batch-size", "16"]).eval_batch_size == 32
+    # A value given when the run started is kept, and so is one whose name is deleted from
+    # the list.
+    given = str(tmp_path / "given.yaml")
+    dump_yaml(TrainConfig(method="sd", epochs=6, lambda_s=0.7, **CPU), given)
+    assert config_from_args(["--config", given, "--temperature", "4"]).lambda_s == 0.7
+    (tmp_path / "pinned.yaml").write_text(text.replace("lambda_s, ", "")
+                                          .replace(", lambda_s", ""))
+    pinned = config_from_args(["--config", str(tmp_path / "pinned.yaml"), "--temperature", "4"])
+    assert pinned.lambda_s == 1.5
+    # A file written by hand has no list: every value in it is as given.
+    (tmp_path / "hand.yaml").write_text("method: sd\nlambda_s: 1.5\n")
+    assert config_from_args(["--config", str(tmp_path / "hand.yaml"), "--temperature", "4",
+                             "--device", "cpu"]).lambda_s == 1.5
+
+
+def test_a_resumed_run_keeps_its_auto_list(tmp_path):
+    """The resumed run writes config.yaml again: what was auto then must stay listed."""
+    dump_yaml(TrainConfig(method="sd", epochs=6, **CPU), str(tmp_path / "config.yaml"))
+    _, auto = load_yaml(str(tmp_path / "config.yaml"))
+    assert {"lambda_s", "cycle_epochs", "eval_batch_size", "amp"} <= auto
+    resumed = config_from_args(["--resume", str(tmp_path), "--eval-batch-size", "100"])
+    assert resumed.auto_fields == auto - {"eval_batch_size"}
+    assert resumed.replace(resume=None).auto_fields >= auto - {"eval_batch_size"}
+
+
+def test_a_bad_auto_list_is_named(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: sd\nauto_resolved: lambda_s\n")
+    with pytest.raises(ConfigError, match="auto_resolved must be a list"):
+        config_from_args(["--config", str(tmp_path / "c.yaml")])
+    (tmp_path / "c.yaml").write_text("method: sd\nauto_resolved: [lamda_s]\n")
+    with pytest.raises(ConfigError, match="lamda_s.*did you mean lambda_s"):
+        config_from_args(["--config", str(tmp_path / "c.yaml")])
 
 
 def test_every_field_has_help_and_a_flag():

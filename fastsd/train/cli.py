@@ -85,7 +85,11 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
     auto_resume = args.pop("auto_resume", False)
-    values = load_yaml(config_file) if config_file else {}
+    values = {}
+    if config_file:
+        # A run's config.yaml: what it left to auto is resolved again, from these settings.
+        file_values, file_auto = load_yaml(config_file)
+        values = {k: v for k, v in file_values.items() if k not in file_auto}
     values.update(args)
     if auto_resume:
         if values.get("resume"):
@@ -111,7 +115,7 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
     if out is not None and os.path.abspath(out) != os.path.abspath(resume):
         raise ConfigError(f"--out {out} with --resume {resume}: a resumed run goes on writing "
                           f"into its own directory; drop --out")
-    saved_values = load_yaml(saved_path)
+    saved_values, saved_auto = load_yaml(saved_path)
     if saved_values.get("dataset") == "imagefolder" and saved_values.get("image_size") is None:
         # Written before the crop followed the model (config.yaml now records it): it was 224.
         saved_values["image_size"] = 224
@@ -143,6 +147,8 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
                if name not in RESUME_OVERRIDABLE and saved_dict[name] != value]
     if changed:
         raise refuse(changed)
+    # Still auto in the config.yaml the resumed run writes again, unless given now.
+    resumed.auto_fields = saved_auto - values.keys()
     return resumed
 
 

@@ -13,7 +13,7 @@ import difflib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from fastsd.data.catalog import DATASETS
 
@@ -233,8 +233,18 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self):
+        # Which fields the config fills in itself (None or "auto" when given, plus generations,
+        # set to 0 for methods without them): config.yaml lists them, so a run started from it
+        # with --config resolves them again from the new settings (a changed --temperature
+        # moves λ_S, --method bl drops the cycles) instead of keeping values derived from the
+        # old ones. Not a dataclass field: no flag, not compared.
+        given = self.to_dict()
         self._coerce_types()
         self._resolve_and_check()
+        self.auto_fields = frozenset(
+            name for name, value in given.items()
+            if value is None or value == "auto" or (name == "generations"
+                                                     and value != self.generations))
 
     # Values from YAML or a caller may come as strings or lists; accept the obvious spellings.
     def _coerce_types(self):
@@ -535,8 +545,11 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def replace(self, **changes) -> "TrainConfig":
-        """A new, re-validated config with some fields changed."""
-        return TrainConfig(**{**self.to_dict(), **changes})
+        """A new, re-validated config with some fields changed; the others that were auto stay
+        marked so."""
+        new = TrainConfig(**{**self.to_dict(), **changes})
+        new.auto_fields |= self.auto_fields - changes.keys()
+        return new
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
@@ -606,8 +619,13 @@ def normalise_keys(values: Dict[str, Any], source: str) -> Dict[str, Any]:
     return out
 
 
-def load_yaml(path: str) -> Dict[str, Any]:
-    """Read a YAML mapping of settings (as written to a run's config.yaml)."""
+# The key of config.yaml that lists the fields the run's config resolved itself ("auto").
+AUTO_KEY = "auto_resolved"
+
+
+def load_yaml(path: str) -> Tuple[Dict[str, Any], FrozenSet[str]]:
+    """Read a YAML mapping of settings (as written to a run's config.yaml): the settings, and the
+    names its ``auto_resolved`` list gives (none in a file written by hand)."""
     import yaml
 
     try:
@@ -618,30 +636,48 @@ def load_yaml(path: str) -> Dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
     if data is None:
-        return {}
+        return {}, frozenset()
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of settings (key: value), got "
                           f"a {type(data).__name__}")
-    return normalise_keys(data, path)
+    auto = data.pop(AUTO_KEY, None) or []
+    if not isinstance(auto, list):
+        raise ConfigError(f"--config: {path}: {AUTO_KEY} must be a list of setting names, got "
+                          f"{auto!r}")
+    return normalise_keys(data, path), frozenset(normalise_keys(dict.fromkeys(auto), path))
 
 
 def dump_yaml(cfg: TrainConfig, path: str, extra_comment: str = "") -> None:
     """Write the resolved configuration, one commented key per field, atomically."""
-    import yaml
-
     from .checkpoint import atomic_write_text
 
     lines = ["# fastsd.train: the resolved configuration of this run (every 'auto' filled in).",
-             "# Run it again with: python -m fastsd.train --config config.yaml --out NEW_DIR",
+             "# Run it again with: python -m fastsd.train --config config.yaml [--out NEW_DIR]"
+             " [flags to change]",
              "# (or continue it with --resume on its directory)"]
     if extra_comment:
         lines.append(f"# {extra_comment}")
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         lines.append(f"# {f.metadata['help'].replace('%%', '%')}")
-        lines.append(yaml.safe_dump({f.name: value}, default_flow_style=True, width=1 << 20,
-                                    sort_keys=False).strip().strip("{}"))
+        lines.append(_yaml_line(f.name, value))
+    auto = [f.name for f in dataclasses.fields(cfg)
+            if f.name in cfg.auto_fields and getattr(cfg, f.name) not in (None, "auto")]
+    lines += ["# The settings above that were auto and resolved from the others and the machine. "
+              "--config resolves",
+              "# them again (a changed flag then carries its consequences: --temperature moves "
+              "lambda_s);",
+              "# --resume keeps them. Delete a name here to keep its value as written above.",
+              _yaml_line(AUTO_KEY, auto)]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _yaml_line(key: str, value) -> str:
+    """``key: value`` on one line (lists in flow style)."""
+    import yaml
+
+    return yaml.safe_dump({key: value}, default_flow_style=True, width=1 << 20,
+                          sort_keys=False).strip().strip("{}")
 
 
 def _base_type(tp):
