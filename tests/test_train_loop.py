@@ -117,7 +117,7 @@ def test_every_method_end_to_end(tmp_path, method, extra, n_snapshots, has_ensem
     # config.yaml is the resolved configuration
     from fastsd.train.config import load_yaml
 
-    assert TrainConfig(**load_yaml(str(run / "config.yaml"))) == cfg
+    assert TrainConfig(**load_yaml(str(run / "config.yaml"))[0]) == cfg
     rows = read_jsonl(run / "metrics.jsonl")
     steps = [r for r in rows if r["kind"] == "step"]
     epochs = [r for r in rows if r["kind"] == "epoch"]
@@ -163,6 +163,30 @@ def test_kd_from_a_teacher_of_another_architecture(tmp_path):
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "stage"]
     assert rows[0]["loss"] == {"ce_weight": 1.0, "kd_weight": 1.0, "temperature": 4.0,
                                "student_temperature": 4.0, "t2_scaling": True}
+
+
+def test_a_kd_resume_refuses_a_teacher_whose_weights_changed(tmp_path):
+    """The checkpoint keeps the teacher's fingerprint: a teacher file overwritten between the
+    stop and the resume (retrained, or a teacher run that has finished since) is refused; the
+    same weights in another file are not."""
+    from fastsd.models import create_model
+    from fastsd.train.checkpoint import model_weights, save_safetensors
+    from fastsd.train.errors import Interrupted, SetupError
+
+    teacher = create_model("resnet20", 10)
+    save_safetensors(model_weights(teacher), str(tmp_path / "t.safetensors"))
+    cfg = tiny(tmp_path, method="kd", epochs=2,
+               teacher_checkpoint=str(tmp_path / "t.safetensors"))
+    with pytest.raises(Interrupted):
+        train(cfg, hooks=[StopAtIteration(2)])
+    torch.save(model_weights(teacher), tmp_path / "t.pt")  # the same weights, another format
+    resumed = cfg.replace(resume=cfg.out)
+    Trainer(resumed.replace(teacher_checkpoint=str(tmp_path / "t.pt")), quiet=True).setup()
+    with torch.no_grad():
+        next(teacher.parameters()).add_(1e-3)
+    save_safetensors(model_weights(teacher), str(tmp_path / "t.safetensors"))
+    with pytest.raises(SetupError, match="is not the one the run started with"):
+        Trainer(resumed, quiet=True).setup()
 
 
 # ------------------------------------------------------------------------------- SD teachers

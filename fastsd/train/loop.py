@@ -142,12 +142,13 @@ class Trainer:
             self.model, train_model = distributed.wrap(self.model, self.device, cfg.sync_bn)
             self._stop_flag = distributed.StopFlag()
         self.kd_teacher = None
+        self.kd_teacher_fingerprint = None
         if cfg.method == "kd":
             from .teachers import Teachers, build_kd_teacher
 
-            kd_model = build_kd_teacher(cfg.teacher_arch, self.num_classes,
-                                        cfg.teacher_checkpoint, device=self.device,
-                                        channels_last=cfg.channels_last)
+            kd_model, self.kd_teacher_fingerprint = build_kd_teacher(
+                cfg.teacher_arch, self.num_classes, cfg.teacher_checkpoint, device=self.device,
+                channels_last=cfg.channels_last)
             self.kd_teacher = Teachers(kd_model, 1, cfg.teacher_dtype, self.device)
             self.kd_teacher.capture(kd_model, 0)
             del kd_model
@@ -282,6 +283,7 @@ class Trainer:
             "rng_per_process": rngs, "snapshots": self.snapshots, "epochs": self.epochs_log,
             "wall_time_s": self.wall_time + self.monitor.elapsed(),
             "config": self.cfg.to_dict(), "world_size": self.world_size,
+            "kd_teacher_fingerprint": self.kd_teacher_fingerprint,
         }
 
     def _check_resume_state(self, state, path) -> None:
@@ -297,6 +299,13 @@ class Trainer:
             raise SetupError(f"--resume: {path} was written by {state.get('world_size')} "
                              f"process(es); resume with the same number (now {self.world_size}):"
                              f" torchrun --nproc-per-node/--nnodes")
+        saved_teacher = state.get("kd_teacher_fingerprint")  # (none before it was kept)
+        if saved_teacher is not None and saved_teacher != self.kd_teacher_fingerprint:
+            raise SetupError(f"--resume: the KD teacher {self.cfg.teacher_checkpoint} is not the "
+                             f"one the run started with (its weights changed since: retrained, "
+                             f"or a run directory that then held a checkpoint and now its final "
+                             f"model.safetensors); put the original weights back, or start a "
+                             f"new run with this teacher")
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

@@ -8,7 +8,7 @@ weights are still exactly the stored half-precision values, widened).
 """
 
 import copy
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -114,14 +114,16 @@ def load_teacher_weights(path: str, arch: str, num_classes: int) -> Dict[str, to
 
 
 def build_kd_teacher(arch: str, num_classes: int, path: str, *, device, channels_last: bool
-                     ) -> nn.Module:
-    """The trained KD teacher as a float32 model in eval mode (its snapshot is taken from it)."""
+                     ) -> Tuple[nn.Module, str]:
+    """The trained KD teacher as a float32 model in eval mode (its snapshot is taken from it),
+    and the fingerprint of its weights (a resumed run checks that its teacher is the same)."""
     from fastsd.models import create_model
 
-    from .checkpoint import load_into
+    from .checkpoint import load_into, weights_fingerprint
     from .errors import SetupError
 
     state = load_teacher_weights(path, arch, num_classes)
+    fingerprint = weights_fingerprint(state)
     model = create_model(arch, num_classes)
     try:
         load_into(model, state)
@@ -132,4 +134,4 @@ def build_kd_teacher(arch: str, num_classes: int, path: str, *, device, channels
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), fingerprint
