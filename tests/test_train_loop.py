@@ -782,6 +782,30 @@ def test_profile_records_the_iterations_after_the_first_six(tmp_path):
     assert "aten::convolution_backward" in table
 
 
+def test_profile_of_a_run_shorter_than_the_record_says_what_it_holds(tmp_path, capsys):
+    """A record cut short by the run's end holds the iterations there were, the last one's span
+    ending with it (not with the evaluation after it), and says so; a run that ends before the
+    record begins says that nothing was recorded."""
+    train(tiny(tmp_path, method="sd", epochs=3, cycles=1, profile=10))  # 9 iterations
+    folder = tmp_path / "run" / "profile"
+    trace = json.loads((folder / "trace.json").read_text())
+    spans = {e["name"]: e["dur"] for e in trace["traceEvents"]
+             if e.get("name", "").startswith("ProfilerStep")}
+    assert sorted(spans) == ["ProfilerStep#6", "ProfilerStep#7", "ProfilerStep#8"]
+    # the last span is one iteration long, as the one before it (not also the final evaluation)
+    assert spans["ProfilerStep#8"] < 3 * spans["ProfilerStep#7"]
+    assert (folder / "operators.txt").read_text().startswith(
+        "3 training iterations after 6 (the run ended before the 10 asked for)")
+    from fastsd.train.cli import main
+
+    assert main(["--epochs", "1", "--synthetic-size", "96,48", "--batch-size", "32",
+                 "--device", "cpu", "--progress", "none", "--no-tensorboard", "--profile", "2",
+                 "--out", str(tmp_path / "short")]) == 0
+    assert "--profile: nothing recorded: this run trained 3 iteration(s) and the record starts " \
+           "after the first 6" in capsys.readouterr().err
+    assert not (tmp_path / "short" / "profile").exists()
+
+
 def test_a_full_disk_stops_the_run_with_the_last_checkpoint_intact(tmp_path, capsys,
                                                                     monkeypatch):
     """The second checkpoint (epoch 2's) meets a full disk: exit status 4, a message that names

@@ -360,6 +360,14 @@ class Trainer:
             self.hooks.append(profiler)
         try:
             self.fit()
+            if profiler is not None:
+                profiler.close()
+                if not profiler.written:
+                    from .profiling import SKIP, WARMUP
+
+                    self.monitor.message(
+                        f"--profile: nothing recorded: this run trained {profiler.steps} "
+                        f"iteration(s) and the record starts after the first {SKIP + WARMUP}")
             results = self.finish()
         finally:
             if profiler is not None:

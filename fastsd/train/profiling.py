@@ -9,6 +9,10 @@ Rank 0 writes into ``<run>/profile/``:
   ``ProfilerStep#i`` span per iteration, CPU operators and, on a GPU, the CUDA kernels;
 * ``operators.txt``: the operators by self time (device time on a GPU, CPU time otherwise),
   summed over the N iterations.
+
+A span runs from one iteration's end to the next one's: the span of an iteration that follows an
+epoch's end also holds that epoch's evaluation and checkpoint (an ImageNet epoch is thousands of
+iterations, so the record rarely meets one). A run that ends first records what it has.
 """
 
 import os
@@ -39,17 +43,30 @@ class StepProfiler:
                                              repeat=1),
             on_trace_ready=self._write, record_shapes=True)
         self._prof.start()
+        self.steps = 0  # iterations ended since the start
         self.written = False
 
     def on_step_end(self, trainer) -> None:
         if self._prof is None:
             return
+        self.steps += 1
+        if trainer.iteration >= trainer.plan.total_iters:
+            # The run's last iteration: the record ends with it, so that its span holds the
+            # iteration, not the evaluation and the results written after it.
+            self.close()
+            return
         self._prof.step()
         if self.written:  # the record is complete: the rest of the run is not slowed down
             self.close()
 
+    @property
+    def recorded(self) -> int:
+        """Whole iterations in the record so far."""
+        return min(self.iterations, max(0, self.steps - SKIP - WARMUP))
+
     def close(self) -> None:
-        """Stop the profiler (a run shorter than the record writes what it has)."""
+        """Stop the profiler; a run shorter than the record writes what it has (nothing when it
+        ended before the record began; a stop's last span also holds its checkpoint)."""
         if self._prof is not None:
             prof, self._prof = self._prof, None
             prof.stop()
@@ -62,7 +79,9 @@ class StepProfiler:
         os.replace(tmp, trace)
         sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=40)
+        short = (f" (the run ended before the {self.iterations} asked for)"
+                 if self.recorded < self.iterations else "")
         atomic_write_text(os.path.join(self.folder, "operators.txt"),
-                          f"{self.iterations} training iterations after {SKIP + WARMUP}, by "
-                          f"{sort}\n\n{table}\n")
+                          f"{self.recorded} training iterations after {SKIP + WARMUP}{short}, "
+                          f"by {sort}\n\n{table}\n")
         self.written = True
