@@ -157,13 +157,14 @@ class TrainConfig:
         "and 75%% of the epochs]", "optim", type=float)
     gamma: float = _f(0.1, "step schedule: factor at each milestone", "optim")
     warmup_epochs: Optional[float] = _f(
-        None, "linear warm-up from 0 over this many epochs at the start of training (and of every "
-        "generation) [auto: 1 (at most half a generation) for ban/tt, whose generations start "
+        None, "linear warm-up over this many epochs at the start of training (and of every "
+        "generation): the schedule's learning rate times a ramp from near 0 to 1 [auto: 1 (at most half a generation) for ban/tt, whose generations start "
         "from fresh weights under a teacher, which diverges at full --lr; 0 otherwise]", "optim")
     restart_warmup_epochs: float = _f(
         0.0, "se/sd: linear warm-up over this many epochs after every learning-rate restart "
-        "(the start of cycles 2 ... M), ramping to --lr as --warmup-epochs does; 0 is the sharp "
-        "restart of SE and SD. A deep net's loss can jump at a sharp restart", "optim")
+        "(the start of cycles 2 ... M): the cycle's cosine times a ramp from near 0 to 1, as "
+        "with --warmup-epochs; 0 is the sharp restart of SE and SD. A deep net's loss can jump "
+        "at a sharp restart", "optim")
     momentum: float = _f(0.9, "SGD momentum", "optim")
     nesterov: bool = _f(True, "Nesterov momentum", "optim")
     weight_decay: Optional[float] = _f(None, "L2 weight decay [auto: 5e-4 on CIFAR/synthetic, "
