@@ -136,7 +136,8 @@ def resolve_models(checkpoint: str, snapshots: Optional[Sequence[str]]) -> List[
                          f"its model.safetensors, a snapshot file or checkpoints/last.pt")
     run_dir = _run_dir_of(checkpoint)
     if not snapshots:
-        file = find_model_file(checkpoint) if os.path.isdir(checkpoint) else checkpoint
+        file = (find_model_file(checkpoint, "--checkpoint") if os.path.isdir(checkpoint)
+                else checkpoint)
         return [(_label_of(file), file)]
     if run_dir is None and any(not os.path.isfile(s) for s in snapshots):
         raise SetupError(f"--snapshots: {checkpoint!r} is not inside a run directory (no "

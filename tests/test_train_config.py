@@ -334,6 +334,9 @@ def _argparse_fails(capsys, argv, *needles):
     (["--cycles", "5", "--epochs", "4"], ["--cycles", "do not fit in 4 epochs"]),
     (["--cycle-epochs", "3,3", "--epochs", "5"], ["--cycle-epochs", "add up to 6"]),
     (["--cycle-epochs", "3,0"], ["--cycle-epochs", "at least 1 epoch"]),
+    (["--cycle-epochs", ","], ["--cycle-epochs", "give the epochs of each cycle"]),
+    (["--synthetic-size", "10,5"], ["10 training images: fewer than one batch of 64",
+                                    "--batch-size"]),
     (["--method", "bl", "--cycles", "3"], ["--cycles", "se and sd"]),
     (["--temperature", "0"], ["--temperature", "> 0"]),
     (["--temperature", "-2"], ["--temperature", "> 0"]),
@@ -458,6 +461,9 @@ def test_teacher_of_another_architecture_or_class_count(tmp_path, capsys):
     _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "c5.pt")],
            "of another shape", out=str(tmp_path / "r"))
     _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "none.pt")], "does not exist")
+    (tmp_path / "not-a-run").mkdir()
+    _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "not-a-run")],
+           "--teacher-checkpoint: ", "holds neither model.safetensors")
 
 
 def test_resume_without_a_checkpoint(tmp_path, capsys):

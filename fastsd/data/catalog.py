@@ -152,6 +152,8 @@ def check_loader_args(dataset, data_dir, *, batch_size, eval_batch_size, workers
 def check_shard(n_train: int, batch_size: int, world_size: int, name: str) -> None:
     """Every process must get at least one full training batch per epoch."""
     if n_train // world_size < batch_size:
-        raise ValueError(f"{name} has {n_train} training images, {n_train // world_size} per "
-                         f"process ({world_size} processes): fewer than one batch of {batch_size} "
-                         f"(the last partial batch is dropped); use a smaller batch size")
+        shard = (f", {n_train // world_size} per process ({world_size} processes)"
+                 if world_size > 1 else "")
+        raise ValueError(f"{name} has {n_train} training images{shard}: fewer than one batch of "
+                         f"{batch_size} (the last partial batch is dropped); use a smaller batch "
+                         f"size (--batch-size)")

@@ -195,14 +195,16 @@ def load_checkpoint(path: str, device) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- reading weight files
-def find_model_file(run_dir: str) -> str:
-    """The most useful weights in a run directory: model.safetensors, else the checkpoint."""
+def find_model_file(run_dir: str, what: str) -> str:
+    """The most useful weights in a run directory: model.safetensors, else the checkpoint;
+    ``what``: the flag that named the directory, for the error."""
     for name in ("model.safetensors", CHECKPOINT):
         path = os.path.join(run_dir, name)
         if os.path.isfile(path):
             return path
-    raise SetupError(f"{run_dir!r} holds neither model.safetensors nor {CHECKPOINT}: the run "
-                     f"has not finished an epoch")
+    raise SetupError(f"{what}: {run_dir!r} holds neither model.safetensors nor {CHECKPOINT}: "
+                     f"not a fastsd run directory, or its run has not finished an epoch; give "
+                     f"the run's directory or a weights file")
 
 
 def read_model_file(path: str, what: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

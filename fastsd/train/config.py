@@ -158,8 +158,9 @@ class TrainConfig:
     gamma: float = _f(0.1, "step schedule: factor at each milestone", "optim")
     warmup_epochs: Optional[float] = _f(
         None, "linear warm-up over this many epochs at the start of training (and of every "
-        "generation): the schedule's learning rate times a ramp from near 0 to 1 [auto: 1 (at most half a generation) for ban/tt, whose generations start "
-        "from fresh weights under a teacher, which diverges at full --lr; 0 otherwise]", "optim")
+        "generation): the schedule's learning rate times a ramp from near 0 to 1 [auto: 1 (at "
+        "most half a generation) for ban/tt, whose generations start from fresh weights under a "
+        "teacher, which diverges at full --lr; 0 otherwise]", "optim")
     restart_warmup_epochs: float = _f(
         0.0, "se/sd: linear warm-up over this many epochs after every learning-rate restart "
         "(the start of cycles 2 ... M): the cycle's cosine times a ramp from near 0 to 1, as "
@@ -379,7 +380,10 @@ class TrainConfig:
             if self.epochs is None:
                 self.epochs = defaults["epochs"]
         elif self.cycle_epochs is not None:
-            if not self.cycle_epochs or any(e < 1 for e in self.cycle_epochs):
+            if not self.cycle_epochs:
+                bad("cycle_epochs", "give the epochs of each cycle, e.g. --cycle-epochs "
+                    "150,50,50,50 (or --cycles N for N cycles of equal length)")
+            if any(e < 1 for e in self.cycle_epochs):
                 bad("cycle_epochs", f"every cycle needs at least 1 epoch, got "
                     f"{','.join(map(str, self.cycle_epochs))}")
             if self.cycles is not None and self.cycles != len(self.cycle_epochs):

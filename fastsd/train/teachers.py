@@ -101,7 +101,7 @@ def load_teacher_weights(path: str, arch: str, num_classes: int) -> Dict[str, to
     if not os.path.exists(path):
         raise SetupError(f"--teacher-checkpoint: {path!r} does not exist; give a fastsd run "
                          f"directory, its model.safetensors, a checkpoint or a state_dict file")
-    file = find_model_file(path) if os.path.isdir(path) else path
+    file = find_model_file(path, "--teacher-checkpoint") if os.path.isdir(path) else path
     state, meta = read_model_file(file, "--teacher-checkpoint")
     if meta.get("arch") and meta["arch"] != arch:
         raise SetupError(f"--teacher-checkpoint: {file} holds a {meta['arch']} but "
