@@ -6,7 +6,9 @@
 // exp(x) for float: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n by building
 // the exponent bits. Relative error about 2e-7 (a couple of ulp). Results below the smallest
 // normal float flush to 0 (exp(-inf) = 0 exactly); NaN stays NaN. No branches, so loops over it
-// vectorise.
+// vectorise. The flush is invisible in a loss: the kernels shift by the row's max, so a flushed
+// probability p is below 1.2e-38 of the largest one's, and its KL term p (log p - log q) (log p
+// from the logits, not from p) is as small unless log q is astronomically low.
 inline float fast_exp(float x) {
   const float lo = -87.3f, hi = 88.7f;
   float xc = x < lo ? lo : x;  // NaN fails both comparisons and passes through

@@ -93,7 +93,13 @@ def test_compile_module_face():
 
 
 BAD_INPUTS = [
-    (dict(logits=torch.arange(10).reshape(2, 5)), "floating point"),
+    (dict(logits=torch.arange(10).reshape(2, 5)),
+     "float32, bfloat16, float16 or float64, got torch.int64: pass the network's raw scores"),
+    # float8 is floating point too, but no kernel reads it (the C++ one refused it late)
+    (dict(logits=torch.randn(3, 5).to(torch.float8_e4m3fn)),
+     "got torch.float8_e4m3fn: cast them first"),
+    (dict(teacher_logits=torch.randn(3, 5).to(torch.float8_e5m2)),
+     "teacher_logits must be a float32, .* got torch.float8_e5m2"),
     (dict(logits=torch.randn(5)), "shape \\[batch, classes\\]"),
     (dict(logits=torch.randn(0, 5)), "empty"),
     (dict(logits=torch.randn(3, 0)), "empty"),

@@ -63,15 +63,22 @@ def check_labels_in_range(target, classes, ignore_index):
                          f"of the logits' last dimension")
 
 
+# What the kernels read (float8 scores would need a scale the loss does not take).
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def check_distill_args(logits, target, teacher_logits, *, temperature, student_temperature,
                        ce_weight, kd_weight, tolerance_weight, topk, ignore_index, reduction,
                        check_labels, label_smoothing=0.0):
     """Validate the loss arguments; return the shape of the rows (``logits.shape[:-1]``)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point (float32, bfloat16, float16 or float64), "
-                         f"got {logits.dtype}: pass the network's raw scores, not class indices")
+    if logits.dtype not in LOGIT_DTYPES:
+        hint = (": pass the network's raw scores, not class indices"
+                if not logits.is_floating_point() else
+                ": cast them first, e.g. logits.float()")
+        raise ValueError(f"logits must be float32, bfloat16, float16 or float64, got "
+                         f"{logits.dtype}{hint}")
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape [batch, classes] (or [..., classes]), got a "
                          f"{logits.dim()}-D tensor of shape {tuple(logits.shape)}")
@@ -81,9 +88,10 @@ def check_distill_args(logits, target, teacher_logits, *, temperature, student_t
     classes = logits.shape[-1]
     rows_shape = logits.shape[:-1]
     if teacher_logits is not None:
-        if not isinstance(teacher_logits, torch.Tensor) or not teacher_logits.is_floating_point():
-            raise ValueError("teacher_logits must be a floating-point tensor of the same shape as "
-                             "logits")
+        if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dtype not in LOGIT_DTYPES:
+            raise ValueError(f"teacher_logits must be a float32, bfloat16, float16 or float64 "
+                             f"tensor of the same shape as logits, got "
+                             f"{getattr(teacher_logits, 'dtype', type(teacher_logits).__name__)}")
         if teacher_logits.shape != logits.shape:
             raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)} but logits "
                              f"have {tuple(logits.shape)}: the teacher must score the same rows "
