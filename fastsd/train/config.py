@@ -240,8 +240,8 @@ class TrainConfig:
         # with --config resolves them again from the new settings (a changed --temperature
         # moves λ_S, --method bl drops the cycles) instead of keeping values derived from the
         # old ones. Not a dataclass field: no flag, not compared.
-        given = self.to_dict()
         self._coerce_types()
+        given = self.to_dict()
         self._resolve_and_check()
         self.auto_fields = frozenset(
             name for name, value in given.items()
