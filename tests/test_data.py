@@ -331,6 +331,10 @@ def test_synthetic_is_deterministic_sized_and_balanced():
     dl = build_loaders("synthetic", batch_size=8, num_classes=5, image_size=16, synthetic_size=64)
     assert ((dl.info.num_classes, dl.info.image_size, dl.info.train_size, dl.info.test_size)
             == (5, 16, 64, 12))
+    # [64]: config.yaml's spelling of --synthetic-size 64 (fastsd.evaluate passes it on)
+    one = build_loaders("synthetic", batch_size=8, num_classes=5, image_size=16,
+                        synthetic_size=[64])
+    assert (one.info.train_size, one.info.test_size) == (64, 12)
 
 
 def test_synthetic_data_is_learnable_but_not_trivial():
@@ -375,6 +379,50 @@ def test_class_order_equals_torchvision_imagefolder(tmp_path):
     assert list(dl.info.class_names) == theirs.classes
     y = torch.cat([y for _, y in dl.test])
     assert y.tolist() == [c for _, c in torchvision.datasets.ImageFolder(str(root / "val")).samples]
+
+
+def test_hidden_folders_inside_a_class_are_skipped(tmp_path):
+    """.AppleDouble/, .thumbnails/: neither trained on under the class's label nor decoded."""
+    root = make_folder(tmp_path, ["a", "b"], per_class=2)
+    for hidden in (".AppleDouble", ".thumbnails/deep", "sub/.cache"):
+        write_image(root / "train" / "a" / hidden / "x.jpg")
+    write_image(root / "train" / "a" / "sub" / "kept.png")
+    samples = scan_image_folder(root / "train").samples
+    found = [os.path.relpath(p, root / "train") for p, _ in samples]
+    assert found == ["a/0.png", "a/1.png", os.path.join("a", "sub", "kept.png"), "b/0.png",
+                     "b/1.png"]
+
+
+def test_16_bit_grayscale_keeps_its_top_8_bits(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit value above 255 to white; the image decodes as DALI's
+    decoder does, each pixel's top 8 bits. 32-bit pixels are refused with the file's name."""
+    from fastsd.data.folders import read_rgb_image
+
+    values = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0 ... 65535
+    for suffix in ("png", "tif"):
+        Image.fromarray(values).save(tmp_path / f"g16.{suffix}")
+        rgb = np.asarray(read_rgb_image(str(tmp_path / f"g16.{suffix}")))
+        assert rgb.shape == (16, 16, 3)
+        for channel in range(3):
+            np.testing.assert_array_equal(rgb[..., channel], (values >> 8).astype(np.uint8))
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "f32.tif")
+    with pytest.raises(UnreadableImageError, match="f32.tif.* 32-bit float pixels"):
+        read_rgb_image(str(tmp_path / "f32.tif"))
+
+
+def test_an_image_over_pils_size_limit_is_named_by_the_header_check(tmp_path, monkeypatch):
+    """PIL refuses a decompression bomb in Image.open: the header check (--check-images header,
+    the trainer's choice above 50 000 images) names the file and both ways on."""
+    from PIL import Image as PILImage
+
+    from fastsd.data.folders import read_image_size, read_rgb_image
+
+    write_image(tmp_path / "big.png", size=(64, 64))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 2x over it: an error
+    for read in (read_image_size, read_rgb_image):
+        with pytest.raises(UnreadableImageError,
+                           match="big.png.* larger than PIL's limit.*MAX_IMAGE_PIXELS"):
+            read(str(tmp_path / "big.png"))
 
 
 def test_file_names_need_not_be_utf8(tmp_path):

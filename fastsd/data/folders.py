@@ -79,6 +79,8 @@ def _walk_images(class_dir: Path) -> List[str]:
     # torchvision's order: folders sorted by their whole path (so "a-b" before "a/sub", as "-"
     # sorts before "/"), then files by name
     for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        if any(part.startswith(".") for part in Path(dirpath).relative_to(class_dir).parts):
+            continue  # a hidden folder inside the class (.AppleDouble/, .thumbnails/)
         for f in sorted(filenames):
             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
                 found.append(os.path.join(dirpath, f))
@@ -154,8 +156,21 @@ def check_image_sizes(paths: Sequence[str], size: int, workers: int = 1) -> None
 
 
 def _unreadable(path: str, error: Exception) -> UnreadableImageError:
+    from PIL import Image
+
+    if isinstance(error, Image.DecompressionBombError):  # a valid image, only a large one
+        return UnreadableImageError(f"image file {path!r} is larger than PIL's limit ({error}): "
+                                    f"shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is "
+                                    f"meant to be this large")
     return UnreadableImageError(f"cannot read image file {path!r} ({type(error).__name__}: "
                                 f"{error}): replace or delete the file")
+
+
+def _errors_of_pil():
+    """What PIL raises for a file it cannot read (the bomb check raises from Image.open)."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 
 def read_image_size(path: str) -> Tuple[int, int]:
@@ -166,18 +181,31 @@ def read_image_size(path: str) -> Tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except (OSError, ValueError, SyntaxError) as e:
+    except _errors_of_pil() as e:
         raise _unreadable(path, e) from e
 
 
 def read_rgb_image(path: str):
-    """Open and fully decode an image as an RGB PIL image; UnreadableImageError names the file."""
+    """Open and fully decode an image as an RGB PIL image; UnreadableImageError names the file.
+
+    16-bit grayscale (PNG, TIFF) keeps its top 8 bits, as DALI's decoder does; PIL's own
+    conversion would clip every value above 255 and give a white image. 32-bit pixels (integer
+    or float) have no one 8-bit meaning and are refused."""
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
             img.load()                  # decode now, while the file is open: errors surface here
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except _errors_of_pil() as e:
         raise _unreadable(path, e) from e
+    # (older Pillow opened a 16-bit PNG as 32-bit "I"; a PNG holds at most 16 bits a channel)
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        import numpy as np
+
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        kind = "float" if img.mode == "F" else "integer"
+        raise UnreadableImageError(f"image file {path!r} has 32-bit {kind} pixels, which no "
+                                   f"8-bit image holds: convert it to 8 bits per channel")
+    return img.convert("RGB")

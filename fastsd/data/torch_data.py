@@ -443,6 +443,8 @@ def _synthetic_sizes(synthetic_size) -> Tuple[int, int]:
     _, _, train, test = SYNTHETIC_DEFAULTS
     if synthetic_size is None:
         return train, test
+    if isinstance(synthetic_size, Sequence) and len(synthetic_size) == 1:
+        synthetic_size = synthetic_size[0]  # [N], as config.yaml holds --synthetic-size N
     if isinstance(synthetic_size, (int, np.integer)) and not isinstance(synthetic_size, bool):
         n = check_int("synthetic_size", synthetic_size, 1)
         return n, max(1, n // 5)
