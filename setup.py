@@ -76,6 +76,11 @@ def extension_modules():
     if use_cuda and cuda_home is None:
         sys.exit("FASTSD_BUILD=cuda but no CUDA toolkit (bin/nvcc and libcudart) was found: "
                  "set CUDA_HOME to the toolkit root, e.g. /usr/local/cuda.")
+    if wanted == "auto" and cuda_home is None and torch.version.cuda is not None:
+        # A CUDA torch with a CPU-only extension: SnapshotStore refuses a CUDA device then.
+        print(f"fastsd: torch is a CUDA {torch.version.cuda} build but no CUDA toolkit (bin/nvcc "
+              f"and libcudart) was found: building the extension for the CPU only. Set "
+              f"CUDA_HOME (or FASTSD_BUILD=cuda) to build its CUDA kernels.", file=sys.stderr)
     if use_cuda and torch.version.cuda is None:
         sys.exit("FASTSD_BUILD=cuda but the installed torch is a CPU-only build: install a CUDA "
                  "build of torch, or build with FASTSD_BUILD=cpu.")

@@ -5,6 +5,7 @@
 #include "snapshot_pack_kernel.h"
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -144,6 +145,12 @@ std::vector<PackItem> plan_pack(const at::TensorList& srcs, const at::Tensor& ds
       any = true;
     }
   }
+  // dst is written in place: its version moves, as copy_ moves it, so that autograd refuses a
+  // backward through a teacher's weights (views of a slot) that a capture has overwritten since.
+  // (The schema returns nothing, so torch's boxed ADInplaceOrView fallback, which bumps the
+  // versions of returned aliases, would not do it.) An inference tensor outside inference mode
+  // is refused here with torch's own message.
+  dst.unsafeGetTensorImpl()->bump_version();
   return items;
 }
 
@@ -432,4 +439,11 @@ TORCH_LIBRARY_FRAGMENT(fastsd, m) {
 TORCH_LIBRARY_IMPL(fastsd, CPU, m) {
   m.impl("pack_tensors", &fastsd::snapshot::pack_tensors_cpu);
   m.impl("_pack_tensors_cuda_emulated", &fastsd::snapshot::pack_tensors_cuda_emulated);
+}
+
+// The ops have no derivative; torch's fallback refuses a write into a leaf that requires grad,
+// as copy_ does (plan_pack moves dst's version).
+TORCH_LIBRARY_IMPL(fastsd, Autograd, m) {
+  m.impl("pack_tensors", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_pack_tensors_cuda_emulated", torch::autograd::autogradNotImplementedFallback());
 }

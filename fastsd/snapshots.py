@@ -132,6 +132,26 @@ def _align(n, dtype):
     return (n + step - 1) // step * step
 
 
+def drop_user_hooks(model: nn.Module) -> None:
+    """Remove the forward and backward hooks a deep copy of ``model`` took over from it (feature
+    taps, activation loggers, FLOP counters put on the student): a teacher running them would
+    overwrite what they recorded of the student. Hooks that compute weights (spectral_norm,
+    the old weight_norm) stay: without them the module would run other weights."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for module in model.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks"):
+            hooks = getattr(module, attr, {})
+            for key in [k for k, hook in hooks.items()
+                        if not isinstance(hook, (WeightNorm, SpectralNorm))]:
+                del hooks[key]
+                for flags in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                              "_forward_pre_hooks_with_kwargs"):
+                    getattr(module, flags, {}).pop(key, None)
+
+
 class SnapshotStore:
     """``capacity`` half-precision snapshots of one model, each usable as a teacher module.
 
@@ -205,6 +225,14 @@ class SnapshotStore:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type != "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "fastsd::pack_tensors", self.device.type.upper()):
+            # now, not at the first capture: in a training run that is a cycle's end, hours in
+            raise RuntimeError(
+                f"fastsd._C was built without {self.device.type.upper()} kernels, so snapshots "
+                f"cannot be kept on {self.device}: rebuild it with the CUDA toolkit, e.g. "
+                f"FASTSD_BUILD=cuda CUDA_HOME=/usr/local/cuda pip install --no-build-isolation "
+                f"-e .")
 
         self._entries = self._plan(model)
         self._params = [e for e in self._entries if e.kind == "parameter"]
@@ -276,6 +304,7 @@ class SnapshotStore:
         for _, b in model.named_buffers():
             memo[id(b)] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="meta")
         skeleton = copy.deepcopy(model, memo)
+        drop_user_hooks(skeleton)
         tensors = dict(skeleton.named_parameters())
         tensors.update(dict(skeleton.named_buffers()))
         return skeleton, tensors

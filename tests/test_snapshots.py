@@ -146,6 +146,26 @@ def test_pack_leaves_sources_alone():
         assert torch.equal(s.nan_to_num(), b.nan_to_num())
 
 
+def test_pack_moves_the_version_of_dst_so_autograd_sees_the_write():
+    """A teacher's parameters are views of its slot: a capture after a forward with grad must make
+    backward refuse (it would use the new weights), and a leaf that requires grad is refused as
+    copy_ refuses it."""
+    dst = torch.zeros(4, dtype=torch.float16)
+    before = dst._version
+    pack_tensors([torch.ones(4)], dst)
+    assert dst._version > before
+    slot = torch.zeros(4)  # a float32 buffer, so that matmul saves the view itself
+    weight = slot.view(2, 2)
+    x = torch.ones(3, 2, requires_grad=True)
+    out = (x @ weight).sum()
+    with torch.no_grad():
+        pack_tensors([torch.full((4,), 2.0)], slot)  # a capture, as SnapshotStore makes it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        pack_tensors([torch.ones(2)], torch.zeros(2, requires_grad=True))
+
+
 def test_pack_empty_list_is_a_no_op():
     dst = torch.ones(4, dtype=torch.float16)
     pack_tensors([], dst)
@@ -278,6 +298,32 @@ def small():
 
 
 # ------------------------------------------------------------------------------ SnapshotStore
+def test_teachers_do_not_run_the_students_hooks(small):
+    """A feature tap on the student records the student's activations only; a hook that computes
+    the weights (spectral_norm) stays, or the teacher would run other weights."""
+    seen = []
+    small.bn.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    small.conv.register_forward_pre_hook(lambda m, args, kwargs: seen.append("pre"),
+                                         with_kwargs=True)
+    store = SnapshotStore(small, capacity=1, dtype=torch.bfloat16)
+    store.capture(small)
+    store.teacher(0)(_inputs().bfloat16())
+    assert seen == []
+    small(_inputs())
+    assert seen == ["pre", torch.float32]  # the student's hooks still run
+    normed = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 3))).eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        normed(x)
+        normed_store = SnapshotStore(normed, capacity=1, dtype=torch.bfloat16)
+        normed[0].weight_orig.mul_(-2.0)  # trained on: the weight the store copied is stale
+        expected = normed(x)
+        normed_store.capture(normed)
+        # without its hook the teacher would run that stale copy, not weight_orig / sigma
+        torch.testing.assert_close(normed_store.teacher(0)(x.bfloat16()).float(), expected,
+                                   atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_teacher_is_a_view_of_its_slot(small, dtype):
     store = SnapshotStore(small, capacity=2, dtype=dtype)
@@ -486,6 +532,16 @@ def test_bad_dtype_and_capacity(small):
             SnapshotStore(small, capacity=capacity)
     with pytest.raises(TypeError, match="nn.Module"):
         SnapshotStore("resnet20")
+
+
+def test_a_store_on_a_device_the_extension_was_not_built_for_is_refused_up_front(monkeypatch):
+    """A CPU-only build on a CUDA machine: refused when the store is made, not at the first
+    capture (a cycle's end, hours into a run). Stood in for by the meta device."""
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda op, key: key != "META" and has_kernel(op, key))
+    with pytest.raises(RuntimeError, match="built without META kernels.*FASTSD_BUILD=cuda"):
+        SnapshotStore(nn.Linear(2, 2), device="meta")
 
 
 def test_bad_slots(small):

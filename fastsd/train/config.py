@@ -97,9 +97,10 @@ class TrainConfig:
     teacher_checkpoint: Optional[str] = _f(
         None, "kd: the trained teacher (a fastsd run directory, checkpoint, model.safetensors, or "
         "a plain state_dict file)", "method", metavar="PATH")
-    teacher_dtype: str = _f("auto", "precision of teacher snapshots and their forward pass [auto:"
-                            " fp16 on CUDA, bf16 on CPUs with native bf16, else fp32]", "method",
-                            choices=TEACHER_DTYPES)
+    teacher_dtype: str = _f("auto", "precision of teacher snapshots and their forward pass (an "
+                            "fp32 teacher is kept as fp16 and widened: its weights are rounded to "
+                            "fp16) [auto: fp16 on CUDA, bf16 on CPUs with native bf16, else "
+                            "fp32]", "method", choices=TEACHER_DTYPES)
 
     # ------------------------------------------------------------------------------ model, data
     arch: str = _f("resnet20", "model: resnet20/32/44/56/110, densenet_bc_100, densenet_bc_190 "

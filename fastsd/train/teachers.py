@@ -36,7 +36,10 @@ class Teachers:
         self._shell: Optional[nn.Module] = None
         self._shell_slot: Optional[int] = None
         if not half:
+            from fastsd.snapshots import drop_user_hooks
+
             self._shell = copy.deepcopy(model).eval()
+            drop_user_hooks(self._shell)
             for p in self._shell.parameters():
                 p.requires_grad_(False)
 
