@@ -118,6 +118,17 @@ def _run_dir_of(path: str) -> Optional[str]:
 
 
 def _snapshot_files(run_dir: str) -> List[str]:
+    """The run's snapshot files, in order: those its config.yaml's method and cycles or
+    generations make (a file of an earlier run in the same folder is no member)."""
+    from fastsd.train.loop import snapshot_file_names
+
+    cfg = _run_config(run_dir)
+    if cfg.get("method"):
+        stems = snapshot_file_names(cfg["method"], int(cfg.get("cycles") or 1),
+                                    int(cfg.get("generations") or 0))
+        paths = [os.path.join(run_dir, "snapshots", f"{stem}.safetensors") for stem in stems]
+        return [p for p in paths if os.path.isfile(p)]
+
     def key(p):
         m = re.search(r"(\d+)", os.path.basename(p))
         return int(m.group(1)) if m else -1
@@ -187,14 +198,17 @@ def _label_of(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def load_model(path: str, arch: Optional[str], num_classes: Optional[int], device):
-    """``(model in eval mode, arch, num_classes)`` from a weights file."""
+def load_model(path: str, arch: Optional[str], num_classes: Optional[int], device, *,
+               fallback_arch: Optional[str] = None, fallback_classes: Optional[int] = None):
+    """``(model in eval mode, arch, num_classes)`` from a weights file: ``arch`` /
+    ``num_classes`` where given, else what the file records, else the fallbacks."""
     from fastsd.models import create_model
     from fastsd.train.checkpoint import load_into, read_model_file
 
     state, meta = read_model_file(path, "--checkpoint")
-    arch = arch or meta.get("arch")
-    num_classes = num_classes or (int(meta["num_classes"]) if meta.get("num_classes") else None)
+    arch = arch or meta.get("arch") or fallback_arch
+    num_classes = (num_classes or (int(meta["num_classes"]) if meta.get("num_classes") else None)
+                   or fallback_classes)
     if arch is None or num_classes is None:
         raise SetupError(f"{path} does not record its architecture / number of classes; pass "
                          f"--arch and --num-classes")
@@ -291,7 +305,10 @@ def format_evaluation(out: Dict[str, Any]) -> str:
     best = min(models, key=lambda e: (e["top1_error"], e["top5_error"]))
     header = ["error (%)"] + [m["label"] for m in models] + ["best"]
     if out["ensemble"]:
-        header.append("ensemble")
+        members = out["ensemble"]["members"]
+        # named where it is not every model listed (a BAN/TT run's G#0 is left out)
+        header.append("ensemble" if len(members) == len(models)
+                      else f"ensemble of {', '.join(members)}")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for key, name in (("top1_error", "top-1"), ("top5_error", "top-5")):
         cells = [name] + [_fmt(m[key]) for m in models] + [_fmt(best[key])]
@@ -336,10 +353,19 @@ def _main(args) -> Dict[str, Any]:
     channels_last = (args.channels_last if args.channels_last is not None
                      else bool(cfg.get("channels_last", False)))
     models = []
-    arch, num_classes = args.arch, args.num_classes
+    arch = num_classes = None
     for label, file in files:
-        model, arch, num_classes = load_model(file, arch or cfg.get("arch"),
-                                              num_classes or cfg.get("num_classes"), device)
+        # Each file's own record first (a KD student beside its teacher, a cross-architecture
+        # ensemble), then the flags, then the run's config.yaml.
+        model, file_arch, file_classes = load_model(
+            file, args.arch, args.num_classes, device,
+            fallback_arch=cfg.get("arch"), fallback_classes=cfg.get("num_classes"))
+        if num_classes is not None and file_classes != num_classes:
+            raise SetupError(f"{file} scores {file_classes} classes but {files[0][1]} scores "
+                             f"{num_classes}: models evaluated together must score the same "
+                             f"classes")
+        arch = arch or file_arch  # the first model's, for the default image size
+        num_classes = file_classes
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         models.append((label, model))

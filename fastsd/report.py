@@ -215,6 +215,9 @@ def repeat_groups(runs: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
         seen.add(where)
         experiment = {k: v for k, v in {**defaults, **run["config"]}.items()
                       if k not in REPEAT_FREE_SETTINGS}
+        if experiment.get("dataset") == "imagefolder":
+            # the folder is the data set itself (a CIFAR folder is one copy of the same data)
+            experiment["data"] = run["config"].get("data")
         groups.setdefault(json.dumps(experiment, sort_keys=True, default=str), []).append(run)
     return [g for g in groups.values() if len(g) > 1]
 

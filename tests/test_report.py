@@ -217,6 +217,31 @@ def test_repeated_runs_get_mean_and_standard_deviation(runs, tmp_path):
     assert min(stds) > 0  # the seeds gave different numbers in every column
 
 
+def test_columns_of_runs_with_different_numbers_of_snapshots_stay_in_order():
+    from fastsd.train.results import stage_labels
+
+    def run(*labels):
+        return {"snapshots": [{"label": label} for label in labels]}
+
+    assert stage_labels([run("M#L1", "M#L2"), run("G#0", "G#1"), run("M#L1", "M#L2", "M#L3"),
+                         run("G#0", "G#1", "G#2"), run("final")]) == [
+        "M#L1", "M#L2", "M#L3", "G#0", "G#1", "G#2", "final"]
+
+
+def test_runs_on_different_image_folders_are_not_repeats():
+    from fastsd.report import repeat_groups
+
+    def run(name, data, seed, dataset="imagefolder"):
+        return {"dir": f"/runs/{name}", "config": {"dataset": dataset, "data": data,
+                                                   "seed": seed, "method": "bl"}}
+
+    assert repeat_groups([run("a", "/data/cats", 0), run("b", "/data/dogs", 1)]) == []
+    same = [run("a", "/data/cats", 0), run("b", "/data/cats", 1)]
+    assert repeat_groups(same) == [same]
+    cifar = [run("a", "/data/c1", 0, "cifar10"), run("b", "/scratch/c2", 1, "cifar10")]
+    assert repeat_groups(cifar) == [cifar]  # two copies of CIFAR-10 are one data set
+
+
 def test_evaluate_prints_the_same_numbers(runs, capsys):
     from fastsd.evaluate import main
 
@@ -261,6 +286,54 @@ def test_evaluate_ensembles_generations_as_the_run_does(runs, capsys):
     for key in ("top1_error", "top5_error"):
         assert evaluated["ensemble"][key] == pytest.approx(results["ensemble"][key])
         assert evaluated["ensemble"][key] == pytest.approx(evaluated["models"][1][key])
+    # the printed table names the members where they are not every model listed
+    assert main(["--checkpoint", cfg.out, "--snapshots", "all", "--device", "cpu"]) == 0
+    assert "| best | ensemble of G#1 |" in capsys.readouterr().out
+
+
+def test_evaluate_builds_each_model_from_its_own_file(runs, tmp_path, capsys):
+    """A KD student beside its bigger teacher: every file is built as the architecture it
+    records, not as the first one's (or the run's config.yaml's)."""
+    from fastsd.evaluate import main
+    from fastsd.models import create_model
+    from fastsd.train.checkpoint import model_weights, save_safetensors
+
+    root, out = runs
+    bigger = str(tmp_path / "resnet32.safetensors")
+    save_safetensors(model_weights(create_model("resnet32", CLASSES)), bigger,
+                     {"arch": "resnet32", "num_classes": str(CLASSES)})
+    student = os.path.join(out["bl"][0].out, "model.safetensors")
+    for files in ([student, bigger], [bigger, student]):
+        assert main(["--checkpoint", out["bl"][0].out, "--snapshots", *files,
+                     "--device", "cpu"]) == 0, capsys.readouterr().err
+        assert "| best | ensemble |" in capsys.readouterr().out
+    other = str(tmp_path / "five.safetensors")
+    save_safetensors(model_weights(create_model("resnet20", 5)), other,
+                     {"arch": "resnet20", "num_classes": "5"})
+    assert main(["--checkpoint", out["bl"][0].out, "--snapshots", student, other,
+                 "--device", "cpu"]) == 2
+    assert "five.safetensors scores 5 classes but" in capsys.readouterr().err
+
+
+def test_evaluate_all_takes_only_the_runs_own_snapshots(runs, tmp_path, capsys):
+    """A snapshot file the run's settings do not make (an earlier run's, in a reused folder) is
+    no member of --snapshots all; and a fresh run is refused in a folder holding results."""
+    from fastsd.evaluate import main
+    from fastsd.train.errors import SetupError
+
+    root, out = runs
+    run = str(tmp_path / "sd")
+    shutil.copytree(out["sd"][0].out, run)
+    shutil.copy(os.path.join(run, "snapshots", "cycle2.safetensors"),
+                os.path.join(run, "snapshots", "cycle3.safetensors"))
+    assert main(["--checkpoint", run, "--snapshots", "all", "--device", "cpu", "--json",
+                 str(tmp_path / "e.json")]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "e.json") as f:
+        assert [m["label"] for m in json.load(f)["models"]] == ["M#L1", "M#L2"]
+    shutil.rmtree(os.path.join(run, "checkpoints"))
+    with pytest.raises(SetupError, match="holds the results of an earlier run"):
+        Trainer(out["sd"][0].replace(out=run), quiet=True).setup()
 
 
 def test_evaluate_follows_the_runs_mixed_precision(tmp_path, capsys):

@@ -299,7 +299,9 @@ class TrainConfig:
             bad("data", f"--dataset {self.dataset} needs --data DIR: the folder holding the data "
                 f"set{hint}")
         if self.data is not None:
-            self.data = os.path.expanduser(self.data)
+            # absolute: evaluate and a resume may start from another directory, and the report
+            # tells image-folder data sets apart by it
+            self.data = os.path.abspath(os.path.expanduser(self.data))
         if self.synthetic_size is not None:
             if self.dataset != "synthetic":
                 bad("synthetic_size", f"applies to --dataset synthetic only, not {self.dataset}")

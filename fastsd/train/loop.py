@@ -26,7 +26,8 @@ from . import distributed
 from .checkpoint import (FORMAT_VERSION, atomic_torch_save, checkpoint_path, find_checkpoint,
                          load_checkpoint, model_weights, rng_state, save_safetensors,
                          set_rng_state)
-from .config import GENERATION_METHODS, TrainConfig, dump_yaml, flag, in_run_ensemble
+from .config import (CYCLIC_METHODS, GENERATION_METHODS, TrainConfig, dump_yaml, flag,
+                     in_run_ensemble)
 from .errors import ConfigError, Interrupted, NonFiniteLossError, SetupError
 from .monitor import Monitor
 from .results import counted, format_table, summarise, write_results
@@ -37,11 +38,25 @@ from .step import (SecondaryMeter, TrainStep, autocast_forward, build_optimizer,
 
 def stage_file_name(stage: Stage) -> str:
     """File stem of a stage's snapshot and diagnostics: cycle<1..M>, gen<0..N>, or final."""
-    if stage.kind == "cycle":
-        return f"cycle{stage.index + 1}"
-    if stage.kind == "generation":
-        return f"gen{stage.index}"
+    return _file_stem(stage.kind, stage.index)
+
+
+def _file_stem(kind: str, index: int) -> str:
+    if kind == "cycle":
+        return f"cycle{index + 1}"
+    if kind == "generation":
+        return f"gen{index}"
     return "final"
+
+
+def snapshot_file_names(method: str, cycles: int, generations: int) -> List[str]:
+    """The stems of the snapshot files a run of ``method`` writes: cycle1..M for se/sd,
+    gen0..N for ban/tt, none for bl/kd."""
+    if method in CYCLIC_METHODS:
+        return [_file_stem("cycle", i) for i in range(cycles)]
+    if method in GENERATION_METHODS:
+        return [_file_stem("generation", g) for g in range(generations + 1)]
+    return []
 
 
 def _empty_epoch_sums() -> Dict[str, float]:
@@ -263,6 +278,11 @@ class Trainer:
         if os.path.isfile(checkpoint_path(run_dir)):
             raise SetupError(f"--out: {run_dir!r} already holds a run with a checkpoint; continue "
                              f"it with --resume {run_dir}, or choose another --out")
+        if os.path.isfile(os.path.join(run_dir, "results.json")):
+            # a finished run whose checkpoints were deleted: its snapshot files would mix with
+            # the new run's
+            raise SetupError(f"--out: {run_dir!r} holds the results of an earlier run "
+                             f"(results.json); choose another --out, or delete that run first")
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise SetupError(f"--out: {run_dir!r} exists and is not a directory")
         return run_dir

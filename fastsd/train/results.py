@@ -50,14 +50,25 @@ def run_title(results: Dict[str, Any]) -> str:
 
 
 def stage_labels(runs: Sequence[Dict[str, Any]]) -> List[str]:
-    """The snapshot / generation labels of the runs' results, in order of first appearance:
-    the columns of a table that shows them side by side."""
+    """The snapshot / generation labels of the runs' results: the columns of a table that shows
+    them side by side. Kinds (M#L, G#) in order of first appearance, each in numeric order, so
+    that a 2-cycle run listed before a 3-cycle one gives M#L1 M#L2 M#L3, not M#L1 M#L2 G#0 ...
+    M#L3."""
     labels: List[str] = []
     for run in runs:
         for entry in run["snapshots"]:
             if entry["label"] not in labels:
                 labels.append(entry["label"])
-    return labels
+    kinds: Dict[str, int] = {}
+    for label in labels:
+        kinds.setdefault(label.rstrip("0123456789"), len(kinds))
+
+    def order(label):
+        kind = label.rstrip("0123456789")
+        number = label[len(kind):]
+        return kinds[kind], int(number) if number else -1
+
+    return sorted(labels, key=order)
 
 
 def table_columns(run: Dict[str, Any], labels: Sequence[str], key: str) -> List[Optional[float]]:
