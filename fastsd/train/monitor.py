@@ -5,8 +5,9 @@
 - ``"step"``: every ``--log-every`` steps: iteration, epoch, stage, lr, loss, ce, kl, tolerance
   (means over the window's finite steps), train_top1_error (percent, on the augmented batches),
   nonfinite (steps with a non-finite loss in the window), skipped (steps whose update was skipped
-  for a non-finite gradient; bf16/fp32, summed over processes), clipped (steps whose gradient
-  norm was above ``--clip-grad-norm`` and was scaled down, summed over processes), images_per_s,
+  for a non-finite gradient; bf16/fp32), clipped (steps whose gradient norm was above
+  ``--clip-grad-norm`` and was scaled down; both count updates, each once however many processes
+  share it), images_per_s,
   time (seconds since the run started);
 - ``"epoch"``: per epoch: lr (its last), the same training means and counts over the epoch,
   test_top1_error / test_top5_error when evaluated, epoch_time, images_per_s, and on a GPU

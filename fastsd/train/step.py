@@ -338,10 +338,14 @@ class TrainStep:
                 self.metrics[:_RUN].zero_()
 
     def _reduced(self, all_reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """The window over every process: its sums summed, its longest run of bad steps the
-        largest, the run still going on this process's own."""
+        """The window over every process: its sums summed (updates counted once), its longest
+        run of bad steps the largest, the run still going on this process's own."""
         m = self.metrics
-        return torch.cat([all_reduce(m[:_RUN].clone(), "sum"), m[_RUN:_MAX_RUN],
+        # Skipped and clipped count updates, which are decided on the all-reduced gradient: the
+        # same on every process, so one process's count (the max: after a window is gathered
+        # the others hold 0), not the sum, which would count each update once per process.
+        return torch.cat([all_reduce(m[:_SKIPPED].clone(), "sum"),
+                          all_reduce(m[_SKIPPED:_RUN].clone(), "max"), m[_RUN:_MAX_RUN],
                           all_reduce(m[_MAX_RUN:].clone(), "max")])
 
     def gather_window(self, all_reduce: Callable[..., torch.Tensor], keep_sums: bool) -> None:
