@@ -135,7 +135,9 @@ def test_option_a_shortcut_keeps_channels_last():
     assert torch.equal(y[:, :16], x[:, :, ::2, ::2]) and not y[:, 16:].any()
 
 
-def test_densenet_memory_efficient_gives_the_same_gradients():
+def test_densenet_memory_efficient_gives_the_same_gradients_and_statistics():
+    """Only the memory differs: the backward pass's recomputation does not update the BatchNorm
+    running statistics a second time (num_batches_tracked went up by 2 a step)."""
     torch.manual_seed(0)
     a = _small_densenet()
     b = _small_densenet(memory_efficient=True)
@@ -145,6 +147,8 @@ def test_densenet_memory_efficient_gives_the_same_gradients():
     b(x).square().sum().backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, sa), sb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(sa, sb), name
 
 
 def test_cifar_resnet_forward_is_he_et_als_network():
@@ -228,3 +232,35 @@ def test_bad_arguments():
         create_model("resnet20", 10, no_such_option=1)
     with pytest.raises(TypeError, match="model 'densenet_bc_100' does not accept.*depth"):
         create_model("densenet_bc_100", 10, depth=40)  # the name fixes the depth
+
+
+@pytest.mark.parametrize("name", ["alexnet", "inception_v3", "vit_b_32", "maxvit_t", "resnet18"])
+def test_input_size_limits_are_those_the_networks_have(name):
+    """The table behind check_input_size against a forward on the meta device (no memory): the
+    smallest side runs and one pixel less does not; a fixed size runs and its neighbours not.
+    The trainer's automatic size for synthetic data passes the check."""
+    from fastsd.models import check_input_size, get_model_info
+    from fastsd.train.config import auto_image_size
+
+    with torch.device("meta"):
+        model = create_model(name, 10).eval()
+
+    def runs(side):
+        try:
+            model(torch.empty(1, 3, side, side, device="meta"))
+            return True
+        except (RuntimeError, AssertionError, ValueError):
+            return False
+
+    info = get_model_info(name)
+    if info.fixed_input_size:
+        assert runs(info.input_size) and not runs(info.input_size + 1) and not runs(64)
+        with pytest.raises(ValueError, match=f"{info.input_size}x{info.input_size} images only"):
+            check_input_size(name, 64)
+    else:
+        assert runs(info.min_input_size) and runs(info.input_size)
+        if info.min_input_size > 1:
+            assert not runs(info.min_input_size - 1)
+            with pytest.raises(ValueError, match=f"at least {info.min_input_size}x"):
+                check_input_size(name, info.min_input_size - 1)
+    check_input_size(name, auto_image_size("synthetic", name))

@@ -335,6 +335,8 @@ def _argparse_fails(capsys, argv, *needles):
     (["--cycle-epochs", "3,3", "--epochs", "5"], ["--cycle-epochs", "add up to 6"]),
     (["--cycle-epochs", "3,0"], ["--cycle-epochs", "at least 1 epoch"]),
     (["--cycle-epochs", ","], ["--cycle-epochs", "give the epochs of each cycle"]),
+    (["--arch", "vit_b_32", "--image-size", "64"], ["--image-size", "224x224 images only"]),
+    (["--arch", "alexnet", "--image-size", "32"], ["--image-size", "at least 63x63"]),
     (["--synthetic-size", "10,5"], ["10 training images: fewer than one batch of 64",
                                     "--batch-size"]),
     (["--method", "bl", "--cycles", "3"], ["--cycles", "se and sd"]),

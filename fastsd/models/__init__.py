@@ -24,7 +24,8 @@ import torch.nn as nn
 from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet
 from .densenet import DenseNetBC, densenet_bc
 
-__all__ = ["create_model", "list_models", "get_model_info", "model_input_size", "ModelInfo",
+__all__ = ["create_model", "list_models", "get_model_info", "model_input_size",
+           "check_input_size", "ModelInfo",
            "CifarResNet", "DenseNetBC"]
 
 
@@ -37,6 +38,19 @@ class ModelInfo:
     input_size: int         #: side of the square training / evaluation crop the design expects
     eval_resize_size: int   #: shorter side images are resized to before the centre crop (eval)
     source: str             #: "fastsd" or "torchvision"
+    min_input_size: int = 1         #: the smallest side the network runs on
+    fixed_input_size: bool = False  #: runs on ``input_size`` only (a ViT's position embedding)
+
+
+# Models that do not run on every side: measured by a forward on the meta device of every
+# torchvision classifier at sides 16-700 (torchvision 0.29). AlexNet's and Inception-v3's pooling
+# leaves nothing below 63 / 75 px; the ViTs check for their one size, MaxViT's 7x7 windows fit
+# 221-224 px only (up to 700).
+_MIN_INPUT_SIZE = {"alexnet": 63, "inception_v3": 75}
+
+
+def _fixed_input_size(name: str) -> bool:
+    return name.startswith("vit_") or name == "maxvit_t"
 
 
 _CIFAR_BUILDERS: Dict[str, Callable[..., nn.Module]] = {}
@@ -134,8 +148,23 @@ def get_model_info(name: str) -> ModelInfo:
     if key in _CIFAR_BUILDERS:
         return ModelInfo(key, "cifar", 32, 32, "fastsd")
     size = _torchvision_input_size(key)
+    fixed = _fixed_input_size(key)
     # The usual 0.875 crop ratio (224 <- 256, 299 <- 342), as the evaluation pipelines resize.
-    return ModelInfo(key, "imagenet", size, int(round(size / 0.875)), "torchvision")
+    return ModelInfo(key, "imagenet", size, int(round(size / 0.875)), "torchvision",
+                     min_input_size=size if fixed else _MIN_INPUT_SIZE.get(key, 1),
+                     fixed_input_size=fixed)
+
+
+def check_input_size(name: str, side: int) -> None:
+    """ValueError, with the side to use, if the model cannot run on ``side`` x ``side`` images."""
+    info = get_model_info(name)
+    if info.fixed_input_size and side != info.input_size:
+        raise ValueError(f"{info.name} runs on {info.input_size}x{info.input_size} images only, "
+                         f"not {side}x{side}: use an image size of {info.input_size}")
+    if side < info.min_input_size:
+        raise ValueError(f"{info.name} needs images of at least {info.min_input_size}x"
+                         f"{info.min_input_size} (its pooling leaves nothing of {side}x{side}): "
+                         f"use an image size of {info.min_input_size} or more")
 
 
 def model_input_size(name: str) -> int:

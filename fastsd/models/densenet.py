@@ -11,6 +11,7 @@ parameters), DenseNet-BC-190 has k = 40 (25.6 M).
 activation memory (Pleiss et al. 2017), at the cost of ~15-20 % more compute.
 """
 
+import contextlib
 from typing import List
 
 import torch
@@ -34,14 +35,37 @@ class _DenseLayer(nn.Module):
         self.conv2 = nn.Conv2d(inner, growth_rate, 3, 1, 1, bias=False)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
+        self._recomputing = False
+
+    @contextlib.contextmanager
+    def _recomputation(self):
+        self._recomputing = True
+        try:
+            yield
+        finally:
+            self._recomputing = False
 
     def _bottleneck(self, *features: torch.Tensor) -> torch.Tensor:
         x = torch.cat(features, 1)
-        return self.conv1(F.relu(self.bn1(x)))
+        bn = self.bn1
+        if self._recomputing:
+            # The backward pass's rerun of a checkpointed forward: the same batch statistics,
+            # but the running ones (and num_batches_tracked) were updated once already, so it
+            # updates copies. Otherwise memory_efficient would change the model's BatchNorm
+            # statistics, not only its memory.
+            x = F.batch_norm(x, bn.running_mean.clone(), bn.running_var.clone(), bn.weight,
+                             bn.bias, True, 0.0, bn.eps)
+        else:
+            x = bn(x)
+        return self.conv1(F.relu(x))
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         if self.memory_efficient and self.training and any(f.requires_grad for f in features):
-            out = cp.checkpoint(self._bottleneck, *features, use_reentrant=False)
+            # (torch.compile takes no custom context_fn; its compiled backward recomputes from
+            # the traced graph, which updates the statistics once, in the forward)
+            context = {} if torch.compiler.is_compiling() else dict(
+                context_fn=lambda: (contextlib.nullcontext(), self._recomputation()))
+            out = cp.checkpoint(self._bottleneck, *features, use_reentrant=False, **context)
         else:
             out = self._bottleneck(*features)
         out = self.conv2(F.relu(self.bn2(out)))

@@ -115,7 +115,9 @@ class TrainConfig:
     download: bool = _f(False, "cifar10/cifar100: download into --data when missing", "data")
     num_classes: Optional[int] = _f(None, "number of classes [auto: from the data set]", "data")
     image_size: Optional[int] = _f(None, "side of the training crop [auto: on synthetic 16 for "
-                                   "the CIFAR models (the quick demo), 32 for ImageNet ones; 32 on "
+                                   "the CIFAR models (the quick demo), 32 for ImageNet ones (224 "
+                                   "for the ViTs, which take one size; 63, 75 for alexnet, "
+                                   "inception_v3); 32 on "
                                    "CIFAR; on image folders the model's input size: 224 for most "
                                    "(299 for inception_v3, 240-600 for efficientnet_b1-b7), 32 "
                                    "for the CIFAR models]", "data")
@@ -319,6 +321,12 @@ class TrainConfig:
             self.batch_size = defaults["batch_size"]
         if self.image_size is None:
             self.image_size = auto_image_size(self.dataset, self.arch)
+        from fastsd.models import check_input_size
+
+        try:  # now, not as a traceback of the first step
+            check_input_size(self.arch, self.image_size or 32)  # None: CIFAR's native 32
+        except ValueError as e:
+            bad("image_size", str(e))
         if self.eval_batch_size is None:
             self.eval_batch_size = 2 * self.batch_size
 
@@ -604,7 +612,11 @@ def auto_image_size(dataset: str, arch: str) -> Optional[int]:
         from fastsd.models import get_model_info
 
         demo = _DATASET_DEFAULTS["synthetic"]["image_size"]
-        return demo if get_model_info(arch).family == "cifar" else 2 * demo
+        info = get_model_info(arch)
+        if info.family == "cifar":
+            return demo
+        # (a ViT runs on its one size only; AlexNet and Inception-v3 need more than 32 px)
+        return info.input_size if info.fixed_input_size else max(2 * demo, info.min_input_size)
     if dataset == "imagefolder":
         from fastsd.models import model_input_size
 
