@@ -305,7 +305,7 @@ def test_sigterm_stops_every_process_with_one_checkpoint_and_the_run_resumes(tmp
     assert log.count("stopped by SIGTERM") == 1, log  # both stopped, rank 0 says so
     assert f"--resume {run}" in log
     state = torch.load(ckpt, weights_only=True)
-    # the stop was agreed at a step boundary, every STOP_CHECK_EVERY steps
+    # the stop was agreed at a step boundary, every STOP_CHECK_EVERY steps (or the last)
     assert state["iteration"] % 10 == 0 and state["world_size"] == 2
     assert state["iteration"] == state["epoch"] * 8 + state["batch_in_epoch"]
 
@@ -425,6 +425,40 @@ def test_each_process_draws_its_own_randomness_and_resumes_it(tmp_path):
     assert not torch.equal(draws[0]["first"], draws[1]["first"])
     for d in draws:
         assert torch.equal(d["after_resume"], d["after_save"])
+
+
+def _late_stop_worker(rank, port, root):
+    """Rank 0 alone is signalled, at iteration 3 of 8: before any multiple of STOP_CHECK_EVERY."""
+    from fastsd.train import distributed
+    from fastsd.train.errors import Interrupted
+
+    class SignalRankZero:
+        def on_step_end(self, trainer):
+            if rank == 0 and trainer.iteration == 3:
+                trainer._stop_signal = signal.SIGTERM
+
+    _join_group(rank, port)
+    trainer = Trainer(config(os.path.join(root, "run"), WORLD, PER_PROCESS_BATCH),
+                      hooks=[SignalRankZero()], quiet=True)
+    try:
+        trainer.run()
+        outcome = "finished"
+    except Interrupted:
+        outcome = f"stopped at {trainer.iteration} of {trainer.plan.total_iters}"
+    torch.save(outcome, os.path.join(root, f"outcome{rank}.pt"))
+    distributed.shutdown()
+
+
+def test_a_signal_in_the_last_steps_stops_every_process(tmp_path):
+    """The processes agree on a stop every STOP_CHECK_EVERY iterations and at the run's last: a
+    signal after the last multiple stops the run, as it stops one process (it used to finish
+    and exit 0)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_late_stop_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    assert [torch.load(tmp_path / f"outcome{r}.pt") for r in range(WORLD)] == [
+        "stopped at 8 of 8"] * WORLD
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_world_size_must_match_the_launch(monkeypatch):

@@ -682,7 +682,9 @@ class Trainer:
         iteration (a signal may reach them at different steps, or only some of them)."""
         if self.world_size == 1:
             return self._stop_signal is not None
-        if self.iteration % distributed.STOP_CHECK_EVERY:
+        # (also at the last iteration: a signal in the run's last steps stops it, as it stops
+        # one process, instead of letting it finish and exit 0)
+        if self.iteration % distributed.STOP_CHECK_EVERY and self.iteration < self.plan.total_iters:
             return False
         agreed = self._stop_flag.agree(self._stop_signal)
         if agreed is not None and self._stop_signal is None:
