@@ -200,6 +200,10 @@ def test_list_models_and_input_sizes():
     assert set(tv) <= set(names) and set(tv) == set(list_models("imagenet"))
     assert (model_input_size("resnet50") == 224
             and get_model_info("resnet50").eval_resize_size == 256)
+    # the shorter side of the recipe's evaluation resize: not always crop / 0.875
+    assert [get_model_info(n).eval_resize_size for n in ("inception_v3", "efficientnet_b7",
+                                                         "swin_v2_t", "vit_h_14")] == [
+        342, 600, 260, 256]
     # the crop of each architecture's own ImageNet recipe (torchvision's IMAGENET1K_V1 metadata)
     assert [model_input_size(n) for n in ("inception_v3", "efficientnet_b1", "efficientnet_b7",
                                           "efficientnet_v2_s", "swin_v2_t", "vit_h_14")] == [

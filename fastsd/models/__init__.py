@@ -17,7 +17,7 @@ import difflib
 import numbers
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -65,17 +65,22 @@ _CIFAR_BUILDERS["densenet_bc_190"] = (lambda num_classes, **kw:
                                                   num_classes, **kw))
 
 @lru_cache(maxsize=None)
-def _torchvision_input_size(name: str) -> int:
-    """The crop of the model's own ImageNet-1k recipe, from torchvision's metadata of its
-    IMAGENET1K_V1 weights (nothing is downloaded): 299 for inception_v3, 240 ... 600 for
-    efficientnet_b1 ... b7 (resolution is part of their compound scaling), 384 / 480 for
-    efficientnet_v2, 256 for swin_v2; 224 for the rest, and for the two models whose only
-    weights are fine-tuned at other sizes (regnet_y_128gf, vit_h_14)."""
+def _torchvision_eval_sizes(name: str) -> Tuple[int, int]:
+    """``(crop, resize)`` of the model's own ImageNet-1k recipe, from torchvision's metadata of
+    its IMAGENET1K_V1 weights (nothing is downloaded). The crop: 299 for inception_v3, 240 ... 600
+    for efficientnet_b1 ... b7 (resolution is part of their compound scaling), 384 / 480 for
+    efficientnet_v2, 256 for swin_v2; 224 for the rest. The shorter side before it: mostly the
+    crop / 0.875 (256 <- 224), but the EfficientNets' recipes resize to about the crop (600 for
+    b7). The two models whose only weights are fine-tuned at other sizes (regnet_y_128gf,
+    vit_h_14) get 224 and 256."""
     import torchvision.models
 
     weights = {w.name: w for w in torchvision.models.get_model_weights(name)}
     recipe = weights.get("IMAGENET1K_V1")
-    return int(recipe.transforms().crop_size[0]) if recipe is not None else 224
+    if recipe is None:
+        return 224, 256
+    transforms = recipe.transforms()
+    return int(transforms.crop_size[0]), int(transforms.resize_size[0])
 
 # Off by default so train() mode returns a tensor, not a namedtuple; init_weights=True silences
 # torchvision's FutureWarning about their default initialisation (the behaviour is the same).
@@ -147,10 +152,9 @@ def get_model_info(name: str) -> ModelInfo:
     key = _canonical(name)
     if key in _CIFAR_BUILDERS:
         return ModelInfo(key, "cifar", 32, 32, "fastsd")
-    size = _torchvision_input_size(key)
+    size, resize = _torchvision_eval_sizes(key)
     fixed = _fixed_input_size(key)
-    # The usual 0.875 crop ratio (224 <- 256, 299 <- 342), as the evaluation pipelines resize.
-    return ModelInfo(key, "imagenet", size, int(round(size / 0.875)), "torchvision",
+    return ModelInfo(key, "imagenet", size, resize, "torchvision",
                      min_input_size=size if fixed else _MIN_INPUT_SIZE.get(key, 1),
                      fixed_input_size=fixed)
 
