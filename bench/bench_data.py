@@ -193,6 +193,7 @@ def test_resnet50_train_step(benchmark):
     benchmark.pedantic(steps, rounds=3, warmup_rounds=1, iterations=1)
     rate = 5 * batch / benchmark.stats.stats.min
     benchmark.extra_info.update(provider="resnet50-train-step (consumer)", data="random",
+                                compare=False,  # a step, not a loader: its own ratio below
                                 shape=[batch, 3, 224, 224], device=device_label("cuda"),
                                 images_per_s=round(rate, 1))
     dali = _RESULTS.get(("imagenet-like", "dali-gpu"))

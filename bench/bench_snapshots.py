@@ -81,9 +81,13 @@ def test_capture(benchmark, arch, provider):
         model = getattr(torchvision.models, arch)().to(DEVICE, memory_format=torch.channels_last)
         store = SnapshotStore(model, dtype=torch.float16)
         params = list(model.parameters())
-        # A capture copies the BatchNorm buffers too, at their own precision (read + write).
+        # A capture copies the BatchNorm buffers too, at their own precision (read + write),
+        # and keeps the BatchNorm weights and biases in float32 (2 more bytes written each).
         buffers = list(model.buffers())
-        extra_bytes = sum(2 * b.numel() * b.element_size() for b in buffers)
+        norm_params = sum(p.numel() for m in model.modules()
+                          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                          for p in m.parameters(recurse=False))
+        extra_bytes = sum(2 * b.numel() * b.element_size() for b in buffers) + 2 * norm_params
         fn = functools.partial(store.capture, model, 0)
     else:
         params = _parameters(arch)

@@ -64,9 +64,10 @@ def main(argv=None):
                      f"{register_occupancy(usage['reg'], warps)} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if args.out:  # whole or not at all
+        with open(args.out + ".tmp", "w") as f:
             f.write(text)
+        os.replace(args.out + ".tmp", args.out)
 
 
 if __name__ == "__main__":

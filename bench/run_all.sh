@@ -20,8 +20,8 @@
 # (at most 10 minutes) returns what finished even when something hangs or runs long. DEADLINE_S
 # bounds the whole script as well: each call gets at most what is left of it (less a margin to
 # publish), and calls that would get under 20 s are skipped and say so. The calls run in order of
-# importance (GPU tests first). When $OUT is set (the device tool), the phase's markdown, logs
-# and JSON files are copied there too. Without the CIFAR archive beside the checkout, set
+# importance (GPU tests first). When $OUT is set (the device tool), the phase's markdown and a
+# tar of all its files (logs, JSON) are copied there too. Without the CIFAR archive beside the checkout, set
 # FASTSD_CIFAR_JPEG_TAR to it (those cases skip otherwise).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +45,30 @@ status=0
 publish() {  # publish STEM: the phase's markdown from its JSON files so far, and to $OUT
   local stem=$1
   local jsons=("$stem"-*.json)
-  [ -e "${jsons[0]}" ] && $python bench/report.py "${jsons[@]}" > "$stem.md"
-  # after every call, not once at the end: a device call cut short still returns what finished
-  if [ -n "${OUT:-}" ]; then cp "$stem".md "$stem"-*.txt "$stem"-*.json "$OUT"/ 2>/dev/null; fi
+  if [ -e "${jsons[0]}" ]; then  # whole or not at all: an earlier call's markdown stays
+    if $python bench/report.py "${jsons[@]}" > "$stem.md.tmp"; then mv "$stem.md.tmp" "$stem.md"
+    else rm -f "$stem.md.tmp"; echo "bench/report.py failed on ${jsons[*]}" >&2; status=1; fi
+  fi
+  # after every call, not once at the end: a device call cut short still returns what finished.
+  # Two files a phase (the device tool returns 8 a call): its markdown, and everything in a tar.
+  if [ -n "${OUT:-}" ]; then
+    [ -e "$stem.md" ] && cp "$stem.md" "$OUT"/
+    tar -czf "$OUT/$(basename "$stem").tar.gz" "$stem"* 2>/dev/null
+  fi
   return 0
+}
+
+timed() {  # timed SECONDS LOG COMMAND...: COMMAND in its time box, its output appended to LOG
+  local seconds=$1 log=$2 rc
+  shift 2
+  # SIGINT, not TERM: pytest then ends its session, and pytest-benchmark writes its JSON with
+  # what finished (a TERM loses all of it); KILL 15 s later if that hangs
+  timeout -s INT -k 15 "$seconds" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "timed out after ${seconds}s (CALL_TIMEOUT / DEADLINE_S): $*" | tee -a "$log"
+  fi
+  [ "$rc" -eq 0 ] || status=1
 }
 
 budget() {  # budget SECONDS: the call's time box, cut to what DEADLINE_S leaves (0: skip it)
@@ -67,8 +87,7 @@ gpu_tests() {  # gpu_tests STEM TEST_FILE... [PYTEST_ARGS]
   [ "$device" = cpu ] && return
   seconds=$(budget "$limit")
   if [ "$seconds" -eq 0 ]; then echo "skipped (DEADLINE_S): GPU tests $*" | tee -a "$stem-gpu-tests.txt"; return; fi
-  timeout "$seconds" $python -m pytest "$@" -m gpu -q -p no:cacheprovider -rs 2>&1 \
-    | tee -a "$stem-gpu-tests.txt" || status=1
+  timed "$seconds" "$stem-gpu-tests.txt" $python -m pytest "$@" -m gpu -q -p no:cacheprovider -rs
   publish "$stem"
 }
 
@@ -78,9 +97,9 @@ bench() {  # bench STEM PART SECONDS PYTEST_ARGS...
   shift 3
   if [ "$seconds" -eq 0 ]; then echo "skipped (DEADLINE_S): $part" | tee -a "$stem-bench.txt"; return; fi
   # shellcheck disable=SC2086
-  timeout "$seconds" $python -m pytest "$@" --benchmark-only --benchmark-max-time=0.5 \
-    --benchmark-json="$stem-$part.json" -q -p no:cacheprovider -rs ${BENCH_ARGS:-} 2>&1 \
-    | tee -a "$stem-bench.txt" || status=1
+  timed "$seconds" "$stem-bench.txt" $python -m pytest "$@" --benchmark-only \
+    --benchmark-max-time=0.5 --benchmark-json="$stem-$part.json" -q -p no:cacheprovider -rs \
+    ${BENCH_ARGS:-}
   publish "$stem"
 }
 
@@ -108,11 +127,11 @@ for phase in "${phases[@]}"; do
       # below would skip and the phase would look green
       if ! $python -c "import nvidia.dali.backend as b; assert b.GetNvimgcodecVersion() > 0"; then
         echo "DALI with nvImageCodec is not importable: install it first (../shared/tools/device-dali)" \
-          | tee -a "$stem-gpu-tests.txt"; status=1; continue
+          | tee -a "$stem-gpu-tests.txt"; status=1; publish "$stem"; continue
       fi
       gpu_tests "$stem" tests/test_dali.py
       bench "$stem" data "$limit" bench/bench_data.py ;;
   esac
-  echo "results: $stem.md"
+  if [ -e "$stem.md" ]; then echo "results: $stem.md"; else echo "no results for $phase"; fi
 done
 exit $status
