@@ -19,7 +19,9 @@
 #   5.   carry .device-dali/chunk-5, .whl and .data, timeout_s 560:
 #        mkdir -p /tmp/dali-parts && cp .device-dali/chunk-5/* /tmp/dali-parts/ &&
 #        DEADLINE_S=480 bash bench/gpu_session.sh snapshots dali kernels
-#   6.   give_back; commit what came back under bench/results/ (the files name the GPU).
+#   6.   give_back; unpack what came back (a markdown and a .tar.gz a phase: tar -xzf FILE in
+#        the project root puts the phase's files under bench/results/) and commit them (the
+#        files name the GPU).
 #   With more device time: the train phase (ResNet-50 and ResNet-152 steps), then kernels in full.
 set -uo pipefail
 cd "$(dirname "$0")/.."
