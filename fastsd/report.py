@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from fastsd.train.config import AUTO_KEY, RESUME_OVERRIDABLE, TrainConfig
 from fastsd.train.errors import TrainError, program_name
-from fastsd.train.results import (METHOD_NAMES, counted, format_table, run_title,
+from fastsd.train.results import (BEST_CAPTION, METHOD_NAMES, counted, format_table, run_title,
                                   stage_labels, table_columns)
 
 __all__ = ["ReportError", "load_run", "build_report", "main"]
@@ -201,7 +201,8 @@ REPEAT_FREE_SETTINGS = frozenset(RESUME_OVERRIDABLE) | {
 def repeat_groups(runs: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
     """Groups of two or more runs that repeat one experiment (their config.yaml are equal but for
     :data:`REPEAT_FREE_SETTINGS`), in the order the runs were given; a directory given twice
-    counts once."""
+    counts once, and so does a second run of the same seed (a copy, or the same run again:
+    no new draw of the randomness a standard deviation is about)."""
     # A setting added after a run was made is missing from its config.yaml: the run had the
     # setting's default (config.yaml otherwise holds every setting, resolved).
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
@@ -218,7 +219,9 @@ def repeat_groups(runs: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
         if experiment.get("dataset") == "imagefolder":
             # the folder is the data set itself (a CIFAR folder is one copy of the same data)
             experiment["data"] = run["config"].get("data")
-        groups.setdefault(json.dumps(experiment, sort_keys=True, default=str), []).append(run)
+        group = groups.setdefault(json.dumps(experiment, sort_keys=True, default=str), [])
+        if all(other["config"].get("seed") != run["config"].get("seed") for other in group):
+            group.append(run)
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -421,9 +424,9 @@ def build_report(run_dirs: Sequence[str], out: str, *, plots: bool = True) -> Di
     md = ["# fastsd report", "", "Runs: " + ", ".join(f"`{r['dir']}`" for r in runs), ""]
     results = [r["results"] for r in runs]
     md += ["## Test error", "",
-           "Top-1 and top-5 test error (%) after each cycle (M#L) or generation (G#), the best, "
-           "and the ensemble of the snapshots' softmax outputs (SE/SD: every cycle; BAN/TT: "
-           "generations 1..N), as in the tables of the SD paper.", "",
+           "Top-1 and top-5 test error (%) after each cycle (M#L) or generation (G#); "
+           f"{BEST_CAPTION}; and the ensemble of the snapshots' softmax outputs (SE/SD: every "
+           "cycle; BAN/TT: generations 1..N), as in the tables of the SD paper.", "",
            format_table(results, titles=titles(runs)), ""]
     groups = repeat_groups(runs)
     if groups:

@@ -240,6 +240,9 @@ def test_runs_on_different_image_folders_are_not_repeats():
     assert repeat_groups(same) == [same]
     cifar = [run("a", "/data/c1", 0, "cifar10"), run("b", "/scratch/c2", 1, "cifar10")]
     assert repeat_groups(cifar) == [cifar]  # two copies of CIFAR-10 are one data set
+    # the same seed twice is no repeat (a copy of a run, or the run again)
+    assert repeat_groups([run("a", "/data/cats", 0), run("b", "/data/cats", 0)]) == []
+    assert repeat_groups([*same, run("c", "/data/cats", 0)]) == [same]
 
 
 def test_evaluate_prints_the_same_numbers(runs, capsys):

@@ -127,6 +127,30 @@ def test_a_run_config_read_with_config_resolves_its_auto_settings_again(tmp_path
                              "--device", "cpu"]).lambda_s == 1.5
 
 
+def test_config_takes_a_run_directory_and_one_of_cycles_or_cycle_epochs(tmp_path, capsys):
+    dump_yaml(TrainConfig(method="sd", epochs=4, cycle_epochs=[2, 1, 1], **CPU),
+              str(tmp_path / "config.yaml"))
+    run = str(tmp_path)
+    assert config_from_args(["--config", run]).cycle_epochs == [2, 1, 1]  # DIR/config.yaml
+    # a flag for one of the pair replaces the file's other (they once contradicted each other)
+    assert config_from_args(["--config", run, "--cycles", "2"]).cycle_epochs == [2, 2]
+    assert config_from_args(["--config", run, "--cycle-epochs", "3,1"]).cycles == 2
+    with pytest.raises(ConfigError, match="no such file .*empty.*config.yaml"):
+        (tmp_path / "empty").mkdir()
+        config_from_args(["--config", str(tmp_path / "empty")])
+
+
+def test_ctrl_c_before_training_is_a_stop_not_a_traceback(monkeypatch, capsys, tmp_path):
+    from fastsd.train import loop
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Trainer, "setup", interrupted)
+    assert main(["--device", "cpu", "--out", str(tmp_path / "run")]) == 130
+    assert "stopped by Ctrl-C before training began" in capsys.readouterr().err
+
+
 def test_a_resumed_run_keeps_its_auto_list(tmp_path):
     """The resumed run writes config.yaml again: what was auto then must stay listed."""
     dump_yaml(TrainConfig(method="sd", epochs=6, **CPU), str(tmp_path / "config.yaml"))

@@ -87,9 +87,16 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
     auto_resume = args.pop("auto_resume", False)
     values = {}
     if config_file:
+        if os.path.isdir(config_file):  # a run directory, as --resume takes: its config.yaml
+            config_file = os.path.join(config_file, "config.yaml")
         # A run's config.yaml: what it left to auto is resolved again, from these settings.
         file_values, file_auto = load_yaml(config_file)
         values = {k: v for k, v in file_values.items() if k not in file_auto}
+        # --cycles and --cycle-epochs say one thing two ways: a flag for one replaces the
+        # file's other, as a flag replaces the file's setting
+        for flag_name, other in (("cycles", "cycle_epochs"), ("cycle_epochs", "cycles")):
+            if flag_name in args and other not in args:
+                values.pop(other, None)
     values.update(args)
     if auto_resume:
         if values.get("resume"):
@@ -184,6 +191,9 @@ def _run(argv: Optional[List[str]]) -> int:
     except TrainError as e:
         print(f"fastsd.train: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # before the trainer's own handlers: nothing trained, nothing lost
+        print("fastsd.train: stopped by Ctrl-C before training began", file=sys.stderr)
+        return 130
     from fastsd.data.folders import UnreadableImageError
 
     try:

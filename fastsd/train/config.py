@@ -653,6 +653,8 @@ def load_yaml(path: str) -> Tuple[Dict[str, Any], FrozenSet[str]]:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"--config: no such file {path!r}") from None
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path!r} ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
     if data is None:

@@ -96,13 +96,20 @@ def format_table(runs: Sequence[Dict[str, Any]], titles: Optional[Sequence[str]]
     return "\n".join(lines)
 
 
+#: What the "best" column is, in the captions of every table that shows it.
+BEST_CAPTION = ("best: the snapshot with the lowest top-1 error, in both rows (its top-5 error "
+                "is not always the lowest), chosen on the test split")
+
+
 def format_markdown(results: Dict[str, Any]) -> str:
     """results.md: the table, then the settings that produced it."""
-    lines = [f"# {run_title(results)} on {results['dataset']}", "",
-             "Top-1 and top-5 test error in percent, after each "
-             + ("generation" if results["method"] in ("ban", "tt") else "cycle (mini-generation)")
-             + "; best (the lowest of those test errors, so chosen on the test split) and the "
-             "ensemble of the snapshots' softmax outputs.", "",
+    kind = {"ban": "generation", "tt": "generation", "se": "cycle (mini-generation)",
+            "sd": "cycle (mini-generation)"}.get(results["method"])
+    members = "generations 1..N" if results["method"] in ("ban", "tt") else "every cycle"
+    caption = ("Top-1 and top-5 test error in percent of the trained model." if kind is None else
+               f"Top-1 and top-5 test error in percent, after each {kind}; {BEST_CAPTION}; and "
+               f"the ensemble of the snapshots' softmax outputs ({members}).")
+    lines = [f"# {run_title(results)} on {results['dataset']}", "", caption, "",
              format_table([results]), ""]
     ens = results.get("ensembles") or []
     if ens:
