@@ -173,7 +173,21 @@ def resolve_models(checkpoint: str, snapshots: Optional[Sequence[str]]) -> List[
             raise SetupError(f"--snapshots: no snapshot {item!r} in {run_dir}/snapshots; "
                              f"there are: {names}")
         out.append((_label_of(match[0]), match[0]))
-    return out
+    files = [os.path.realpath(f) for _, f in out]
+    twice = next((item for i, (item, f) in enumerate(zip(snapshots, files))
+                  if f in files[:i]), None)
+    if twice is not None:
+        raise SetupError(f"--snapshots: {twice!r} names a model given already: each model once "
+                         f"(an ensemble would count it twice)")
+    # a file of another run keeps its label but says where it is from: two columns "M#L1"
+    # would be two different models under one name
+    own = os.path.realpath(run_dir) if run_dir else None
+
+    def of_another_run(path):
+        folder = _run_dir_of(path)
+        return own is not None and folder is not None and os.path.realpath(folder) != own
+
+    return [(f"{label} ({f})" if of_another_run(f) else label, f) for label, f in out]
 
 
 def _snapshot_number(path: str) -> Optional[str]:

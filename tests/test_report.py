@@ -318,6 +318,21 @@ def test_evaluate_builds_each_model_from_its_own_file(runs, tmp_path, capsys):
     assert "five.safetensors scores 5 classes but" in capsys.readouterr().err
 
 
+def test_evaluate_names_a_model_given_twice_and_labels_another_runs_file(runs, tmp_path,
+                                                                         capsys):
+    from fastsd.evaluate import main
+
+    root, out = runs
+    sd = out["sd"][0].out
+    assert main(["--checkpoint", sd, "--snapshots", "1", "cycle1", "--device", "cpu"]) == 2
+    assert "'cycle1' names a model given already" in capsys.readouterr().err
+    other = str(tmp_path / "other")
+    shutil.copytree(sd, other)
+    theirs = os.path.join(other, "snapshots", "cycle1.safetensors")
+    assert main(["--checkpoint", sd, "--snapshots", "1", theirs, "--device", "cpu"]) == 0
+    assert f"| M#L1 | M#L1 ({theirs}) | best |" in capsys.readouterr().out
+
+
 def test_evaluate_all_takes_only_the_runs_own_snapshots(runs, tmp_path, capsys):
     """A snapshot file the run's settings do not make (an earlier run's, in a reused folder) is
     no member of --snapshots all; and a fresh run is refused in a folder holding results."""

@@ -163,6 +163,9 @@ def test_kd_from_a_teacher_of_another_architecture(tmp_path):
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "stage"]
     assert rows[0]["loss"] == {"ce_weight": 1.0, "kd_weight": 1.0, "temperature": 4.0,
                                "student_temperature": 4.0, "t2_scaling": True}
+    md = (tmp_path / "run" / "results.md").read_text()  # the teacher is named with the numbers
+    assert "| teacher_arch | resnet32 |" in md and str(tmp_path / "t.safetensors") in md
+    assert "cycle" not in md.split("| run |")[0]  # no cycles or snapshots in KD's caption
 
 
 def test_a_kd_resume_refuses_a_teacher_whose_weights_changed(tmp_path):
@@ -1214,7 +1217,7 @@ def test_command_line_runs_prints_the_table_and_refuses_changed_settings_on_resu
     assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
     # the same run again is refused, a resumed run keeps its settings
     assert main(args) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "holds a finished run (results.json); choose another --out" in capsys.readouterr().err
     assert main(["--resume", str(run), "--lr", "0.5", "--epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert "--lr" in err and "--epochs" in err and "keeps its settings" in err

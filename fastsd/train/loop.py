@@ -275,10 +275,14 @@ class Trainer:
             while os.path.exists(run_dir):
                 n += 1
                 run_dir = f"{base}-{n}"
+        finished = os.path.isfile(os.path.join(run_dir, "results.json"))
         if os.path.isfile(checkpoint_path(run_dir)):
+            if finished:
+                raise SetupError(f"--out: {run_dir!r} holds a finished run (results.json); "
+                                 f"choose another --out")
             raise SetupError(f"--out: {run_dir!r} already holds a run with a checkpoint; continue "
                              f"it with --resume {run_dir}, or choose another --out")
-        if os.path.isfile(os.path.join(run_dir, "results.json")):
+        if finished:
             # a finished run whose checkpoints were deleted: its snapshot files would mix with
             # the new run's
             raise SetupError(f"--out: {run_dir!r} holds the results of an earlier run "
@@ -442,7 +446,8 @@ class Trainer:
             who = ("no teacher: tolerant loss, η={:g}, K={}".format(loss.ce_weight, loss.topk)
                    if loss.tolerance_weight > 0 else "no teacher")
         else:
-            source = ("the KD teacher" if loss.teacher == "external" else
+            source = (f"the KD teacher, a {self.cfg.teacher_arch} from "
+                      f"{self.cfg.teacher_checkpoint}" if loss.teacher == "external" else
                       f"teacher: the snapshot of {self.plan.stages[loss.teacher].label}")
             who = (f"{source} (T={loss.temperature:g}, student T={loss.student_temperature:g}, "
                    f"λ_S={loss.ce_weight:g}, λ_T={loss.kd_weight:g}"
@@ -841,6 +846,7 @@ class Trainer:
             student_temperature=cfg.student_temperature, lambda_s=cfg.lambda_s,
             lambda_t=cfg.lambda_t, t2_scaling=cfg.t2_scaling,
             teacher_dtype=cfg.teacher_dtype if self.teachers or self.kd_teacher else None,
+            teacher_arch=cfg.teacher_arch, teacher_checkpoint=cfg.teacher_checkpoint,
             eta=cfg.eta if cfg.method == "tt"
             else None, topk=cfg.topk if cfg.method == "tt" else None, epochs=cfg.epochs,
             cycle_epochs=cfg.cycle_epochs if cfg.method in ("se", "sd") else None,

@@ -125,7 +125,8 @@ def format_markdown(results: Dict[str, Any]) -> str:
     lines += ["| setting | value |", "|---|---|"]
     for key in ("method", "arch", "dataset", "num_classes", "epochs", "cycle_epochs",
                 "generations", "temperature", "student_temperature", "lambda_s", "lambda_t",
-                "t2_scaling", "teacher_dtype", "eta", "topk", "world_size", "batch_size",
+                "t2_scaling", "teacher_arch", "teacher_checkpoint", "teacher_dtype", "eta",
+                "topk", "world_size", "batch_size",
                 "grad_accum_steps", "global_batch_size", "amp", "wall_time_s"):
         if results.get(key) is not None:
             lines.append(f"| {key} | {results[key]} |")
