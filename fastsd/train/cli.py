@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from .config import RESUME_OVERRIDABLE, TrainConfig, flag, load_yaml
+from .config import (RESUME_OVERRIDABLE, TrainConfig, flag, load_yaml,
+                     refuse_other_methods_settings)
 from .errors import ConfigError, TrainError, program_name
 
 _GROUPS = {
@@ -112,6 +113,9 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
             values["resume"] = values["out"]
     resume = values.get("resume")
     if not resume:
+        # the command line's own settings only: a run's config.yaml holds every one
+        refuse_other_methods_settings(
+            args, values.get("method") or TrainConfig.__dataclass_fields__["method"].default)
         return TrainConfig(**values)
     saved_path = os.path.join(resume, "config.yaml")
     if not os.path.isfile(saved_path):

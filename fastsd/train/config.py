@@ -41,6 +41,25 @@ _DATASET_DEFAULTS = {
 # The quick-start demonstration's data: small enough for 12 s on 2 CPU cores, big enough to learn.
 _SYNTHETIC_SIZE = (2048, 500)
 
+# Settings that only some methods read (cycles, the KD teacher and the restart warm-up have checks
+# of their own in TrainConfig): given on the command line to another method, they are refused.
+_TEACHER_METHODS = ("sd", "kd", "ban", "tt")
+METHOD_SETTINGS = {"generations": GENERATION_METHODS, "eta": ("tt",), "topk": ("tt",),
+                   "temperature": _TEACHER_METHODS, "student_temperature": _TEACHER_METHODS,
+                   "lambda_s": _TEACHER_METHODS, "lambda_t": _TEACHER_METHODS,
+                   "t2_scaling": _TEACHER_METHODS}
+
+
+def refuse_other_methods_settings(given, method: str) -> None:
+    """ConfigError for the first of the ``given`` setting names that ``method`` does not read
+    (a --generations on an sd run would otherwise be dropped without a word)."""
+    for name in given:
+        methods = METHOD_SETTINGS.get(name)
+        if methods is not None and method not in methods:
+            raise ConfigError(f"{flag(name)}: applies to --method {', '.join(methods)}, not "
+                              f"{method}, which does not read it; drop {flag(name)}")
+
+
 # Fields --resume may change: they affect how a run is watched or fed, never its numbers.
 RESUME_OVERRIDABLE = ("resume", "out", "data", "workers", "log_every", "progress", "tensorboard",
                       "max_nonfinite", "eval_batch_size", "check_images", "checkpoint_every",
