@@ -369,8 +369,8 @@ def _main(args) -> Dict[str, Any]:
     models = []
     arch = num_classes = None
     for label, file in files:
-        # Each file's own record first (a KD student beside its teacher, a cross-architecture
-        # ensemble), then the flags, then the run's config.yaml.
+        # --arch / --num-classes where given, else each file's own record (a KD student beside
+        # its teacher, a cross-architecture ensemble), else the run's config.yaml.
         model, file_arch, file_classes = load_model(
             file, args.arch, args.num_classes, device,
             fallback_arch=cfg.get("arch"), fallback_classes=cfg.get("num_classes"))
