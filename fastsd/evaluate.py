@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data folder [default: the run's config.yaml]")
     p.add_argument("--dataset", help="synthetic, cifar10, cifar100 or imagefolder [default: the "
                                      "run's]")
+    p.add_argument("--synthetic-size", metavar="N[,M]",
+                   help="synthetic data: training[,test] images, as fastsd.train's flag (the "
+                        "test split depends on both) [default: the run's]")
     p.add_argument("--arch", help="architecture [default: recorded in the weights file]")
     p.add_argument("--num-classes", type=int, help="[default: recorded in the weights file]")
     p.add_argument("--image-size", type=int, help="[default: the run's; without a run, as "
@@ -385,7 +388,15 @@ def _main(args) -> Dict[str, Any]:
         models.append((label, model))
     dataset = args.dataset or cfg.get("dataset") or "synthetic"
     data = args.data if args.data is not None else (cfg.get("data") if not args.dataset else None)
-    synthetic = cfg.get("synthetic_size") if dataset == "synthetic" else None
+    synthetic = None
+    if dataset == "synthetic":
+        synthetic = cfg.get("synthetic_size")
+        if args.synthetic_size is not None:
+            try:
+                synthetic = [int(v) for v in args.synthetic_size.split(",") if v.strip()]
+            except ValueError:
+                raise SetupError(f"--synthetic-size: give N or N,M (training and test images), "
+                                 f"got {args.synthetic_size!r}") from None
     batch = _first(args.batch_size, cfg.get("eval_batch_size"), 256)
     image_size = _first(args.image_size, cfg.get("image_size")) or auto_image_size(dataset, arch)
     try:

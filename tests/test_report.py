@@ -333,6 +333,24 @@ def test_evaluate_names_a_model_given_twice_and_labels_another_runs_file(runs, t
     assert f"| M#L1 | M#L1 ({theirs}) | best |" in capsys.readouterr().out
 
 
+def test_evaluate_a_file_out_of_its_run_on_the_runs_synthetic_split(runs, tmp_path, capsys):
+    """Without the run's config.yaml beside it, --synthetic-size rebuilds the run's test split
+    (its size depends on both numbers): the run's own error again."""
+    from fastsd.evaluate import main
+
+    root, out = runs
+    cfg, results = out["bl"]
+    lonely = str(tmp_path / "bl.safetensors")
+    shutil.copy(os.path.join(cfg.out, "model.safetensors"), lonely)
+    assert main(["--checkpoint", lonely, "--synthetic-size", "2048,100", "--image-size", "16",
+                 "--amp", "none", "--device", "cpu", "--json", str(tmp_path / "e.json")]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "e.json") as f:
+        evaluated = json.load(f)["models"][0]
+    assert evaluated["samples"] == 100
+    assert evaluated["top1_error"] == pytest.approx(results["final"]["top1_error"])
+
+
 def test_evaluate_all_takes_only_the_runs_own_snapshots(runs, tmp_path, capsys):
     """A snapshot file the run's settings do not make (an earlier run's, in a reused folder) is
     no member of --snapshots all; and a fresh run is refused in a folder holding results."""

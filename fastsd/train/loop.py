@@ -462,8 +462,10 @@ class Trainer:
         shape = {"cycle": f" in {counted(n, 'cycle')} {cfg.cycle_epochs}",
                  "generation": f" per generation, {counted(n, 'generation')}"}.get(
                      self.plan.stages[0].kind, "")
-        teacher = (f", teacher {cfg.teacher_dtype}" if self.teachers is not None
-                   or self.kd_teacher is not None else "")
+        teaches = self.kd_teacher is not None or any(
+            stage.loss.teacher is not None for stage in self.plan.stages)
+        teacher = (f", teacher {cfg.teacher_dtype}" if teaches else
+                   f", snapshots {cfg.teacher_dtype}" if self.teachers is not None else "")
         resumed = (f"; resuming at epoch {self.epoch + 1}, iteration {self.iteration}"
                    if self.iteration else "")
         accum = (f" x {cfg.grad_accum_steps} accumulated passes"
