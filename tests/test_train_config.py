@@ -151,6 +151,19 @@ def test_ctrl_c_before_training_is_a_stop_not_a_traceback(monkeypatch, capsys, t
     assert "stopped by Ctrl-C before training began" in capsys.readouterr().err
 
 
+def test_a_refused_resume_names_the_flags_given(tmp_path):
+    """--epochs 6 also changes the cycles it resolves to: the message names --epochs, the flag
+    given; under --auto-resume it says that it was continuing the run."""
+    dump_yaml(TrainConfig(method="sd", epochs=4, out=str(tmp_path), **CPU),
+              str(tmp_path / "config.yaml"))
+    with pytest.raises(ConfigError, match=r"^--resume: --epochs differs from"):
+        config_from_args(["--resume", str(tmp_path), "--epochs", "6"])
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^--auto-resume \(continuing .*\): --epochs differs"):
+        config_from_args(["--auto-resume", "--out", str(tmp_path), "--epochs", "6"])
+
+
 def test_a_resumed_run_keeps_its_auto_list(tmp_path):
     """The resumed run writes config.yaml again: what was auto then must stay listed."""
     dump_yaml(TrainConfig(method="sd", epochs=6, **CPU), str(tmp_path / "config.yaml"))

@@ -141,7 +141,8 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
     def refuse(changed):
         verb = "differs" if len(changed) == 1 else "differ"
         may = [flag(n) for n in RESUME_OVERRIDABLE if n not in ("resume", "out")]
-        return ConfigError(f"--resume: {', '.join(flag(n) for n in changed)} {verb} from the "
+        how = f"--auto-resume (continuing {resume})" if auto_resume else "--resume"
+        return ConfigError(f"{how}: {', '.join(flag(n) for n in changed)} {verb} from the "
                            f"run's config.yaml; a resumed run keeps its settings (only "
                            f"{', '.join(may)} may change). Drop those flags, or start a new run")
 
@@ -157,7 +158,8 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
     changed = [name for name, value in resumed.to_dict().items()
                if name not in RESUME_OVERRIDABLE and saved_dict[name] != value]
     if changed:
-        raise refuse(changed)
+        # the flags given, where they explain it (--epochs 6 also moves the cycles)
+        raise refuse([name for name in changed if name in values] or changed)
     # Still auto in the config.yaml the resumed run writes again, unless given now.
     resumed.auto_fields = saved_auto - values.keys()
     return resumed
