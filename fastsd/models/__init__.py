@@ -42,10 +42,10 @@ class ModelInfo:
     fixed_input_size: bool = False  #: runs on ``input_size`` only (a ViT's position embedding)
 
 
-# Models that do not run on every side: measured by a forward on the meta device of every
-# torchvision classifier at sides 16-700 (torchvision 0.29). AlexNet's and Inception-v3's pooling
-# leaves nothing below 63 / 75 px; the ViTs check for their one size, MaxViT's 7x7 windows fit
-# 221-224 px only (up to 700).
+# Models that do not run on every side, found by forwards on the meta device (torchvision 0.29):
+# every classifier at 32 px fails for these only, and these at every side from 16 to 700 px gave
+# the bounds. AlexNet's and Inception-v3's pooling leaves nothing below 63 / 75 px; the ViTs check
+# for their one size; MaxViT's 7x7 windows fit 221-224 px only (up to 700).
 _MIN_INPUT_SIZE = {"alexnet": 63, "inception_v3": 75}
 
 
