@@ -809,6 +809,22 @@ def test_profile_of_a_run_shorter_than_the_record_says_what_it_holds(tmp_path, c
     assert not (tmp_path / "short" / "profile").exists()
 
 
+def test_a_console_closed_early_does_not_end_the_run(tmp_path):
+    """`python -m fastsd.train ... 2>&1 | head -1`: the messages stop, the training does not
+    (it used to end at the next line with a BrokenPipeError and no checkpoint)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the C++ loss: quick
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastsd.train", "--epochs", "3",
+                             "--synthetic-size", "256,64", "--progress", "plain", "--log-every",
+                             "1", "--no-tensorboard", "--device", "cpu", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout.readline().startswith(b"fastsd.train: sd resnet20")
+    proc.stdout.close()  # the reader goes away, as head does after its line
+    assert proc.wait(timeout=300) == 0
+    assert json.loads((run / "results.json").read_text())["snapshots"]
+
+
 def test_a_full_disk_stops_the_run_with_the_last_checkpoint_intact(tmp_path, capsys,
                                                                     monkeypatch):
     """The second checkpoint (epoch 2's) meets a full disk: exit status 4, a message that names

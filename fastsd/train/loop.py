@@ -13,6 +13,7 @@ rank 0 writes files.
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -865,9 +866,15 @@ class Trainer:
                              self._weights_metadata())
             write_results(results, self.run_dir)
             if not self.quiet:
-                print(format_table([results]))
-                print(f"\nresults: {os.path.join(self.run_dir, 'results.md')} "
-                      f"(and results.json, metrics.jsonl, model.safetensors); {wall:.1f} s")
+                try:
+                    print(format_table([results]))
+                    print(f"\nresults: {os.path.join(self.run_dir, 'results.md')} "
+                          f"(and results.json, metrics.jsonl, model.safetensors); {wall:.1f} s",
+                          flush=True)
+                except BrokenPipeError:  # the files are written: a closed pipe loses nothing
+                    from .monitor import silence_stream
+
+                    silence_stream(sys.stdout)
         return results
 
 

@@ -21,12 +21,23 @@ On resume, lines past the checkpoint's iteration are dropped (they belong to the
 interrupted run).
 """
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 from typing import Any, Dict, Optional
+
+
+def silence_stream(stream) -> None:
+    """Point ``stream`` (sys.stdout, sys.stderr) at /dev/null: its reader has gone (a closed
+    pipe), and every later write, Python's own at exit included, would raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _clean(value):
@@ -116,28 +127,43 @@ class Monitor:
         """A line for the person watching (stderr), above the bar if there is one."""
         if not self.console:
             return
-        if self._bar is not None:
-            self._bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
+        with self._console_lost_quietly():
+            if self._bar is not None:
+                self._bar.write(text, file=sys.stderr)
+            else:
+                print(text, file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def _console_lost_quietly(self):
+        """A closed console (``... 2>&1 | head``) ends the messages and the bar, not the run:
+        training, metrics.jsonl and the checkpoints go on."""
+        try:
+            yield
+        except BrokenPipeError:
+            self.console, self.progress, self._bar = False, "none", None
+            silence_stream(sys.stderr)
 
     # -------------------------------------------------------------------------------- progress
     def epoch_start(self, epoch: int, total_epochs: int, iters: int, initial: int = 0) -> None:
         if self.progress == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=iters, initial=initial, desc=f"epoch {epoch + 1}/{total_epochs}",
-                             unit="it", dynamic_ncols=True, leave=False, file=sys.stderr)
+            with self._console_lost_quietly():
+                self._bar = tqdm(total=iters, initial=initial,
+                                 desc=f"epoch {epoch + 1}/{total_epochs}", unit="it",
+                                 dynamic_ncols=True, leave=False, file=sys.stderr)
 
     def advance(self, n: int, postfix: Optional[Dict[str, Any]] = None) -> None:
         if self._bar is not None:
-            self._bar.update(n)
-            if postfix:
-                self._bar.set_postfix(postfix, refresh=False)
+            with self._console_lost_quietly():
+                self._bar.update(n)
+                if postfix:
+                    self._bar.set_postfix(postfix, refresh=False)
 
     def epoch_end(self) -> None:
         if self._bar is not None:
-            self._bar.close()
+            with self._console_lost_quietly():
+                self._bar.close()
             self._bar = None
 
     def elapsed(self) -> float:
