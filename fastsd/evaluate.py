@@ -348,7 +348,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (TrainError, ValueError, OSError) as e:
         print(f"fastsd.evaluate: error: {e}", file=sys.stderr)
         return 2
-    print(format_evaluation(out))
+    try:
+        print(format_evaluation(out), flush=True)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        from fastsd.train.monitor import silence_stream
+
+        silence_stream(sys.stdout)
     return 0
 
 

@@ -351,6 +351,22 @@ def test_evaluate_a_file_out_of_its_run_on_the_runs_synthetic_split(runs, tmp_pa
     assert evaluated["top1_error"] == pytest.approx(results["final"]["top1_error"])
 
 
+def test_evaluate_into_a_closed_pipe_ends_quietly(runs):
+    """`fastsd.evaluate ... | head -1`, the reader gone before the table: no traceback."""
+    import subprocess
+    import sys
+
+    root, out = runs
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "fastsd.evaluate", "--checkpoint",
+                             out["bl"][0].out, "--device", "cpu"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    assert b"Traceback" not in proc.stderr.read()
+
+
 def test_evaluate_all_takes_only_the_runs_own_snapshots(runs, tmp_path, capsys):
     """A snapshot file the run's settings do not make (an earlier run's, in a reused folder) is
     no member of --snapshots all; and a fresh run is refused in a folder holding results."""
