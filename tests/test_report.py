@@ -384,7 +384,7 @@ def test_evaluate_all_takes_only_the_runs_own_snapshots(runs, tmp_path, capsys):
     with open(tmp_path / "e.json") as f:
         assert [m["label"] for m in json.load(f)["models"]] == ["M#L1", "M#L2"]
     shutil.rmtree(os.path.join(run, "checkpoints"))
-    with pytest.raises(SetupError, match="holds the results of an earlier run"):
+    with pytest.raises(SetupError, match="holds a finished run"):
         Trainer(out["sd"][0].replace(out=run), quiet=True).setup()
 
 

@@ -276,18 +276,14 @@ class Trainer:
             while os.path.exists(run_dir):
                 n += 1
                 run_dir = f"{base}-{n}"
-        finished = os.path.isfile(os.path.join(run_dir, "results.json"))
+        if os.path.isfile(os.path.join(run_dir, "results.json")):
+            # a finished run (its checkpoints kept or deleted): nothing to continue, and its
+            # snapshot files would mix with the new run's
+            raise SetupError(f"--out: {run_dir!r} holds a finished run (results.json); choose "
+                             f"another --out, or delete that run first")
         if os.path.isfile(checkpoint_path(run_dir)):
-            if finished:
-                raise SetupError(f"--out: {run_dir!r} holds a finished run (results.json); "
-                                 f"choose another --out")
             raise SetupError(f"--out: {run_dir!r} already holds a run with a checkpoint; continue "
                              f"it with --resume {run_dir}, or choose another --out")
-        if finished:
-            # a finished run whose checkpoints were deleted: its snapshot files would mix with
-            # the new run's
-            raise SetupError(f"--out: {run_dir!r} holds the results of an earlier run "
-                             f"(results.json); choose another --out, or delete that run first")
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise SetupError(f"--out: {run_dir!r} exists and is not a directory")
         return run_dir
