@@ -848,7 +848,7 @@ class Trainer:
             teacher_arch=cfg.teacher_arch, teacher_checkpoint=cfg.teacher_checkpoint,
             eta=cfg.eta if cfg.method == "tt"
             else None, topk=cfg.topk if cfg.method == "tt" else None, epochs=cfg.epochs,
-            cycle_epochs=cfg.cycle_epochs if cfg.method in ("se", "sd") else None,
+            cycle_epochs=cfg.cycle_epochs if cfg.method in CYCLIC_METHODS else None,
             generations=cfg.generations if cfg.method in GENERATION_METHODS else None,
             world_size=self.world_size, batch_size=cfg.batch_size,
             grad_accum_steps=cfg.grad_accum_steps,

@@ -22,6 +22,8 @@ and, for se/sd, of cycles 1..c); null for bl and kd.
 import json
 from typing import Any, Dict, List, Optional, Sequence
 
+from .config import CYCLIC_METHODS, GENERATION_METHODS
+
 METHOD_NAMES = {"bl": "BL", "se": "SE", "sd": "SD", "kd": "KD", "ban": "BAN", "tt": "TT"}
 
 
@@ -103,9 +105,10 @@ BEST_CAPTION = ("best: the snapshot with the lowest top-1 error, in both rows (i
 
 def format_markdown(results: Dict[str, Any]) -> str:
     """results.md: the table, then the settings that produced it."""
-    kind = {"ban": "generation", "tt": "generation", "se": "cycle (mini-generation)",
-            "sd": "cycle (mini-generation)"}.get(results["method"])
-    members = "generations 1..N" if results["method"] in ("ban", "tt") else "every cycle"
+    method = results["method"]
+    kind = ("generation" if method in GENERATION_METHODS else
+            "cycle (mini-generation)" if method in CYCLIC_METHODS else None)
+    members = "generations 1..N" if method in GENERATION_METHODS else "every cycle"
     caption = ("Top-1 and top-5 test error in percent of the trained model." if kind is None else
                f"Top-1 and top-5 test error in percent, after each {kind}; {BEST_CAPTION}; and "
                f"the ensemble of the snapshots' softmax outputs ({members}).")
