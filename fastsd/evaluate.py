@@ -348,12 +348,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (TrainError, ValueError, OSError) as e:
         print(f"fastsd.evaluate: error: {e}", file=sys.stderr)
         return 2
-    try:
-        print(format_evaluation(out), flush=True)
-    except BrokenPipeError:  # `| head`: the reader has what it wanted
-        from fastsd.train.monitor import silence_stream
+    from fastsd.train.monitor import print_results
 
-        silence_stream(sys.stdout)
+    print_results(format_evaluation(out))  # (`| head`: a reader gone already ends it quietly)
     return 0
 
 

@@ -13,7 +13,6 @@ rank 0 writes files.
 
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -30,7 +29,7 @@ from .checkpoint import (FORMAT_VERSION, atomic_torch_save, checkpoint_path, fin
 from .config import (CYCLIC_METHODS, GENERATION_METHODS, TrainConfig, dump_yaml, flag,
                      in_run_ensemble)
 from .errors import ConfigError, Interrupted, NonFiniteLossError, SetupError
-from .monitor import Monitor
+from .monitor import Monitor, print_results
 from .results import counted, format_table, summarise, write_results
 from .schedule import Plan, Stage, build_plan
 from .step import (SecondaryMeter, TrainStep, autocast_forward, build_optimizer, evaluate,
@@ -862,15 +861,9 @@ class Trainer:
                              self._weights_metadata())
             write_results(results, self.run_dir)
             if not self.quiet:
-                try:
-                    print(format_table([results]))
-                    print(f"\nresults: {os.path.join(self.run_dir, 'results.md')} "
-                          f"(and results.json, metrics.jsonl, model.safetensors); {wall:.1f} s",
-                          flush=True)
-                except BrokenPipeError:  # the files are written: a closed pipe loses nothing
-                    from .monitor import silence_stream
-
-                    silence_stream(sys.stdout)
+                print_results(f"{format_table([results])}\n\nresults: "
+                              f"{os.path.join(self.run_dir, 'results.md')} (and results.json, "
+                              f"metrics.jsonl, model.safetensors); {wall:.1f} s")
         return results
 
 

@@ -40,6 +40,15 @@ def silence_stream(stream) -> None:
         os.close(devnull)
 
 
+def print_results(text: str) -> None:
+    """``text`` on stdout; a reader gone already (``| head``) loses it, and nothing else: the
+    files hold it too."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        silence_stream(sys.stdout)
+
+
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
