@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastsd.train.config import auto_image_size, check_device, in_run_ensemble
+from fastsd.train.config import auto_image_size, check_device, in_run_ensemble, parse_list
 from fastsd.train.errors import SetupError, TrainError, program_name
 
 __all__ = ["evaluate_models", "resolve_models", "main"]
@@ -395,8 +395,8 @@ def _main(args) -> Dict[str, Any]:
         synthetic = cfg.get("synthetic_size")
         if args.synthetic_size is not None:
             try:
-                synthetic = [int(v) for v in args.synthetic_size.split(",") if v.strip()]
-            except ValueError:
+                synthetic = parse_list(args.synthetic_size, int)  # as fastsd.train reads it
+            except (TypeError, ValueError):
                 raise SetupError(f"--synthetic-size: give N or N,M (training and test images), "
                                  f"got {args.synthetic_size!r}") from None
     batch = _first(args.batch_size, cfg.get("eval_batch_size"), 256)

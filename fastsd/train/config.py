@@ -279,12 +279,8 @@ class TrainConfig:
             name = flag(f.name)
             if f.metadata.get("list"):
                 elem = f.metadata["type"]
-                if isinstance(value, str):
-                    value = [v for v in value.replace(" ", "").split(",") if v]
-                if not isinstance(value, (list, tuple)):
-                    value = [value]
                 try:
-                    value = [_convert(elem, v) for v in value]
+                    value = parse_list(value, elem)
                 except (TypeError, ValueError):
                     raise ConfigError(f"{name}: expected a comma-separated list of "
                                       f"{elem.__name__} values, got {getattr(self, f.name)!r}")
@@ -719,6 +715,16 @@ def _yaml_line(key: str, value) -> str:
 
     return yaml.safe_dump({key: value}, default_flow_style=True, width=1 << 20,
                           sort_keys=False).strip().strip("{}")
+
+
+def parse_list(value, elem) -> list:
+    """A list setting as a flag ("150,50"), YAML ([150, 50]) or a caller (150) gives it, as a list
+    of ``elem``; TypeError or ValueError for an element that is not one."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    return [_convert(elem, v) for v in value]
 
 
 def _base_type(tp):
