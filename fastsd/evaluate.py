@@ -356,6 +356,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(args) -> Dict[str, Any]:
     from fastsd.data import build_loaders
+    from fastsd.models import get_model_info
 
     files = resolve_models(args.checkpoint, args.snapshots)
     run_dir = _run_dir_of(args.checkpoint)
@@ -383,7 +384,7 @@ def _main(args) -> Dict[str, Any]:
             raise SetupError(f"{file} scores {file_classes} classes but {files[0][1]} scores "
                              f"{num_classes}: models evaluated together must score the same "
                              f"classes")
-        arch = arch or file_arch  # the first model's, for the default image size
+        arch = arch or file_arch  # the first model's: default image size, evaluation resize
         num_classes = file_classes
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -407,7 +408,8 @@ def _main(args) -> Dict[str, Any]:
         loaders = build_loaders(dataset, data, batch_size=1, eval_batch_size=batch, workers=0,
                                 device=device, num_classes=num_classes,
                                 image_size=image_size, channels_last=channels_last,
-                                synthetic_size=tuple(synthetic) if synthetic else None)
+                                synthetic_size=tuple(synthetic) if synthetic else None,
+                                eval_crop_fraction=get_model_info(arch).eval_crop_fraction)
     except (ValueError, OSError) as e:
         raise SetupError(f"data (--dataset {dataset}" + (f", --data {data}" if data else "")
                          + f"): {e}") from None

@@ -216,13 +216,14 @@ def test_imagenet_eval_matches_torchvision(imagenet_like, where, cache_bytes):
     assert d.mean() <= (0.3 if where == "cpu" else 1.5)
 
 
-@pytest.mark.parametrize("data,image_size", [("cifar", None), ("imagenet", None), ("imagenet", 48)])
-def test_eval_matches_the_torch_path(cifar_jpeg, imagenet_like, data, image_size):
+@pytest.mark.parametrize("data,image_size,fraction", [
+    ("cifar", None, None), ("imagenet", None, None), ("imagenet", 48, None), ("imagenet", 96, 1.0)])
+def test_eval_matches_the_torch_path(cifar_jpeg, imagenet_like, data, image_size, fraction):
     from fastsd.data import build_loaders
 
     dataset, root = ("cifar10", cifar_jpeg) if data == "cifar" else ("imagefolder", imagenet_like)
     kw = dict(batch_size=4, eval_batch_size=7, workers=0 if data == "imagenet" else 1,
-              image_size=image_size)
+              image_size=image_size, eval_crop_fraction=fraction)
     torch_dl = build_loaders(dataset, root, **kw)
     dali_dl = build_dali_loaders(dataset, root, **dict(kw, workers=2))
     assert dali_dl.info == torch_dl.info

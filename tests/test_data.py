@@ -155,18 +155,28 @@ def test_worker_loaders_shut_down_fast_when_garbage_collected(tmp_path):
     assert time.perf_counter() - start < 4.0
 
 
-def test_imagenet_style_eval_is_resize_and_center_crop(tmp_path):
+# the shorter side before the 96-pixel centre crop: 96 / 0.875 by default, as the fraction says
+@pytest.mark.parametrize("fraction,resize", [(None, 110), (1.0, 96), (0.8, 120), (224 / 232, 99)])
+def test_imagenet_style_eval_is_resize_and_center_crop(tmp_path, fraction, resize):
     root = make_folder(tmp_path, ["a", "b"], per_class=1, size=(40, 30))
-    dl = build_loaders("imagefolder", root, batch_size=2, workers=0, image_size=96)
+    dl = build_loaders("imagefolder", root, batch_size=2, workers=0, image_size=96,
+                       eval_crop_fraction=fraction)
     x, y = next(iter(dl.test))
     assert x.shape == (2, 3, 96, 96) and y.tolist() == [0, 1]
     img = Image.open(root / "val" / "b" / "0.png").convert("RGB")
-    tf = torchvision.transforms.Compose([torchvision.transforms.Resize(110),
+    tf = torchvision.transforms.Compose([torchvision.transforms.Resize(resize),
                                          torchvision.transforms.CenterCrop(96),
                                          torchvision.transforms.ToTensor(),
                                          torchvision.transforms.Normalize(dl.info.mean,
                                                                           dl.info.std)])
     torch.testing.assert_close(x[1], tf(img), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fraction", [0, -0.5, 1.01, "0.9", True, float("nan")])
+def test_eval_crop_fraction_out_of_range_is_refused(tmp_path, fraction):
+    root = make_folder(tmp_path, ["a", "b"], per_class=1)
+    with pytest.raises(ValueError, match=r"eval_crop_fraction must be a number in \(0, 1\]"):
+        build_loaders("imagefolder", root, batch_size=1, workers=0, eval_crop_fraction=fraction)
 
 
 @pytest.mark.parametrize("size", [16, 72], ids=["cifar-style", "imagenet-style"])

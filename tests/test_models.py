@@ -204,6 +204,9 @@ def test_list_models_and_input_sizes():
     assert [get_model_info(n).eval_resize_size for n in ("inception_v3", "efficientnet_b7",
                                                          "swin_v2_t", "vit_h_14")] == [
         342, 600, 260, 256]
+    # what the data layer is given: the crop's part of that side; none for the CIFAR designs
+    assert [get_model_info(n).eval_crop_fraction for n in ("resnet50", "efficientnet_b7",
+                                                           "resnet20")] == [0.875, 1.0, None]
     # the crop of each architecture's own ImageNet recipe (torchvision's IMAGENET1K_V1 metadata)
     assert [model_input_size(n) for n in ("inception_v3", "efficientnet_b1", "efficientnet_b7",
                                           "efficientnet_v2_s", "swin_v2_t", "vit_h_14")] == [

@@ -488,6 +488,30 @@ def _tiny_image_folder(root):
                 Image.new("RGB", (8, 8), (40 * i, 9, 90)).save(root / split / c / f"{i}.png")
 
 
+def test_evaluation_images_are_resized_as_the_models_recipe(tmp_path):
+    """mnasnet0_75's recipe resizes to 232 before its 224 crop: at 72 px the trainer's test
+    images are the centre 72 of a 75-pixel shorter side (0.875's 82 would show a wider view)."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from fastsd.data import IMAGENET_MEAN, IMAGENET_STD
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "imgs" / split / c)
+            Image.effect_noise((120, 90), 60).convert("RGB").save(
+                tmp_path / "imgs" / split / c / "0.png")
+    cfg = tiny(tmp_path, arch="mnasnet0_75", method="bl", dataset="imagefolder",
+               data=str(tmp_path / "imgs"), synthetic_size=None, image_size=72, batch_size=2,
+               eval_batch_size=2, workers=0)
+    trainer = Trainer(cfg, quiet=True).setup()
+    x, _ = next(iter(trainer.data.test))
+    tf = T.Compose([T.Resize(75), T.CenterCrop(72), T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    expected = tf(Image.open(tmp_path / "imgs" / "val" / "a" / "0.png").convert("RGB"))
+    torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-5)
+
+
 def _image_folder_cli(tmp_path, check_images):
     """A one-epoch BL run on tmp_path/imgs into tmp_path/run."""
     return ["--method", "bl", "--dataset", "imagefolder", "--data", str(tmp_path / "imgs"),

@@ -17,7 +17,8 @@ __all__ = ["DATASETS", "list_datasets", "CIFAR_SETS", "CIFAR10_MEAN", "CIFAR10_S
            "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_PAD",
            "SMALL_IMAGE_MAX", "IMAGENET_CROP_RATIO", "RRC_SCALE", "RRC_RATIO", "TRAIN_STREAM",
            "DALI_AUG_STREAM", "PROCESS_RNG_STREAM", "derive_seed", "check_epoch", "check_start",
-           "eval_range", "check_int", "check_shard", "LoaderArgs", "check_loader_args"]
+           "eval_range", "check_int", "check_shard", "eval_resize_size", "LoaderArgs",
+           "check_loader_args"]
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 _ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "imagenet": "imagefolder",
@@ -37,7 +38,7 @@ CIFAR_SETS = {  # name -> (classes, torchvision folder, torchvision class name, 
 }
 CIFAR_PAD = 4             #: zero padding of the CIFAR random crop
 SMALL_IMAGE_MAX = 64      #: image folders at or below this size get CIFAR-style augmentation
-IMAGENET_CROP_RATIO = 0.875  #: evaluation: resize to size / 0.875 (256 for 224), centre-crop size
+IMAGENET_CROP_RATIO = 0.875  #: default eval crop fraction: resize to size / 0.875 (256 <- 224)
 RRC_SCALE = (0.08, 1.0)   #: RandomResizedCrop: area fraction range (torchvision's default)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  #: RandomResizedCrop: aspect ratio (w / h) range
 # The derive_seed streams: one value per consumer, all defined here so no two can collide.
@@ -88,6 +89,24 @@ def check_int(name: str, value, lo: int, optional: bool = False):
     return int(value)
 
 
+def eval_resize_size(image_size: int, crop_fraction: float) -> int:
+    """The shorter side an ImageNet-style evaluation image is resized to before its centre crop of
+    ``image_size``: the crop keeps ``crop_fraction`` of it (timm's crop_pct); 256 for 224 at
+    0.875."""
+    return max(int(image_size), int(round(image_size / crop_fraction)))
+
+
+def _check_crop_fraction(value) -> float:
+    if value is None:
+        return IMAGENET_CROP_RATIO
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"eval_crop_fraction must be a number in (0, 1] (the part of the resized "
+                         f"shorter side the evaluation centre crop keeps; {IMAGENET_CROP_RATIO} "
+                         f"resizes to 256 for a 224 crop), got {value!r}")
+    return float(value)
+
+
 class LoaderArgs(NamedTuple):
     """The arguments every input pipeline shares, checked and normalised."""
 
@@ -100,11 +119,12 @@ class LoaderArgs(NamedTuple):
     num_classes: Optional[int]
     image_size: Optional[int]
     device: "torch.device"
+    eval_crop_fraction: float  #: ImageNet-style evaluation: see eval_resize_size
 
 
 def check_loader_args(dataset, data_dir, *, batch_size, eval_batch_size, workers, device, seed,
                       download, num_classes, image_size, synthetic_size, rank,
-                      world_size) -> LoaderArgs:
+                      world_size, eval_crop_fraction=None) -> LoaderArgs:
     """Check the arguments of :func:`fastsd.data.build_loaders` (and of the DALI path, which takes
     the same) before anything is read or built; raise ValueError naming the argument and the fix."""
     import torch  # here, not at the top: the trainer's configuration reads this module without it
@@ -130,6 +150,7 @@ def check_loader_args(dataset, data_dir, *, batch_size, eval_batch_size, workers
         raise ValueError(f"seed must be an int, got {seed!r}")
     num_classes = check_int("num_classes", num_classes, 1, optional=True)
     image_size = check_int("image_size", image_size, 8, optional=True)
+    eval_crop_fraction = _check_crop_fraction(eval_crop_fraction)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -146,7 +167,7 @@ def check_loader_args(dataset, data_dir, *, batch_size, eval_batch_size, workers
     if synthetic_size is not None and name != "synthetic":
         raise ValueError(f"synthetic_size only applies to the synthetic dataset, not {name}")
     return LoaderArgs(name, batch_size, eval_batch_size, workers, rank, world_size, num_classes,
-                      image_size, device)
+                      image_size, device, eval_crop_fraction)
 
 
 def check_shard(n_train: int, batch_size: int, world_size: int, name: str) -> None:

@@ -56,10 +56,10 @@ import numpy as np
 import torch
 
 from .base import DataLoaders, DatasetInfo
-from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
-                      DALI_AUG_STREAM, RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM,
-                      check_epoch, check_int, check_loader_args, check_shard, check_start,
-                      derive_seed, eval_range)
+from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_MEAN, IMAGENET_STD, DALI_AUG_STREAM,
+                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM, check_epoch, check_int,
+                      check_loader_args, check_shard, check_start, derive_seed, eval_range,
+                      eval_resize_size)
 from .folders import (ImageFolderSplit, UnreadableImageError, check_image_sizes,
                       scan_train_and_eval)
 from .torch_data import load_in_memory
@@ -545,7 +545,8 @@ def build_dali_loaders(dataset: str = "synthetic",
                        rank: int = 0, world_size: int = 1, dali_device: str = "auto",
                        dtype: Union[str, torch.dtype] = torch.float32,
                        prefetch: int = 2,
-                       cache_bytes: int = DEFAULT_CACHE_BYTES) -> DataLoaders:
+                       cache_bytes: int = DEFAULT_CACHE_BYTES,
+                       eval_crop_fraction: Optional[float] = None) -> DataLoaders:
     """The DALI counterpart of :func:`fastsd.data.build_loaders`: same arguments, same data sets.
 
     Args (those of build_loaders, see there, plus):
@@ -564,8 +565,9 @@ def build_dali_loaders(dataset: str = "synthetic",
 
     Data sets: cifar10 / cifar100 from torchvision's binary layout (held in memory, fed to DALI) or
     from ``train/`` + ``test/`` JPEG folders (decoded by DALI every epoch); imagefolder (ImageNet
-    layout: random-resized crop + flip, evaluation resize to size/0.875 + centre crop; folders of
-    images <= 64 pixels get the CIFAR treatment, as in the torch path); synthetic (in memory).
+    layout: random-resized crop + flip, evaluation resize to size / eval_crop_fraction + centre
+    crop; folders of images <= 64 pixels get the CIFAR treatment, as in the torch path);
+    synthetic (in memory).
 
     Raises:
         ImportError: DALI is not installed (the message gives the install command).
@@ -574,10 +576,11 @@ def build_dali_loaders(dataset: str = "synthetic",
     """
     require_dali()
     (name, batch_size, eval_batch_size, workers, rank, world_size, num_classes, image_size,
-     device) = check_loader_args(
+     device, eval_crop_fraction) = check_loader_args(
         dataset, data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size,
         workers=workers, device=device, seed=seed, download=download, num_classes=num_classes,
-        image_size=image_size, synthetic_size=synthetic_size, rank=rank, world_size=world_size)
+        image_size=image_size, synthetic_size=synthetic_size, rank=rank, world_size=world_size,
+        eval_crop_fraction=eval_crop_fraction)
     prefetch = check_int("prefetch", prefetch, 1)
     cache_bytes = check_int("cache_bytes", cache_bytes, 0)
     where = resolve_dali_device(dali_device, device)
@@ -596,7 +599,7 @@ def build_dali_loaders(dataset: str = "synthetic",
         resize every image to size x size first (small-image folders); else they are 32 x 32."""
         check_shard(len(train_split), batch_size, world_size, info_name)
         shared = dict(image_size=size, mean=mean, std=std,
-                      resize_size=int(round(size / IMAGENET_CROP_RATIO)),
+                      resize_size=eval_resize_size(size, eval_crop_fraction),
                       native_size=size if pre_resize else 32, pre_resize=pre_resize)
         train_paths = [p for p, _ in train_split.samples]
         eval_paths = [p for p, _ in eval_split.samples]

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from .base import DataLoaders, DatasetInfo
-from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD,
-                      RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, check_epoch, check_int, check_start,
-                      check_loader_args, check_shard, derive_seed, eval_range)
+from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE,
+                      SMALL_IMAGE_MAX, check_epoch, check_int, check_start, check_loader_args,
+                      check_shard, derive_seed, eval_range, eval_resize_size)
 from .folders import ImageFolderSplit, read_rgb_image, scan_train_and_eval, wrong_size_error
 from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 
@@ -461,7 +461,8 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
                   channels_last: bool = False, download: bool = False,
                   num_classes: Optional[int] = None, image_size: Optional[int] = None,
                   synthetic_size: Optional[Union[int, Tuple[int, int]]] = None,
-                  rank: int = 0, world_size: int = 1) -> DataLoaders:
+                  rank: int = 0, world_size: int = 1,
+                  eval_crop_fraction: Optional[float] = None) -> DataLoaders:
     """Build the training and evaluation loaders of a data set; check everything first.
 
     Args:
@@ -486,12 +487,16 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
         image_size: side of the images delivered. Defaults: 32 for synthetic and CIFAR (other
             values resize CIFAR on the device), 224 for imagefolder. Image folders of size <= 64
             get CIFAR-style augmentation (resize to the size, pad-4 crop, flip), larger ones
-            ImageNet-style (random-resized crop + flip; evaluation resize to size/0.875 and centre
-            crop).
+            ImageNet-style (random-resized crop + flip; evaluation resize of the shorter side and
+            centre crop, see ``eval_crop_fraction``).
         synthetic_size: synthetic only: number of train images, or (train, test); default
             (5000, 1000).
         rank, world_size: this process's place in distributed training (shards, see the module
             docstring). ``DatasetInfo`` sizes are those of the whole splits.
+        eval_crop_fraction: ImageNet-style image folders: the evaluation centre crop keeps this
+            part of the resized shorter side (timm's crop_pct), which is resized to
+            image_size / eval_crop_fraction. Default 0.875 (256 for a 224 crop); the trainer
+            passes the model's own recipe (1.0 for efficientnet_b7: 600 -> 600).
 
     Raises:
         ValueError: unknown data set or bad argument, a folder layout that does not fit (no class
@@ -504,10 +509,11 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
             the message names the file.
     """
     (name, batch_size, eval_batch_size, workers, rank, world_size, num_classes, image_size,
-     device) = check_loader_args(
+     device, eval_crop_fraction) = check_loader_args(
         dataset, data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size,
         workers=workers, device=device, seed=seed, download=download, num_classes=num_classes,
-        image_size=image_size, synthetic_size=synthetic_size, rank=rank, world_size=world_size)
+        image_size=image_size, synthetic_size=synthetic_size, rank=rank, world_size=world_size,
+        eval_crop_fraction=eval_crop_fraction)
 
     common = dict(seed=int(seed), device=device, channels_last=bool(channels_last), rank=rank,
                   world_size=world_size)
@@ -516,7 +522,7 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
         train_split, eval_split = scan_train_and_eval(data_dir, num_classes, name)
         check_shard(len(train_split), batch_size, world_size, name)
         style = "cifar" if size <= SMALL_IMAGE_MAX else "imagenet"
-        resize = int(round(size / IMAGENET_CROP_RATIO))
+        resize = eval_resize_size(size, eval_crop_fraction)
         kw = dict(common, image_size=size, style=style, resize_size=resize, mean=IMAGENET_MEAN,
                   std=IMAGENET_STD, workers=workers)
         train = FileEpochLoader(train_split, train=True, batch_size=batch_size, **kw)

@@ -41,6 +41,13 @@ class ModelInfo:
     min_input_size: int = 1         #: the smallest side the network runs on
     fixed_input_size: bool = False  #: runs on ``input_size`` only (a ViT's position embedding)
 
+    @property
+    def eval_crop_fraction(self) -> Optional[float]:
+        """The part of the resized shorter side its recipe's evaluation centre crop keeps
+        (``input_size / eval_resize_size``: 0.875 for most, 1.0 for efficientnet_b7), for the data
+        layer's ``eval_crop_fraction``; None for the CIFAR models, whose design has no resize."""
+        return self.input_size / self.eval_resize_size if self.family == "imagenet" else None
+
 
 # Models that do not run on every side, found by forwards on the meta device (torchvision 0.29):
 # every classifier at 32 px fails for these only, and these at every side from 16 to 700 px gave

@@ -212,13 +212,18 @@ class Trainer:
         return self
 
     def _build_data(self):
+        from fastsd.models import get_model_info
+
         cfg = self.cfg
+        # Evaluation images are resized as the model's own recipe does (efficientnet_b7 keeps the
+        # whole 600-pixel shorter side, most models 0.875 of it).
         kwargs = dict(batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                       workers=cfg.workers, device=self.device, seed=cfg.seed,
                       channels_last=cfg.channels_last, download=cfg.download,
                       num_classes=cfg.num_classes, image_size=cfg.image_size,
                       synthetic_size=_synthetic_size(cfg.synthetic_size), rank=self.rank,
-                      world_size=self.world_size)
+                      world_size=self.world_size,
+                      eval_crop_fraction=get_model_info(cfg.arch).eval_crop_fraction)
         if cfg.dali:
             try:
                 from fastsd.data.dali import build_dali_loaders
