@@ -31,7 +31,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastsd.train.config import auto_image_size, check_device, in_run_ensemble, parse_list
+from fastsd.train.config import (auto_image_size, auto_workers, check_device, in_run_ensemble,
+                                 parse_list)
 from fastsd.train.errors import SetupError, TrainError, program_name
 
 __all__ = ["evaluate_models", "resolve_models", "main"]
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="[default: the run's; without a run, as "
                    "fastsd.train chooses: on image folders the model's input size]")
     p.add_argument("--batch-size", type=int, help="evaluation batch size [default: the run's]")
+    p.add_argument("--workers", type=int, help="data loading worker processes [default: as "
+                   "fastsd.train's, min(8, CPUs - 1) on CUDA, 0 on CPU]")
     p.add_argument("--temperature", type=float,
                    help="T of the entropy column [default: the run's, else 1]")
     p.add_argument("--device", help="cpu, cuda, cuda:N [default: cuda when present]")
@@ -369,6 +372,8 @@ def _main(args) -> Dict[str, Any]:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise SetupError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.workers is not None and args.workers < 0:
+        raise SetupError(f"--workers must be >= 0, got {args.workers}")
     amp = _eval_amp(args.amp, cfg.get("amp"), device)
     channels_last = (args.channels_last if args.channels_last is not None
                      else bool(cfg.get("channels_last", False)))
@@ -403,9 +408,9 @@ def _main(args) -> Dict[str, Any]:
     batch = _first(args.batch_size, cfg.get("eval_batch_size"), 256)
     image_size = _first(args.image_size, cfg.get("image_size")) or auto_image_size(dataset, arch)
     try:
-        # Only the test split is read; a training batch of 1 keeps the loaders' check that every
-        # process gets a full training batch from refusing a small folder for no reason.
-        loaders = build_loaders(dataset, data, batch_size=1, eval_batch_size=batch, workers=0,
+        # Only the test split is read: an image folder needs no train/ beside its val/.
+        loaders = build_loaders(dataset, data, batch_size=batch, eval_only=True,
+                                workers=_first(args.workers, auto_workers(device.type == "cuda")),
                                 device=device, num_classes=num_classes,
                                 image_size=image_size, channels_last=channels_last,
                                 synthetic_size=tuple(synthetic) if synthetic else None,

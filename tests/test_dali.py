@@ -6,6 +6,7 @@ compares numbers: against torchvision's transforms of the same files, or against
 that applies the augmentation parameters the loader drew.
 """
 
+import dataclasses
 import json
 import math
 import pickle
@@ -239,6 +240,23 @@ def test_eval_matches_the_torch_path(cifar_jpeg, imagenet_like, data, image_size
     assert d.mean() <= 0.5 and d.max() <= 10.0, (d.mean().item(), d.max().item())
     x_train, _ = next(iter(dali_dl.train))
     assert x_train.shape[-2:] == x_ref.shape[-2:]
+
+
+@pytest.mark.parametrize("source", ["cifar-folder", "cifar-binary", "imagenet"])
+def test_eval_only_builds_the_evaluation_pipeline_alone(cifar_jpeg, cifar_binary, imagenet_like,
+                                                        trust_cifar_files, source):
+    """As the torch path's eval_only: no training loader, the whole build's evaluation output."""
+    dataset, root = {"cifar-folder": ("cifar10", cifar_jpeg),
+                     "cifar-binary": ("cifar10", cifar_binary[0]),
+                     "imagenet": ("imagefolder", imagenet_like)}[source]
+    kw = dict(batch_size=4, eval_batch_size=5, workers=2, image_size=48)
+    whole = build_dali_loaders(dataset, root, **kw)
+    alone = build_dali_loaders(dataset, root, **dict(kw, batch_size=10 ** 6), eval_only=True)
+    assert alone.train is None and alone.info.train_size == 0
+    assert alone.info == dataclasses.replace(whole.info, train_size=0)
+    x, y = _collect(alone.test)
+    x_ref, y_ref = _collect(whole.test)
+    assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
 
 
 # ------------------------------------------------------------------------------------- training

@@ -486,6 +486,39 @@ def test_cifar10_binary_layout(tmp_path, monkeypatch):
         build_loaders("cifar100", tmp_path, batch_size=4, num_classes=10)
 
 
+@pytest.mark.parametrize("source", ["imagefolder", "cifar-folder", "cifar-binary", "synthetic"])
+def test_eval_only_reads_the_evaluation_split_alone(tmp_path, monkeypatch, source):
+    """eval_only (fastsd.evaluate): no training loader, the same evaluation batches as a whole
+    build; image folders need no train/, and a training split that would be refused for being
+    smaller than a batch is not read, so not refused."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity",
+                        lambda path, md5=None: os.path.isfile(path))
+    if source == "imagefolder":
+        args = ("imagefolder", make_folder(tmp_path, ["a", "b"], per_class=3, size=(20, 20)))
+    elif source == "cifar-folder":
+        args = ("cifar10", make_folder(tmp_path, CIFAR10_CLASSES, per_class=1, size=(32, 32),
+                                       splits=("train", "test")))
+    elif source == "cifar-binary":
+        _write_fake_cifar10_binary(tmp_path)
+        args = ("cifar10", tmp_path)
+    else:
+        args = ("synthetic", None)
+    kw = dict(batch_size=4, eval_batch_size=5, workers=0, image_size=16,
+              synthetic_size=(40, 12) if source == "synthetic" else None)
+    whole = build_loaders(*args, **kw)
+    alone = build_loaders(*args, **dict(kw, batch_size=1000), eval_only=True)
+    assert alone.train is None and alone.info.train_size == 0 and whole.info.train_size > 0
+    assert alone.info.class_names == whole.info.class_names
+    assert alone.info.test_size == whole.info.test_size and len(alone.test) == len(whole.test)
+    for (x, y), (x_ref, y_ref) in zip(alone.test, whole.test, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    if source in ("imagefolder", "cifar-folder"):
+        shutil.rmtree(args[1] / "train")
+        assert build_loaders(*args, **kw, eval_only=True).info.test_size == whole.info.test_size
+        with pytest.raises(FileNotFoundError, match="no train/ folder"):
+            build_loaders(*args, **kw)
+
+
 # ------------------------------------------------------------------------------------------
 # Bad input: each a clear error when the loaders are built.
 

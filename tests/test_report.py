@@ -484,6 +484,48 @@ def test_evaluate_crops_a_folder_to_the_models_input_size(tmp_path, monkeypatch,
     assert main(args + ["--image-size", "40"]) == 0 and seen["image_size"] == 40
 
 
+def test_evaluate_reads_a_folder_with_its_evaluation_split_only(tmp_path, capsys):
+    """ImageNet's val/ beside a checkpoint is enough: no train/ is needed, and the error is the
+    model's on those images, found here by an independent forward of the same pixels. A train/
+    that is there must still hold the same class folders, as they give the labels."""
+    from PIL import Image
+
+    from fastsd.data import IMAGENET_MEAN, IMAGENET_STD
+    from fastsd.evaluate import main
+    from fastsd.models import create_model
+    from fastsd.train.checkpoint import save_safetensors
+
+    rng = np.random.default_rng(1)
+    files, labels = [], []
+    for label, c in enumerate(("ant", "bee", "cat")):
+        os.makedirs(tmp_path / "folder" / "val" / c)
+        for i in range(4):
+            files.append(tmp_path / "folder" / "val" / c / f"{i}.png")
+            labels.append(label)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(files[-1])
+    torch.manual_seed(0)
+    model = create_model("resnet20", 3).eval()
+    weights = str(tmp_path / "resnet20.safetensors")
+    save_safetensors(model.state_dict(), weights)
+    out = str(tmp_path / "eval.json")
+    args = ["--checkpoint", weights, "--arch", "resnet20", "--num-classes", "3", "--dataset",
+            "imagefolder", "--data", str(tmp_path / "folder"), "--device", "cpu", "--workers",
+            "1", "--json", out]
+    assert main(args) == 0, capsys.readouterr().err
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in files])
+    x = (pixels.permute(0, 3, 1, 2) / 255.0 - torch.tensor(IMAGENET_MEAN)[:, None, None]) \
+        / torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        wrong = (model(x).argmax(1) != torch.tensor(labels)).sum().item()
+    with open(out) as fh:
+        evaluated = json.load(fh)["models"][0]
+    assert evaluated["samples"] == 12
+    assert evaluated["top1_error"] == pytest.approx(100.0 * wrong / 12)
+    os.makedirs(tmp_path / "folder" / "train" / "dog")
+    assert main(args) == 2
+    assert "only in train: dog; only in val: ant, bee, cat" in capsys.readouterr().err
+
+
 def test_evaluate_names_a_missing_snapshot(runs, capsys):
     from fastsd.evaluate import main
 

@@ -46,10 +46,11 @@ class EpochLoader(Protocol):
 class DataLoaders:
     """The training and evaluation loaders of one data set.
 
-    ``train`` shuffles anew each epoch and drops the last partial batch. ``test`` yields every
-    sample exactly once, in a fixed order (also when sharded across processes).
+    ``train`` shuffles anew each epoch and drops the last partial batch (None when built with
+    ``eval_only``). ``test`` yields every sample exactly once, in a fixed order (also when sharded
+    across processes).
     """
 
-    train: EpochLoader
+    train: Optional[EpochLoader]
     test: EpochLoader
     info: DatasetInfo

@@ -546,7 +546,8 @@ def build_dali_loaders(dataset: str = "synthetic",
                        dtype: Union[str, torch.dtype] = torch.float32,
                        prefetch: int = 2,
                        cache_bytes: int = DEFAULT_CACHE_BYTES,
-                       eval_crop_fraction: Optional[float] = None) -> DataLoaders:
+                       eval_crop_fraction: Optional[float] = None,
+                       eval_only: bool = False) -> DataLoaders:
     """The DALI counterpart of :func:`fastsd.data.build_loaders`: same arguments, same data sets.
 
     Args (those of build_loaders, see there, plus):
@@ -589,7 +590,8 @@ def build_dali_loaders(dataset: str = "synthetic",
                   prefetch=prefetch, rank=rank, world_size=world_size)
 
     def loaders(train_kw, test_kw, info):
-        train = DaliEpochLoader(train=True, batch_size=batch_size, **train_kw, **common)
+        train = (DaliEpochLoader(train=True, batch_size=batch_size, **train_kw, **common)
+                 if not eval_only else None)
         test = DaliEpochLoader(train=False, batch_size=eval_batch_size, **test_kw, **common)
         return DataLoaders(train, test, info)
 
@@ -597,25 +599,27 @@ def build_dali_loaders(dataset: str = "synthetic",
                        small: bool, mean, std, info_name: str, pre_resize: bool):
         """small: CIFAR-style (pad crop + flip; evaluation as is), else ImageNet-style. pre_resize:
         resize every image to size x size first (small-image folders); else they are 32 x 32."""
-        check_shard(len(train_split), batch_size, world_size, info_name)
         shared = dict(image_size=size, mean=mean, std=std,
                       resize_size=eval_resize_size(size, eval_crop_fraction),
                       native_size=size if pre_resize else 32, pre_resize=pre_resize)
-        train_paths = [p for p, _ in train_split.samples]
+        train_kw = None
+        if train_split is not None:  # (None: eval_only)
+            check_shard(len(train_split), batch_size, world_size, info_name)
+            train_paths = [p for p, _ in train_split.samples]
+            train_kw = dict(shared, paths=train_paths, labels=[y for _, y in train_split.samples],
+                            augment="cifar" if small else "imagenet",
+                            cache_files=_fits_in_memory(train_paths, cache_bytes))
         eval_paths = [p for p, _ in eval_split.samples]
-        train_kw = dict(shared, paths=train_paths, labels=[y for _, y in train_split.samples],
-                        augment="cifar" if small else "imagenet",
-                        cache_files=_fits_in_memory(train_paths, cache_bytes))
         test_kw = dict(shared, paths=eval_paths, labels=[y for _, y in eval_split.samples],
                        augment="none" if small else "center",
                        cache_files=_fits_in_memory(eval_paths, cache_bytes))
-        info = DatasetInfo(info_name, len(train_split.classes), size, tuple(mean), tuple(std),
-                           len(train_split), len(eval_split), train_split.classes)
+        info = DatasetInfo(info_name, len(eval_split.classes), size, tuple(mean), tuple(std),
+                           len(train_split or ()), len(eval_split), eval_split.classes)
         return loaders(train_kw, test_kw, info)
 
     if name == "imagefolder":
         size = image_size or 224
-        train_split, eval_split = scan_train_and_eval(data_dir, num_classes, name)
+        train_split, eval_split = scan_train_and_eval(data_dir, num_classes, name, eval_only)
         small = size <= SMALL_IMAGE_MAX
         return folder_loaders(train_split, eval_split, size, small, IMAGENET_MEAN, IMAGENET_STD,
                               name, pre_resize=small)
@@ -625,19 +629,22 @@ def build_dali_loaders(dataset: str = "synthetic",
         if num_classes is not None and num_classes != classes:
             raise ValueError(f"{name} has {classes} classes but num_classes is {num_classes}: drop "
                              f"--num-classes or pass {classes}")
-        train_split, eval_split = scan_train_and_eval(Path(data_dir).expanduser(), classes, name)
+        train_split, eval_split = scan_train_and_eval(Path(data_dir).expanduser(), classes, name,
+                                                      eval_only)
         # The torch path decodes such a folder into memory and so refuses an image of another
         # size up front; DALI decodes every epoch, and would crop it (training) or fail to batch
         # it (evaluation) without naming it.
-        check_image_sizes([p for split in (train_split, eval_split) for p, _ in split.samples],
-                          32, workers)
+        check_image_sizes([p for split in (train_split, eval_split) if split is not None
+                           for p, _ in split.samples], 32, workers)
         return folder_loaders(train_split, eval_split, image_size or 32, True, mean, std, name,
                               pre_resize=False)
 
     x_train, y_train, x_test, y_test, classes, mean, std, size = load_in_memory(
         name, data_dir, num_classes=num_classes, image_size=image_size,
         synthetic_size=synthetic_size, download=download, workers=workers,
-        batch_size=batch_size, world_size=world_size)
+        batch_size=batch_size, world_size=world_size, eval_only=eval_only)
+    if eval_only:
+        y_train = y_train[:0]  # (the synthetic set's, made for its statistics)
     shared = dict(image_size=size, mean=mean, std=std)
     train_kw = dict(shared, images=x_train.numpy(), labels=y_train.numpy(), augment="cifar")
     test_kw = dict(shared, images=x_test.numpy(), labels=y_test.numpy(), augment="none")

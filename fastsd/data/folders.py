@@ -54,10 +54,10 @@ def _check_dir(path: Path, what: str, fix: str) -> None:
                                 f"extracted first): {fix}")
 
 
-def find_split_dirs(data_dir: Optional[PathLike],
-                    dataset: str = "imagefolder") -> Tuple[Path, Path]:
+def find_split_dirs(data_dir: Optional[PathLike], dataset: str = "imagefolder",
+                    need_train: bool = True) -> Tuple[Optional[Path], Path]:
     """``(data_dir/train, data_dir/val or data_dir/test)``, or a clear error
-    saying what is missing."""
+    saying what is missing; without ``need_train`` a missing train/ gives None."""
     layout = (f"{dataset} expects DIR/train/<class>/<images> and DIR/val/<class>/<images> "
               f"(or DIR/test/...)")
     if data_dir is None or str(data_dir) == "":
@@ -67,7 +67,9 @@ def find_split_dirs(data_dir: Optional[PathLike],
     _check_dir(root, "data directory", f"pass the folder that holds train/ and val/; {layout}")
     train = root / "train"
     if not train.is_dir():
-        raise FileNotFoundError(f"no train/ folder in {str(root)!r}: {layout}")
+        if need_train:
+            raise FileNotFoundError(f"no train/ folder in {str(root)!r}: {layout}")
+        train = None
     for name in EVAL_SPLIT_NAMES:
         if (root / name).is_dir():
             return train, root / name
@@ -87,6 +89,11 @@ def _walk_images(class_dir: Path) -> List[str]:
     return found
 
 
+def _class_folders(root: Path) -> List[str]:
+    """The class names of a split folder: its sub-folders, sorted, hidden ones left out."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
 def scan_image_folder(split_dir: PathLike, num_classes: Optional[int] = None) -> ImageFolderSplit:
     """List the images of one split folder (``<split_dir>/<class>/**/<image>``), checked.
 
@@ -95,7 +102,7 @@ def scan_image_folder(split_dir: PathLike, num_classes: Optional[int] = None) ->
     """
     root = Path(split_dir).expanduser()
     _check_dir(root, "image folder", "create it with one sub-folder per class")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = _class_folders(root)
     if not classes:
         raise ValueError(f"image folder {str(root)!r} holds no class folders: put each class's "
                          f"images in its own sub-folder ({root}/<class>/<image>.jpg)")
@@ -114,15 +121,26 @@ def scan_image_folder(split_dir: PathLike, num_classes: Optional[int] = None) ->
 
 
 def scan_train_and_eval(data_dir: Optional[PathLike], num_classes: Optional[int] = None,
-                        dataset: str = "imagefolder") -> Tuple[ImageFolderSplit, ImageFolderSplit]:
-    """Scan ``data_dir/train`` and ``data_dir/val`` (or ``test``) and check their classes agree."""
-    train_dir, eval_dir = find_split_dirs(data_dir, dataset)
-    train = scan_image_folder(train_dir, num_classes)
+                        dataset: str = "imagefolder", eval_only: bool = False
+                        ) -> Tuple[Optional[ImageFolderSplit], ImageFolderSplit]:
+    """Scan ``data_dir/train`` and ``data_dir/val`` (or ``test``) and check their classes agree.
+
+    eval_only: the training split is not scanned (None in its place) and may be missing; where it
+    is there, its class folder names must still be the evaluation split's, as they set the labels.
+    """
+    train_dir, eval_dir = find_split_dirs(data_dir, dataset, need_train=not eval_only)
+    train = None if eval_only else scan_image_folder(train_dir, num_classes)
     evaluation = scan_image_folder(eval_dir, num_classes)
-    if train.classes != evaluation.classes:
-        only_train = sorted(set(train.classes) - set(evaluation.classes))
-        only_eval = sorted(set(evaluation.classes) - set(train.classes))
-        raise ValueError(f"the class folders of {str(train.root)!r} and {str(evaluation.root)!r} "
+    if train is not None:
+        train_classes = list(train.classes)
+    elif train_dir is not None:
+        train_classes = _class_folders(train_dir)
+    else:
+        train_classes = list(evaluation.classes)
+    if train_classes != list(evaluation.classes):
+        only_train = sorted(set(train_classes) - set(evaluation.classes))
+        only_eval = sorted(set(evaluation.classes) - set(train_classes))
+        raise ValueError(f"the class folders of {str(train_dir)!r} and {str(evaluation.root)!r} "
                          f"differ (only in train: {_short(only_train)}; only in "
                          f"{evaluation.root.name}: {_short(only_eval)}): both splits need the "
                          f"same class folders, or the labels would not mean the same classes")

@@ -397,9 +397,10 @@ def _as_array(img, aug_seed) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
-def _load_cifar(name: str, data_dir, num_classes: Optional[int], download: bool, workers: int):
+def _load_cifar(name: str, data_dir, num_classes: Optional[int], download: bool, workers: int,
+                eval_only: bool = False):
     """CIFAR from torchvision's binary layout or an image folder:
-    uint8 NHWC arrays + class names."""
+    uint8 NHWC arrays + class names (eval_only: the training arrays are empty, nothing read)."""
     classes, folder, tv_class, _, _ = CIFAR_SETS[name]
     if num_classes is not None and num_classes != classes:
         raise ValueError(f"{name} has {classes} classes but num_classes is {num_classes}: drop "
@@ -417,10 +418,11 @@ def _load_cifar(name: str, data_dir, num_classes: Optional[int], download: bool,
             raise FileNotFoundError(f"data directory {str(root)!r} is not a directory (extract "
                                     f"archives first): {expected}")
         if any((root / split).is_dir() for split in ("train", "test", "val")):
-            train_split, test_split = scan_train_and_eval(root, classes, name)
-            x_train, y_train = _decode_folder(train_split, 32, workers)
+            train_split, test_split = scan_train_and_eval(root, classes, name, eval_only)
             x_test, y_test = _decode_folder(test_split, 32, workers)
-            return x_train, y_train, x_test, y_test, train_split.classes
+            x_train, y_train = (_decode_folder(train_split, 32, workers) if not eval_only
+                                else _no_images(x_test))
+            return x_train, y_train, x_test, y_test, test_split.classes
         if not download:
             if not root.exists():
                 raise FileNotFoundError(f"data directory {str(root)!r} does not exist: {expected}")
@@ -429,14 +431,20 @@ def _load_cifar(name: str, data_dir, num_classes: Optional[int], download: bool,
 
     cls = getattr(torchvision.datasets, tv_class)
     try:
-        train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)
+        train = None if eval_only else cls(str(root), train=True, download=download)
     except RuntimeError as e:
         raise ValueError(f"{name} files in {str(binary)!r} are incomplete or corrupt ({e}): delete "
                          f"the folder and download again (--download)") from e
-    return (torch.from_numpy(np.ascontiguousarray(train.data)), torch.tensor(train.targets),
-            torch.from_numpy(np.ascontiguousarray(test.data)), torch.tensor(test.targets),
-            tuple(train.classes))
+    x_test = torch.from_numpy(np.ascontiguousarray(test.data))
+    x_train, y_train = ((torch.from_numpy(np.ascontiguousarray(train.data)),
+                         torch.tensor(train.targets)) if train is not None else _no_images(x_test))
+    return x_train, y_train, x_test, torch.tensor(test.targets), tuple(test.classes)
+
+
+def _no_images(like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An empty (images, labels) pair shaped like ``like``'s: a split that was not read."""
+    return like[:0].clone(), torch.zeros(0, dtype=torch.long)
 
 
 def _synthetic_sizes(synthetic_size) -> Tuple[int, int]:
@@ -462,7 +470,8 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
                   num_classes: Optional[int] = None, image_size: Optional[int] = None,
                   synthetic_size: Optional[Union[int, Tuple[int, int]]] = None,
                   rank: int = 0, world_size: int = 1,
-                  eval_crop_fraction: Optional[float] = None) -> DataLoaders:
+                  eval_crop_fraction: Optional[float] = None,
+                  eval_only: bool = False) -> DataLoaders:
     """Build the training and evaluation loaders of a data set; check everything first.
 
     Args:
@@ -497,6 +506,9 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
             part of the resized shorter side (timm's crop_pct), which is resized to
             image_size / eval_crop_fraction. Default 0.875 (256 for a 224 crop); the trainer
             passes the model's own recipe (1.0 for efficientnet_b7: 600 -> 600).
+        eval_only: read the evaluation split only (fastsd.evaluate): ``train`` is None and
+            ``info.train_size`` 0; folders need no train/ (where there is one, its class folder
+            names must still be the evaluation split's). The synthetic set is made whole.
 
     Raises:
         ValueError: unknown data set or bad argument, a folder layout that does not fit (no class
@@ -519,25 +531,31 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
                   world_size=world_size)
     if name == "imagefolder":
         size = image_size or 224
-        train_split, eval_split = scan_train_and_eval(data_dir, num_classes, name)
-        check_shard(len(train_split), batch_size, world_size, name)
+        train_split, eval_split = scan_train_and_eval(data_dir, num_classes, name, eval_only)
+        if not eval_only:
+            check_shard(len(train_split), batch_size, world_size, name)
         style = "cifar" if size <= SMALL_IMAGE_MAX else "imagenet"
         resize = eval_resize_size(size, eval_crop_fraction)
         kw = dict(common, image_size=size, style=style, resize_size=resize, mean=IMAGENET_MEAN,
                   std=IMAGENET_STD, workers=workers)
-        train = FileEpochLoader(train_split, train=True, batch_size=batch_size, **kw)
+        train = (FileEpochLoader(train_split, train=True, batch_size=batch_size, **kw)
+                 if not eval_only else None)
         test = FileEpochLoader(eval_split, train=False, batch_size=eval_batch_size, **kw)
-        info = DatasetInfo(name, len(train_split.classes), size, IMAGENET_MEAN, IMAGENET_STD,
-                           len(train_split), len(eval_split), train_split.classes)
+        info = DatasetInfo(name, len(eval_split.classes), size, IMAGENET_MEAN, IMAGENET_STD,
+                           len(train_split) if not eval_only else 0, len(eval_split),
+                           eval_split.classes)
         return DataLoaders(train, test, info)
 
     data = load_in_memory(name, data_dir, num_classes=num_classes, image_size=image_size,
                           synthetic_size=synthetic_size, download=download, workers=workers,
-                          batch_size=batch_size, world_size=world_size)
+                          batch_size=batch_size, world_size=world_size, eval_only=eval_only)
     x_train, y_train, x_test, y_test, classes, mean, std, size = data
-    output_size = size if size != x_train.shape[1] else None
+    if eval_only:
+        x_train, y_train = _no_images(x_test)  # (the synthetic set's, made for its statistics)
+    output_size = size if size != x_test.shape[1] else None
     kw = dict(common, mean=mean, std=std, output_size=output_size)
-    train = TensorEpochLoader(x_train, y_train, batch_size=batch_size, train=True, **kw)
+    train = (TensorEpochLoader(x_train, y_train, batch_size=batch_size, train=True, **kw)
+             if not eval_only else None)
     test = TensorEpochLoader(x_test, y_test, batch_size=eval_batch_size, train=False, **kw)
     info = DatasetInfo(name, len(classes), size, tuple(mean), tuple(std), len(y_train),
                        len(y_test), tuple(classes))
@@ -558,15 +576,18 @@ class InMemoryData(NamedTuple):
 
 
 def load_in_memory(name, data_dir, *, num_classes, image_size, synthetic_size, download, workers,
-                   batch_size, world_size) -> InMemoryData:
-    """The synthetic set or CIFAR in torchvision's binary layout, loaded for either pipeline."""
+                   batch_size, world_size, eval_only: bool = False) -> InMemoryData:
+    """The synthetic set or CIFAR in torchvision's binary layout, loaded for either pipeline.
+    eval_only: CIFAR's training images are not read (empty arrays); the synthetic set is made
+    whole, as its normalisation comes from its training images."""
     if name == "synthetic":
         k = num_classes if num_classes is not None else SYNTHETIC_DEFAULTS[0]
         if k < 2:
             raise ValueError(f"the synthetic dataset needs num_classes >= 2, got {k}")
         size = image_size or SYNTHETIC_DEFAULTS[1]
         n_train, n_test = _synthetic_sizes(synthetic_size)
-        check_shard(n_train, batch_size, world_size, name)
+        if not eval_only:
+            check_shard(n_train, batch_size, world_size, name)
         x_train, y_train, x_test, y_test = make_synthetic(k, size, n_train, n_test)
         # Normalised with its own pixel statistics.
         pixels = x_train.reshape(-1, 3).to(torch.float64) / 255.0
@@ -575,8 +596,9 @@ def load_in_memory(name, data_dir, *, num_classes, image_size, synthetic_size, d
         classes = tuple(f"class_{i}" for i in range(k))
     else:
         x_train, y_train, x_test, y_test, classes = _load_cifar(name, data_dir, num_classes,
-                                                                 download, workers)
-        check_shard(len(y_train), batch_size, world_size, name)
+                                                                 download, workers, eval_only)
+        if not eval_only:
+            check_shard(len(y_train), batch_size, world_size, name)
         mean, std = CIFAR_SETS[name][3], CIFAR_SETS[name][4]
         size = image_size or 32
     return InMemoryData(x_train, y_train, x_test, y_test, tuple(classes), tuple(mean),

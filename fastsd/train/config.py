@@ -384,7 +384,7 @@ class TrainConfig:
             bad("teacher_dtype", "fp16 convolutions are very slow (or missing) on the CPU; use "
                 "--teacher-dtype bf16 or fp32")
         if self.workers is None:
-            self.workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if on_cuda else 0
+            self.workers = auto_workers(on_cuda)
         if self.threads is not None and self.threads < 1:
             bad("threads", f"must be >= 1, got {self.threads}")
         if self.workers < 0:
@@ -613,6 +613,12 @@ def check_device(name: str):
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"{name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
     return dev
+
+
+def auto_workers(on_cuda: bool) -> int:
+    """Data loading worker processes when none are asked for: on CUDA all CPUs but the one that
+    drives the GPU (at most 8); on the CPU none, as the network's own threads use every core."""
+    return min(8, max(0, (os.cpu_count() or 1) - 1)) if on_cuda else 0
 
 
 def auto_image_size(dataset: str, arch: str) -> Optional[int]:
