@@ -593,7 +593,8 @@ def test_auto_resume_starts_a_run_afresh_where_no_checkpoint_was_written(tmp_pat
     assert [r["iteration"] for r in steps] == [1, 2] and steps[0]["loss"] != 9.0
     # finished: a third start resumes after the last epoch and trains nothing more
     assert main(argv) == 0
-    assert "resuming at epoch 2, iteration 2" in capsys.readouterr().err
+    assert ("training is complete (1 epoch): evaluating and writing the results again"
+            in capsys.readouterr().err)
     assert [r["iteration"] for r in read_jsonl(run / "metrics.jsonl")
             if r["kind"] == "step"] == [1, 2]
 

@@ -469,6 +469,9 @@ class Trainer:
                    f", snapshots {cfg.teacher_dtype}" if self.teachers is not None else "")
         resumed = (f"; resuming at epoch {self.epoch + 1}, iteration {self.iteration}"
                    if self.iteration else "")
+        if self.iteration and self.epoch >= self.plan.total_epochs:
+            resumed = (f"; training is complete ({counted(self.plan.total_epochs, 'epoch')}): "
+                       f"evaluating and writing the results again")
         accum = (f" x {cfg.grad_accum_steps} accumulated passes"
                  if cfg.grad_accum_steps > 1 else "")
         procs = (f" x {cfg.world_size} processes" if cfg.world_size > 1 else "")
