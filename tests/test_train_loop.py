@@ -890,6 +890,13 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pat
     with pytest.raises(NonFiniteLossError, match="2 steps in a row") as exc:
         train(cfg, hooks=[Poison()])
     assert "last good checkpoint" in str(exc.value)
+    # the advice is one the command line takes (--resume would refuse a changed --lr)
+    run = str(tmp_path / "run")
+    assert f"start a new run with --config {run} --out NEW_DIR" in str(exc.value)
+    from fastsd.train.cli import config_from_args
+
+    assert config_from_args(["--config", run, "--out", str(tmp_path / "new"), "--lr",
+                             "0.01"]).lr == 0.01
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values()

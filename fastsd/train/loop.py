@@ -355,8 +355,9 @@ class Trainer:
             raise NonFiniteLossError(
                 f"the model's weights (or BatchNorm statistics) are no longer finite at "
                 f"iteration {self.iteration}; nothing was saved, so the last good checkpoint "
-                f"{checkpoint_path(self.run_dir)} is intact. Lower --lr, add --warmup-epochs, "
-                f"or use --amp bf16 / none, then --resume from it or start again")
+                f"{checkpoint_path(self.run_dir)} is intact. Start a new run with --config "
+                f"{self.run_dir} --out NEW_DIR and a lower --lr, --warmup-epochs, or --amp "
+                f"bf16 / none (a resumed run keeps its settings)")
         # each process draws from generators of its own (see setup): all of them are kept
         mine = rng_state(self.device)
         rngs = [mine] if self.world_size == 1 else distributed.gather_objects(mine)
@@ -609,8 +610,9 @@ class Trainer:
 
     def _raise_nonfinite(self, run: int) -> None:
         ckpt = checkpoint_path(self.run_dir)
-        where = (f"the last good checkpoint {ckpt} is intact (resume with --resume "
-                 f"{self.run_dir} after changing the settings)" if os.path.isfile(ckpt)
+        where = (f"the last good checkpoint {ckpt} is intact, but a resumed run keeps its "
+                 f"settings: start a new run with --config {self.run_dir} --out NEW_DIR and "
+                 f"the changed settings" if os.path.isfile(ckpt)
                  else "no checkpoint had been written yet")
         raise NonFiniteLossError(
             f"for {run} steps in a row the loss or a gradient was not finite and the update was "
