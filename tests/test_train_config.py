@@ -140,6 +140,24 @@ def test_config_takes_a_run_directory_and_one_of_cycles_or_cycle_epochs(tmp_path
         config_from_args(["--config", str(tmp_path / "empty")])
 
 
+def test_a_config_files_settings_for_another_method_are_refused_by_name(tmp_path):
+    """A hand-written file's generations on an sd run would be dropped without a word, as the
+    flag would: it is refused, naming the file. A --method flag that reads it takes it; a run's
+    own settings for its method go unused when --method switches (--config SD_RUN --method bl
+    is how methods are compared)."""
+    hand = tmp_path / "hand.yaml"
+    hand.write_text("method: sd\ngenerations: 3\nepochs: 6\n")
+    with pytest.raises(ConfigError, match=f"generations in {hand}: applies to --method ban, tt, "
+                                          f"not sd"):
+        config_from_args(["--config", str(hand), "--device", "cpu"])
+    assert config_from_args(["--config", str(hand), "--method", "ban",
+                             "--device", "cpu"]).generations == 3
+    run = str(tmp_path / "config.yaml")
+    dump_yaml(TrainConfig(method="sd", epochs=6, temperature=4.0, **CPU), run)
+    assert config_from_args(["--config", run, "--method", "bl"]).method == "bl"
+    assert config_from_args(["--config", run]).temperature == 4.0
+
+
 def test_ctrl_c_before_training_is_a_stop_not_a_traceback(monkeypatch, capsys, tmp_path):
     from fastsd.train import loop
 
@@ -384,6 +402,9 @@ def _argparse_fails(capsys, argv, *needles):
     (["--method", "sd", "--generations", "3"], ["--generations", "applies to --method ban, tt"]),
     (["--eta", "0.5"], ["--eta", "applies to --method tt, not sd", "drop --eta"]),
     (["--method", "se", "--temperature", "4"], ["--temperature", "not se"]),
+    (["--method", "bl", "--gamma", "0.5"], ["--gamma", "--schedule step only"]),
+    (["--method", "bl", "--schedule", "step", "--lr-min", "0.05"], ["--lr-min", "no floor"]),
+    (["--compile-mode", "max-autotune"], ["--compile-mode", "add --compile"]),
     (["--method", "kd"], ["--teacher-checkpoint"]),
     (["--method", "sd", "--schedule", "step"], ["--schedule", "cyclic cosine"]),
     (["--dataset", "cifar10"], ["--data", "--download"]),

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from .config import (RESUME_OVERRIDABLE, TrainConfig, flag, load_yaml,
+from .config import (METHOD_SETTINGS, RESUME_OVERRIDABLE, TrainConfig, flag, load_yaml,
                      refuse_other_methods_settings)
 from .errors import ConfigError, TrainError, program_name
 
@@ -93,6 +93,16 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
         # A run's config.yaml: what it left to auto is resolved again, from these settings.
         file_values, file_auto = load_yaml(config_file)
         values = {k: v for k, v in file_values.items() if k not in file_auto}
+        # A file's method-specific settings that differ from their defaults are checked as
+        # flags are (a run's config.yaml holds every field, at its default where unused): one
+        # that neither the file's method nor a --method flag's reads is refused. Those only the
+        # file's method reads go unused after a --method flag (--config SD_RUN --method bl).
+        fields = TrainConfig.__dataclass_fields__
+        file_method = values.get("method") or fields["method"].default
+        stray = [k for k, v in values.items() if k in fields and v != fields[k].default
+                 and k not in args and file_method not in METHOD_SETTINGS.get(k, (file_method,))]
+        refuse_other_methods_settings(stray, args.get("method") or file_method,
+                                      source=config_file)
         # --cycles and --cycle-epochs say one thing two ways: a flag for one replaces the
         # file's other, as a flag replaces the file's setting
         for flag_name, other in (("cycles", "cycle_epochs"), ("cycle_epochs", "cycles")):

@@ -50,14 +50,16 @@ METHOD_SETTINGS = {"generations": GENERATION_METHODS, "eta": ("tt",), "topk": ("
                    "t2_scaling": _TEACHER_METHODS}
 
 
-def refuse_other_methods_settings(given, method: str) -> None:
+def refuse_other_methods_settings(given, method: str, source: Optional[str] = None) -> None:
     """ConfigError for the first of the ``given`` setting names that ``method`` does not read
-    (a --generations on an sd run would otherwise be dropped without a word)."""
+    (a --generations on an sd run would otherwise be dropped without a word). ``source``: the
+    file they come from, for a message that names the file's key instead of a flag."""
     for name in given:
         methods = METHOD_SETTINGS.get(name)
         if methods is not None and method not in methods:
-            raise ConfigError(f"{flag(name)}: applies to --method {', '.join(methods)}, not "
-                              f"{method}, which does not read it; drop {flag(name)}")
+            what = f"{name} in {source}" if source else flag(name)
+            raise ConfigError(f"{what}: applies to --method {', '.join(methods)}, not "
+                              f"{method}, which does not read it; drop {what}")
 
 
 # Fields --resume may change: they affect how a run is watched or fed, never its numbers.
@@ -507,6 +509,16 @@ class TrainConfig:
                 bad("gamma", f"must be in (0, 1), got {self.gamma}")
         elif self.milestones is not None:
             bad("milestones", "milestones apply to --schedule step only")
+        default = lambda name: TrainConfig.__dataclass_fields__[name].default  # noqa: E731
+        if self.schedule != "step" and self.gamma != default("gamma"):
+            bad("gamma", "the factor at each milestone applies to --schedule step only; drop "
+                "--gamma (or add --schedule step)")
+        if self.schedule == "step" and self.lr_min != default("lr_min"):
+            bad("lr_min", "the step schedule multiplies --lr by --gamma and has no floor; drop "
+                "--lr-min (or use --schedule cosine)")
+        if not self.compile and self.compile_mode != default("compile_mode"):
+            bad("compile_mode", "applies with --compile only; add --compile or drop "
+                "--compile-mode")
         if self.warmup_epochs is None:
             self.warmup_epochs = (min(1.0, self.epochs / 2) if self.method in GENERATION_METHODS
                                   else 0.0)
