@@ -165,15 +165,16 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
         ce = label_ok ? z_lse - z[label] : nan;  // never read out of bounds
         if (!label_ok) label = -1;
         if (smoothing > 0) {  // CE to (1 - ε) one-hot + ε/C gains ε (lse - mean z)
-          acc_t z_total = 0;
+          acc_t z_total = 0;  // the mean, summed as z / C: a sum of huge logits would overflow
+          const acc_t inv_cols = acc_t(1) / acc_t(cols);
           for (int64_t start = 0; start < cols; start += kSumBlock) {
             const int64_t stop = std::min(cols, start + kSumBlock);
             acc_t block = 0;
 #pragma omp simd reduction(+ : block)
-            for (int64_t c = start; c < stop; ++c) block += z[c];
+            for (int64_t c = start; c < stop; ++c) block += z[c] * inv_cols;
             z_total += block;
           }
-          ce = (1 - smoothing) * ce + smoothing * (z_lse - z_total / acc_t(cols));
+          ce = (1 - smoothing) * ce + smoothing * (z_lse - z_total);
         }
       }
       const acc_t* q_row = nullptr;      // softmax(z / T_s) when T_s != 1 (else it is f's)
@@ -254,7 +255,7 @@ void distill_rows(const scalar_t* logits, const teacher_t* teacher, const int64_
       }
       // softmax(z) and softmax(t/T) normalised here, element by element, so that q - p is
       // taken between the normalised values (they nearly cancel where the student agrees).
-      if (o.has_teacher) {
+      if (o.has_teacher && kd_grad != 0) {  // weight 0: no term, not 0 * NaN of a bad teacher
         const acc_t* p_row = p.data();
         if (o.student_t_is_one) {  // q is softmax(z)
 #pragma omp simd

@@ -27,6 +27,9 @@ def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperatu
     if target is not None:
         counted = target != ignore_index
         safe_target = torch.where(counted, target, torch.zeros_like(target))
+        # An ignored row's logits are replaced before any term: a row of -inf (or NaN) would
+        # otherwise give a NaN gradient through the where below (0 * NaN).
+        z = torch.where(counted[:, None], z, z.detach().new_zeros(()))
         log_f = F.log_softmax(z, dim=-1)
         ce = -log_f.gather(-1, safe_target[:, None]).squeeze(-1)
         if label_smoothing > 0:
@@ -37,6 +40,7 @@ def distill_loss_rows_ref(logits, target=None, teacher_logits=None, *, temperatu
         ce = zero
     if teacher_logits is not None:
         t = teacher_logits.to(compute_dtype)
+        t = torch.where(counted[:, None], t, t.new_zeros(()))
         log_p = F.log_softmax(t / temperature, dim=-1)
         p = log_p.exp()
         log_q = F.log_softmax(z / student_temperature, dim=-1)

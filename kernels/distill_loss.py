@@ -99,7 +99,8 @@ def _rows_kernel(
         ce = tl.where(label_ok, z_lse - z_label, float("nan"))
         if HAS_SMOOTHING:
             # Target (1 - ε) one-hot + ε/C: CE gains ε (lse - mean z).
-            z_mean = tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1) / n_cols
+            # Summed as z / C: a sum of huge logits (|z| > 3.4e38 / C) would overflow to inf.
+            z_mean = tl.sum(tl.where(col_ok[None, :], z / n_cols, 0.0), axis=1)
             ce = (1 - label_smoothing) * ce + label_smoothing * (z_lse - z_mean)
             grad += ce_weight * (f - (1 - label_smoothing) * is_label.to(tl.float32)
                                  - label_smoothing / n_cols)
@@ -127,7 +128,8 @@ def _rows_kernel(
         # 0 * log 0 = 0: classes the teacher rules out (p = 0, e.g. a logit of -inf) add
         # nothing; a NaN still propagates.
         kl = tl.sum(tl.where(p == 0, 0.0, p * (log_p - log_q)), axis=1)
-        grad += kd_grad * (q - p)
+        # A weight of 0 leaves the term out of the gradient too (0 * NaN from a bad teacher is NaN).
+        grad += tl.where(kd_scale == 0, 0.0, kd_grad * (q - p))
 
     tol = zero_rows
     if HAS_TOL:
@@ -223,7 +225,7 @@ def _chunked_kernel(
         z = tl.load(z_row + cols, mask=ok, other=neg_inf).to(tl.float32)
         z_max, z_sum, _ = _online_update(z_max, z_sum, z)
         if HAS_SMOOTHING:
-            z_total += tl.sum(tl.where(ok, z, 0.0), axis=0)
+            z_total += tl.sum(tl.where(ok, z / n_cols, 0.0), axis=0)  # the mean: no overflow
         if HAS_TEACHER:
             if STUDENT_T_IS_ONE:
                 zq = z
@@ -273,7 +275,7 @@ def _chunked_kernel(
         z_label = tl.load(z_row + y, mask=label_ok, other=0.0).to(tl.float32)
         ce = tl.where(label_ok, z_lse - z_label, float("nan"))
         if HAS_SMOOTHING:
-            ce = (1 - label_smoothing) * ce + label_smoothing * (z_lse - z_total / n_cols)
+            ce = (1 - label_smoothing) * ce + label_smoothing * (z_lse - z_total)
     kl = zero
     if HAS_TEACHER:
         # KL = sum p (t/T - t_lse - z/T_s + q_lse) = t_dot / t_sum - t_lse + q_lse
@@ -320,7 +322,7 @@ def _chunked_kernel(
                     q = tl.exp(z * inv_student_temperature - q_shift) / q_sum
                 t = tl.load(t_row + cols, mask=ok, other=neg_inf).to(tl.float32) * inv_temperature
                 p = tl.exp(t - t_shift) / t_sum
-                grad += kd_grad * (q - p)
+                grad += tl.where(kd_scale == 0, 0.0, kd_grad * (q - p))
             if HAS_TOL:
                 in_top = tl.max(((cols[:, None] == top_idx[None, :]) & (slots[None, :] < TOPK))
                                 .to(tl.int32), axis=1) > 0

@@ -203,6 +203,32 @@ def test_infinite_terms_that_do_not_count(backend):
             assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
             torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+    # a teacher that overflowed (an fp16 snapshot's inf) under kd_weight 0: the loss is CE's and
+    # so is the gradient, with no 0 * NaN of the left-out term; on the chunked path too
+    for classes in (30, 5000):
+        logits, target, teacher = make_inputs(3, classes, seed=10)
+        teacher[0, 0] = math.inf
+        _, terms, grad, _, _, _ = run_both(backend, logits, target, teacher, kd_weight=0.0,
+                                           reduction="sum", upstream=torch.tensor(1.0))
+        ref = logits.detach().double().requires_grad_()
+        torch.nn.functional.cross_entropy(ref, target, reduction="sum").backward()
+        assert torch.isnan(terms.kl).any()  # (the logged term still says what the teacher was)
+        torch.testing.assert_close(grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("classes", [9, 5000], ids=["one-tile", "chunked"])
+def test_label_smoothing_of_huge_logits_does_not_overflow(backend, classes):
+    """ε (lse - mean z): the mean of logits near float32's largest is taken without their sum,
+    which would overflow to inf (the float64 reference stays finite)."""
+    logits = torch.full((2, classes), 1e38)  # (their sum: 9e38 and 5e41, past 3.4e38)
+    logits[:, 0] = 2e38
+    target = torch.tensor([0, 1])
+    loss, _, grad, ref_loss, _, ref_grad = run_both(backend, logits, target, None,
+                                                    label_smoothing=0.1, reduction="none")
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_second_derivative_is_refused():
@@ -451,6 +477,19 @@ def test_gradcheck_float64_reference():
     x = logits.clone().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda z: distill_loss_ref(z, target, teacher, **TERM_SETS["all"]["kw"]), (x,))
+
+
+def test_reference_gives_an_ignored_row_no_gradient():
+    """The oracle: an ignored row adds nothing, also when its logits are a padding row of -inf
+    or NaN (a where after the terms would pass back 0 * NaN)."""
+    logits, target, teacher = make_inputs(3, 6, dtype=torch.float64)
+    logits[1] = -math.inf
+    logits[2, 0] = math.nan
+    target[1:] = -100
+    x = logits.clone().requires_grad_()
+    distill_loss_ref(x, target, teacher, temperature=2.0).backward()
+    assert torch.equal(x.grad[1:], torch.zeros(2, 6, dtype=torch.float64))
+    assert torch.isfinite(x.grad[0]).all() and x.grad[0].abs().sum() > 0
 
 
 def test_gradient_matches_design_formula():

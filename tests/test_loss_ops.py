@@ -125,6 +125,10 @@ BAD_INPUTS = [
     (dict(reduction="avg"), "reduction must be one of"),
     (dict(label_smoothing=1.0), "label_smoothing must be a number in \\[0, 1\\)"),
     (dict(label_smoothing=-0.1), "label_smoothing must be"),
+    # the kernels would truncate 1.5 to 1 where the label check compares with 1.5
+    (dict(ignore_index=1.5), "ignore_index must be an integer label value, got 1.5"),
+    (dict(ignore_index=None), "ignore_index must be an integer"),
+    (dict(ignore_index="-100"), "ignore_index must be an integer"),
 ]
 
 

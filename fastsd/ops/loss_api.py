@@ -120,8 +120,10 @@ def check_distill_args(logits, target, teacher_logits, *, temperature, student_t
     _check_weight("ce_weight", ce_weight)
     _check_weight("kd_weight", kd_weight)
     _check_weight("tolerance_weight", tolerance_weight)
-    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+    if not (_is_finite_number(label_smoothing) and 0 <= label_smoothing < 1):
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an integer label value, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     # topk is checked even while the penalty is off, so that a bad value is not found only once
