@@ -76,22 +76,23 @@ def _capture_fn(provider, params, dst):
                                       "single_tensor_copy", "SnapshotStore.capture"])
 @pytest.mark.parametrize("arch", ["resnet50", "resnet152"])
 def test_capture(benchmark, arch, provider):
-    extra_bytes, buffers = 0, []
+    buffers = []
     if provider == "SnapshotStore.capture":
         model = getattr(torchvision.models, arch)().to(DEVICE, memory_format=torch.channels_last)
         store = SnapshotStore(model, dtype=torch.float16)
         params = list(model.parameters())
-        # A capture copies the BatchNorm buffers too, at their own precision (read + write),
-        # and keeps the BatchNorm weights and biases in float32 (2 more bytes written each).
         buffers = list(model.buffers())
-        norm_params = sum(p.numel() for m in model.modules()
-                          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                          for p in m.parameters(recurse=False))
-        extra_bytes = sum(2 * b.numel() * b.element_size() for b in buffers) + 2 * norm_params
+        # Read: the model's parameters and buffers. Written: the slot as the store lays it out
+        # (float16 weights, float32 BatchNorm weights and statistics, integer buffers as they
+        # are), counted by the store itself, not by a second copy of its rule.
+        report = store.memory_report()
+        moved = (sum(t.nbytes for t in params + buffers) + 2 * report["half_elements"]
+                 + 4 * report["float32_elements"] + report["exact_bytes"])
         fn = functools.partial(store.capture, model, 0)
     else:
         params = _parameters(arch)
         dst = torch.empty(sum(p.numel() for p in params), dtype=torch.float16, device=DEVICE)
+        moved = dst.numel() * (4 + 2)
         fn = _capture_fn(provider, params, dst)
     numel = sum(p.numel() for p in params)
 
@@ -102,7 +103,6 @@ def test_capture(benchmark, arch, provider):
     benchmark.group = f"capture {arch}"
     run()  # warm-up: allocator, thread pool
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    moved = numel * (4 + 2) + extra_bytes
     tensors = f"{len(params)} tensors" + (f" + {len(buffers)} buffers" if buffers else "")
     benchmark.extra_info.update(
         provider=provider, shape=f"{arch}: {tensors}, {numel / 1e6:.1f} M elements",
