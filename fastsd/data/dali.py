@@ -643,8 +643,6 @@ def build_dali_loaders(dataset: str = "synthetic",
         name, data_dir, num_classes=num_classes, image_size=image_size,
         synthetic_size=synthetic_size, download=download, workers=workers,
         batch_size=batch_size, world_size=world_size, eval_only=eval_only)
-    if eval_only:
-        y_train = y_train[:0]  # (the synthetic set's, made for its statistics)
     shared = dict(image_size=size, mean=mean, std=std)
     train_kw = dict(shared, images=x_train.numpy(), labels=y_train.numpy(), augment="cifar")
     test_kw = dict(shared, images=x_test.numpy(), labels=y_test.numpy(), augment="none")

@@ -550,8 +550,6 @@ def build_loaders(dataset: str = "synthetic", data_dir: Optional[Union[str, os.P
                           synthetic_size=synthetic_size, download=download, workers=workers,
                           batch_size=batch_size, world_size=world_size, eval_only=eval_only)
     x_train, y_train, x_test, y_test, classes, mean, std, size = data
-    if eval_only:
-        x_train, y_train = _no_images(x_test)  # (the synthetic set's, made for its statistics)
     output_size = size if size != x_test.shape[1] else None
     kw = dict(common, mean=mean, std=std, output_size=output_size)
     train = (TensorEpochLoader(x_train, y_train, batch_size=batch_size, train=True, **kw)
@@ -578,8 +576,8 @@ class InMemoryData(NamedTuple):
 def load_in_memory(name, data_dir, *, num_classes, image_size, synthetic_size, download, workers,
                    batch_size, world_size, eval_only: bool = False) -> InMemoryData:
     """The synthetic set or CIFAR in torchvision's binary layout, loaded for either pipeline.
-    eval_only: CIFAR's training images are not read (empty arrays); the synthetic set is made
-    whole, as its normalisation comes from its training images."""
+    eval_only: the training arrays are empty. CIFAR's are not read; the synthetic set is made
+    whole and its training images dropped after they gave the normalisation."""
     if name == "synthetic":
         k = num_classes if num_classes is not None else SYNTHETIC_DEFAULTS[0]
         if k < 2:
@@ -594,6 +592,8 @@ def load_in_memory(name, data_dir, *, num_classes, image_size, synthetic_size, d
         mean = tuple(float(v) for v in pixels.mean(0))
         std = tuple(float(v) for v in pixels.std(0).clamp_min(1e-3))
         classes = tuple(f"class_{i}" for i in range(k))
+        if eval_only:
+            x_train, y_train = _no_images(x_test)
     else:
         x_train, y_train, x_test, y_test, classes = _load_cifar(name, data_dir, num_classes,
                                                                  download, workers, eval_only)
