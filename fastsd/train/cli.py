@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from .config import (METHOD_SETTINGS, RESUME_OVERRIDABLE, TrainConfig, flag, load_yaml,
-                     refuse_other_methods_settings)
+from .config import (METHOD_SETTINGS, RESUME_OVERRIDABLE, TrainConfig, field_default, flag,
+                     load_yaml, refuse_other_methods_settings)
 from .errors import ConfigError, TrainError, program_name
 
 _GROUPS = {
@@ -97,10 +97,9 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
         # flags are (a run's config.yaml holds every field, at its default where unused): one
         # that neither the file's method nor a --method flag's reads is refused. Those only the
         # file's method reads go unused after a --method flag (--config SD_RUN --method bl).
-        fields = TrainConfig.__dataclass_fields__
-        file_method = values.get("method") or fields["method"].default
-        stray = [k for k, v in values.items() if k in fields and v != fields[k].default
-                 and k not in args and file_method not in METHOD_SETTINGS.get(k, (file_method,))]
+        file_method = values.get("method") or field_default("method")
+        stray = [k for k, v in values.items() if k in METHOD_SETTINGS and v != field_default(k)
+                 and k not in args and file_method not in METHOD_SETTINGS[k]]
         refuse_other_methods_settings(stray, args.get("method") or file_method,
                                       source=config_file)
         # --cycles and --cycle-epochs say one thing two ways: a flag for one replaces the
@@ -124,8 +123,7 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
     resume = values.get("resume")
     if not resume:
         # the command line's own settings only: a run's config.yaml holds every one
-        refuse_other_methods_settings(
-            args, values.get("method") or TrainConfig.__dataclass_fields__["method"].default)
+        refuse_other_methods_settings(args, values.get("method") or field_default("method"))
         return TrainConfig(**values)
     saved_path = os.path.join(resume, "config.yaml")
     if not os.path.isfile(saved_path):

@@ -509,14 +509,13 @@ class TrainConfig:
                 bad("gamma", f"must be in (0, 1), got {self.gamma}")
         elif self.milestones is not None:
             bad("milestones", "milestones apply to --schedule step only")
-        default = lambda name: TrainConfig.__dataclass_fields__[name].default  # noqa: E731
-        if self.schedule != "step" and self.gamma != default("gamma"):
+        if self.schedule != "step" and self.gamma != field_default("gamma"):
             bad("gamma", "the factor at each milestone applies to --schedule step only; drop "
                 "--gamma (or add --schedule step)")
-        if self.schedule == "step" and self.lr_min != default("lr_min"):
+        if self.schedule == "step" and self.lr_min != field_default("lr_min"):
             bad("lr_min", "the step schedule multiplies --lr by --gamma and has no floor; drop "
                 "--lr-min (or use --schedule cosine)")
-        if not self.compile and self.compile_mode != default("compile_mode"):
+        if not self.compile and self.compile_mode != field_default("compile_mode"):
             bad("compile_mode", "applies with --compile only; add --compile or drop "
                 "--compile-mode")
         if self.warmup_epochs is None:
@@ -605,6 +604,11 @@ def in_run_ensemble(method: str, index: int) -> bool:
     generation, from 0) is averaged into the run's ensemble: every cycle of SE/SD; for BAN/TT
     generations 1..g, not the generation 0 that taught them."""
     return method not in GENERATION_METHODS or index >= 1
+
+
+def field_default(name: str) -> Any:
+    """What a run gets for setting ``name`` when it is not given (TrainConfig's default)."""
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 def check_device(name: str):

@@ -468,11 +468,11 @@ class Trainer:
             stage.loss.teacher is not None for stage in self.plan.stages)
         teacher = (f", teacher {cfg.teacher_dtype}" if teaches else
                    f", snapshots {cfg.teacher_dtype}" if self.teachers is not None else "")
-        resumed = (f"; resuming at epoch {self.epoch + 1}, iteration {self.iteration}"
-                   if self.iteration else "")
-        if self.iteration and self.epoch >= self.plan.total_epochs:
-            resumed = (f"; training is complete ({counted(self.plan.total_epochs, 'epoch')}): "
-                       f"evaluating and writing the results again")
+        resumed = ("" if not self.iteration else
+                   f"; training is complete ({counted(self.plan.total_epochs, 'epoch')}): "
+                   f"evaluating and writing the results again"
+                   if self.epoch >= self.plan.total_epochs else
+                   f"; resuming at epoch {self.epoch + 1}, iteration {self.iteration}")
         accum = (f" x {cfg.grad_accum_steps} accumulated passes"
                  if cfg.grad_accum_steps > 1 else "")
         procs = (f" x {cfg.world_size} processes" if cfg.world_size > 1 else "")
