@@ -1377,3 +1377,39 @@ def test_a_fresh_generation_learns_under_its_teacher(tmp_path):
     chance = 90.0
     for generation in results["snapshots"]:
         assert generation["top1_error"] < chance - 15, results["snapshots"]
+
+
+def test_secondary_meter_against_numpy_and_independent_of_batching():
+    """Top-1..4 confidences and the second-class confusion match a float64 numpy reference, and
+    collecting the same logits in batches of 7 or of 500 gives the same means to float64
+    rounding (a float32 running sum moved them in the 7th digit: --eval-batch-size may change
+    only how a run is fed)."""
+    import numpy as np
+
+    from fastsd.train.step import SecondaryMeter
+
+    g = torch.Generator().manual_seed(3)
+    n, C = 500, 10
+    logits = torch.randn(n, C, generator=g) * 4
+    labels = torch.randint(0, C, (n,), generator=g)
+    labels[:5] = -100                      # ignored rows: counted in the confidences only
+
+    z = logits.double().numpy()
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    order = np.argsort(-p, axis=1)
+    want_conf = np.take_along_axis(p, order[:, :4], 1).mean(0)
+    want_second = np.zeros((C, C), dtype=np.int64)
+    for y, c in zip(labels.numpy(), order[:, 1]):
+        if 0 <= y < C:
+            want_second[y, c] += 1
+
+    means = []
+    for batch in (7, 500):
+        meter = SecondaryMeter("cpu", C)
+        for lo in range(0, n, batch):
+            meter(logits[lo:lo + batch], labels[lo:lo + batch])
+        means.append(meter.mean())
+        np.testing.assert_allclose(means[-1], want_conf, rtol=1e-6)
+        np.testing.assert_array_equal(meter.second_confusion().numpy(), want_second)
+    np.testing.assert_allclose(means[0], means[1], rtol=1e-14, atol=0)

@@ -62,7 +62,9 @@ def refuse_other_methods_settings(given, method: str, source: Optional[str] = No
                               f"{method}, which does not read it; drop {what}")
 
 
-# Fields --resume may change: they affect how a run is watched or fed, never its numbers.
+# Fields --resume may change: they affect how a run is watched or fed, never what it trains.
+# (Another --eval-batch-size can still move evaluated logits in their last bits where the
+# convolution kernels are chosen per batch shape, as cuDNN's are; the meters sum in float64.)
 RESUME_OVERRIDABLE = ("resume", "out", "data", "workers", "log_every", "progress", "tensorboard",
                       "max_nonfinite", "eval_batch_size", "check_images", "checkpoint_every",
                       "profile")

@@ -441,7 +441,9 @@ class SecondaryMeter:
 
     def __init__(self, device, num_classes: Optional[int] = None):
         self.device = torch.device(device)
-        self.total = torch.zeros(4, device=self.device)
+        # float64: a float32 running sum over 50 000 images moves in the 7th-8th digit with the
+        # evaluation batch size (the order of the additions), which --eval-batch-size must not do
+        self.total = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.count = 0
         self.num_classes = num_classes
         self.second: Optional[torch.Tensor] = None
@@ -453,7 +455,7 @@ class SecondaryMeter:
         probs = torch.softmax(logits.float(), dim=-1)
         k = min(4, probs.shape[-1])
         top = probs.topk(k, dim=-1)
-        self.total[:k] += top.values.sum(0)
+        self.total[:k] += top.values.double().sum(0)
         self.count += labels.shape[0]
         if self.second is not None and k >= 2:
             C = self.num_classes
@@ -467,7 +469,8 @@ class SecondaryMeter:
              ) -> "list[float]":
         """Mean confidence of the top-1 … top-4 classes (one host sync); ``reduce`` sums the
         totals over processes."""
-        total = torch.cat([self.total, torch.tensor([float(self.count)], device=self.device)])
+        total = torch.cat([self.total, torch.tensor([float(self.count)], dtype=torch.float64,
+                                                     device=self.device)])
         if reduce is not None:
             total = reduce(total)
         *sums, count = total.tolist()
