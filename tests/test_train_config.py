@@ -524,6 +524,13 @@ def test_teacher_of_another_architecture_or_class_count(tmp_path, capsys):
     _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "c5.pt")],
            "of another shape", out=str(tmp_path / "r"))
     _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "none.pt")], "does not exist")
+    # a whole pickled module, which a weights-only load refuses: one line that names the class
+    # and the fix, not torch's dozen lines of advice to load it unsafely
+    torch.save(create_model("resnet20", 10), tmp_path / "module.pt")
+    err = _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "module.pt")],
+                 "pickles Python objects", "fastsd.models", "save model.state_dict()",
+                 out=str(tmp_path / "r"))
+    assert "weights_only" not in err and "\x1b" not in err and len(err.splitlines()) == 1, err
     (tmp_path / "not-a-run").mkdir()
     _fails(capsys, base + ["--teacher-checkpoint", str(tmp_path / "not-a-run")],
            "--teacher-checkpoint: ", "holds neither model.safetensors")

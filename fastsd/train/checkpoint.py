@@ -178,12 +178,26 @@ def find_checkpoint(run_dir: str) -> str:
     return path
 
 
+def why_unreadable(error: Exception) -> str:
+    """One line on why ``torch.load(..., weights_only=True)`` failed, for an error message:
+    torch's own text runs to a dozen lines with terminal colour codes and advice to load
+    unsafely, which fastsd never does (a pickle can run code)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    refused = re.search(r"WeightsUnpickler error: (Unsupported global: GLOBAL \S+|[^\n.]*)", text)
+    if refused:
+        return (f"it pickles Python objects, which a weights-only load refuses: "
+                f"{refused.group(1).strip()[:200]}")
+    lines = text.strip().splitlines()
+    return type(error).__name__ + (f": {lines[0][:200]}" if lines else "")
+
+
 def load_checkpoint(path: str, device) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a damaged or foreign file: say which, why, and what to do
-        lines = str(e).strip().splitlines()
-        why = type(e).__name__ + (f": {lines[0][:200]}" if lines else "")
+        why = why_unreadable(e)
         raise SetupError(f"cannot read checkpoint {path} ({why}): the file is damaged (fastsd "
                          f"writes it atomically, so a kill does not tear it: a disk error or a "
                          f"copy cut short does) and no older one is kept; restore it from a "
@@ -221,8 +235,9 @@ def read_model_file(path: str, what: str) -> Tuple[Dict[str, torch.Tensor], Dict
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SetupError(f"{what}: cannot read {path} ({e}); expected a fastsd checkpoint, a "
-                         f".safetensors file or a torch.save'd state_dict") from None
+        raise SetupError(f"{what}: cannot read {path} ({why_unreadable(e)}); expected a fastsd "
+                         f"checkpoint, a .safetensors file or a torch.save'd state_dict (save "
+                         f"model.state_dict(), not the model)") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT_VERSION and "model" in obj:
         return obj["model"], {"arch": obj.get("arch"), "num_classes": obj.get("num_classes")}
     for key in ("state_dict", "model", "model_state_dict"):
