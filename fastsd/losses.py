@@ -157,7 +157,7 @@ def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
                        kd_weight=kd_weight, tolerance_weight=tolerance_weight, topk=topk,
                        ignore_index=ignore_index, reduction=reduction,
                        check_labels=check_labels and not torch.compiler.is_compiling(),
-                       label_smoothing=label_smoothing)
+                       label_smoothing=label_smoothing, t2_scaling=t2_scaling)
     if logits.dtype == torch.float64 and logits.device.type != "cpu":
         raise ValueError("float64 logits run on the CPU path only: cast them to float32 on the "
                          "GPU (the kernels compute in float32 anyway)")
@@ -198,7 +198,7 @@ class DistillLoss(nn.Module):
                            student_temperature=student_temperature, ce_weight=ce_weight,
                            kd_weight=kd_weight, tolerance_weight=tolerance_weight, topk=topk,
                            ignore_index=ignore_index, reduction=reduction, check_labels=False,
-                           label_smoothing=label_smoothing)
+                           label_smoothing=label_smoothing, t2_scaling=t2_scaling)
 
     def forward(self, logits, target=None, teacher_logits=None):
         return distill_loss(logits, target, teacher_logits, **self.options)

@@ -82,7 +82,7 @@ def distill_loss_ref(logits, target=None, teacher_logits=None, *, temperature=1.
                                     kd_weight=kd_weight, tolerance_weight=tolerance_weight,
                                     topk=topk, ignore_index=ignore_index, reduction=reduction,
                                     check_labels=check_labels,
-                                    label_smoothing=label_smoothing)
+                                    label_smoothing=label_smoothing, t2_scaling=t2_scaling)
     classes = logits.shape[-1]
     ce, kl, tol, counted = distill_loss_rows_ref(
         logits.reshape(-1, classes),

@@ -129,6 +129,9 @@ BAD_INPUTS = [
     (dict(ignore_index=1.5), "ignore_index must be an integer label value, got 1.5"),
     (dict(ignore_index=None), "ignore_index must be an integer"),
     (dict(ignore_index="-100"), "ignore_index must be an integer"),
+    # a truthy string from a hand-written config would otherwise scale the KL term by T²
+    (dict(t2_scaling="false"), "t2_scaling must be True or False, got 'false'"),
+    (dict(t2_scaling=1), "t2_scaling must be True or False"),
 ]
 
 
@@ -151,12 +154,16 @@ def test_module_rejects_bad_options_at_construction():
         DistillLoss(tolerance_weight=0.1, topk=40)
     with pytest.raises(ValueError, match="topk"):
         DistillLoss(topk=None)
+    with pytest.raises(ValueError, match="t2_scaling"):
+        DistillLoss(t2_scaling="no")
 
 
 def test_numpy_scalars_are_numbers():
     x, y, t = inputs()
-    got = distill_loss(x, y, t, temperature=np.float32(2.0), ce_weight=np.float64(1.5))
-    torch.testing.assert_close(got, distill_loss_ref(x, y, t, temperature=2.0, ce_weight=1.5))
+    got = distill_loss(x, y, t, temperature=np.float32(2.0), ce_weight=np.float64(1.5),
+                       t2_scaling=np.bool_(True))
+    torch.testing.assert_close(got, distill_loss_ref(x, y, t, temperature=2.0, ce_weight=1.5,
+                                                     t2_scaling=True))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

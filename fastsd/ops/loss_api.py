@@ -8,6 +8,7 @@ import math
 import numbers
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 MAX_TOPK = 16  # the largest K whose top-K the fused kernels select on chip
@@ -69,7 +70,7 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def check_distill_args(logits, target, teacher_logits, *, temperature, student_temperature,
                        ce_weight, kd_weight, tolerance_weight, topk, ignore_index, reduction,
-                       check_labels, label_smoothing=0.0):
+                       check_labels, label_smoothing=0.0, t2_scaling=False):
     """Validate the loss arguments; return the shape of the rows (``logits.shape[:-1]``)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -124,6 +125,10 @@ def check_distill_args(logits, target, teacher_logits, *, temperature, student_t
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise ValueError(f"ignore_index must be an integer label value, got {ignore_index!r}")
+    # a bool, not any truthy value: t2_scaling="false" or "no" from a hand-made config would
+    # otherwise scale the KL term by T² without a word
+    if not isinstance(t2_scaling, (bool, np.bool_)):
+        raise ValueError(f"t2_scaling must be True or False, got {t2_scaling!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     # topk is checked even while the penalty is off, so that a bad value is not found only once
