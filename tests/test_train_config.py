@@ -541,6 +541,25 @@ def test_resume_without_a_checkpoint(tmp_path, capsys):
     _fails(capsys, ["--resume", str(tmp_path / "absent")], "not a directory")
 
 
+def test_resume_of_a_run_from_before_unread_settings_were_refused(tmp_path, capsys):
+    """Such a config.yaml may hold a --gamma on a cosine schedule or a --compile-mode without
+    --compile, which the run never read: the resumed run goes on without them, and only a new
+    run from the file is refused."""
+    dump_yaml(TrainConfig(**CPU), str(tmp_path / "x"))
+    text = (tmp_path / "x").read_text()
+    assert "\ngamma: 0.1\n" in text and "\ncompile_mode: default\n" in text
+    text = text.replace("\ngamma: 0.1\n", "\ngamma: 0.5\n").replace(
+        "\ncompile_mode: default\n", "\ncompile_mode: max-autotune\n")
+    (tmp_path / "config.yaml").write_text(text)
+    resumed = config_from_args(["--resume", str(tmp_path)])
+    assert (resumed.schedule, resumed.gamma, resumed.compile, resumed.compile_mode) == (
+        "cosine", 0.1, False, "default")
+    with pytest.raises(ConfigError, match="--gamma: the factor at each milestone"):
+        config_from_args(["--config", str(tmp_path), "--out", str(tmp_path / "new")])
+    with pytest.raises(ConfigError, match="--resume: --gamma differs from the run's config.yaml"):
+        config_from_args(["--resume", str(tmp_path), "--gamma", "0.5"])
+
+
 def test_resume_of_an_image_folder_run_from_before_the_crop_followed_the_model(tmp_path):
     """Such a config.yaml says image_size: null, which then meant 224: a resumed run keeps it."""
     dump_yaml(TrainConfig(dataset="imagefolder", data=str(tmp_path), arch="resnet20", **CPU),

@@ -14,7 +14,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .config import (METHOD_SETTINGS, RESUME_OVERRIDABLE, TrainConfig, field_default, flag,
-                     load_yaml, refuse_other_methods_settings)
+                     load_yaml, refuse_other_methods_settings, unread_settings)
 from .errors import ConfigError, TrainError, program_name
 
 _GROUPS = {
@@ -138,6 +138,10 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
     if saved_values.get("dataset") == "imagefolder" and saved_values.get("image_size") is None:
         # Written before the crop followed the model (config.yaml now records it): it was 224.
         saved_values["image_size"] = 224
+    # Written before a setting that the others leave unread was refused: it changed nothing
+    # then, so it is the default's equal (which the resumed run's config.yaml then records).
+    for name in unread_settings(lambda n: saved_values.get(n, field_default(n))):
+        saved_values[name] = field_default(name)
     try:
         saved = TrainConfig(**saved_values)
     except ConfigError as e:

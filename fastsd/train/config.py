@@ -13,7 +13,7 @@ import difflib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from fastsd.data.catalog import DATASETS
 
@@ -511,15 +511,8 @@ class TrainConfig:
                 bad("gamma", f"must be in (0, 1), got {self.gamma}")
         elif self.milestones is not None:
             bad("milestones", "milestones apply to --schedule step only")
-        if self.schedule != "step" and self.gamma != field_default("gamma"):
-            bad("gamma", "the factor at each milestone applies to --schedule step only; drop "
-                "--gamma (or add --schedule step)")
-        if self.schedule == "step" and self.lr_min != field_default("lr_min"):
-            bad("lr_min", "the step schedule multiplies --lr by --gamma and has no floor; drop "
-                "--lr-min (or use --schedule cosine)")
-        if not self.compile and self.compile_mode != field_default("compile_mode"):
-            bad("compile_mode", "applies with --compile only; add --compile or drop "
-                "--compile-mode")
+        for name in unread_settings(lambda n: getattr(self, n)):
+            bad(name, UNREAD_SETTINGS[name][1])
         if self.warmup_epochs is None:
             self.warmup_epochs = (min(1.0, self.epochs / 2) if self.method in GENERATION_METHODS
                                   else 0.0)
@@ -606,6 +599,27 @@ def in_run_ensemble(method: str, index: int) -> bool:
     generation, from 0) is averaged into the run's ensemble: every cycle of SE/SD; for BAN/TT
     generations 1..g, not the generation 0 that taught them."""
     return method not in GENERATION_METHODS or index >= 1
+
+
+# Settings that the others can leave unread: set away from their default there, each is refused
+# rather than ignored without a word. name -> (unread, given a reader of the settings; the fix).
+UNREAD_SETTINGS = {
+    "gamma": (lambda get: get("schedule") != "step",
+              "the factor at each milestone applies to --schedule step only; drop --gamma (or "
+              "add --schedule step)"),
+    "lr_min": (lambda get: get("schedule") == "step",
+               "the step schedule multiplies --lr by --gamma and has no floor; drop --lr-min "
+               "(or use --schedule cosine)"),
+    "compile_mode": (lambda get: not get("compile"),
+                     "applies with --compile only; add --compile or drop --compile-mode"),
+}
+
+
+def unread_settings(get: Callable[[str], Any]) -> List[str]:
+    """The UNREAD_SETTINGS set away from their defaults where the others leave them unread;
+    ``get(name)``: the setting's value."""
+    return [name for name, (unread, _) in UNREAD_SETTINGS.items()
+            if unread(get) and get(name) != field_default(name)]
 
 
 def field_default(name: str) -> Any:
