@@ -118,10 +118,14 @@ def _check_packable(kind: str, name: str, t: torch.Tensor) -> None:
 
 def _normalisation_tensor_ids(model):
     """ids of the parameters and buffers of layers with running statistics (BatchNorm*d,
-    SyncBatchNorm, InstanceNorm*d with track_running_stats): they are kept in float32."""
+    SyncBatchNorm, InstanceNorm*d with track_running_stats, and any layer that keeps
+    running_mean and running_var buffers, as torchvision's FrozenBatchNorm2d does): they are
+    kept in float32."""
     ids = set()
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
+        own_buffers = dict(module.named_buffers(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._NormBase) or \
+                {"running_mean", "running_var"} <= own_buffers.keys():
             for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
                 ids.add(id(t))
     return ids
@@ -132,24 +136,46 @@ def _align(n, dtype):
     return (n + step - 1) // step * step
 
 
-def drop_user_hooks(model: nn.Module) -> None:
-    """Remove the forward and backward hooks a deep copy of ``model`` took over from it (feature
-    taps, activation loggers, FLOP counters put on the student): a teacher running them would
-    overwrite what they recorded of the student. Hooks that compute weights (spectral_norm,
-    the old weight_norm) stay: without them the module would run other weights."""
+def _is_weight_hook(hook) -> bool:
+    """A forward pre-hook that computes a module's weight from its parameters before every
+    forward (the old weight_norm, spectral_norm, torch.nn.utils.prune)."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
+    return isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
+
+
+def drop_user_hooks(model: nn.Module) -> None:
+    """Remove the forward and backward hooks a deep copy of ``model`` took over from it (feature
+    taps, activation loggers, FLOP counters put on the student): a teacher running them would
+    overwrite what they recorded of the student. Hooks that compute weights stay
+    (:func:`_is_weight_hook`): without them the module would run other weights."""
     for module in model.modules():
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                      "_backward_pre_hooks"):
             hooks = getattr(module, attr, {})
-            for key in [k for k, hook in hooks.items()
-                        if not isinstance(hook, (WeightNorm, SpectralNorm))]:
+            for key in [k for k, hook in hooks.items() if not _is_weight_hook(hook)]:
                 del hooks[key]
                 for flags in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                               "_forward_pre_hooks_with_kwargs"):
                     getattr(module, flags, {}).pop(key, None)
+
+
+def copy_without_user_hooks(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
+    """``copy.deepcopy(model, memo)`` with :func:`drop_user_hooks` applied: the module tree a
+    teacher is made of. A weight that a weight hook computes is a plain attribute and no graph
+    leaf once the student has run with grad, which deepcopy refuses: the copy gets it on the
+    meta device (no memory), as its own hook computes it again before every forward."""
+    memo = dict(memo or {})
+    for module in model.modules():
+        if any(_is_weight_hook(h) for h in module._forward_pre_hooks.values()):
+            for value in vars(module).values():
+                if isinstance(value, torch.Tensor) and id(value) not in memo:
+                    memo[id(value)] = torch.empty_like(value.detach(), device="meta")
+    copied = copy.deepcopy(model, memo)
+    drop_user_hooks(copied)
+    return copied
 
 
 class SnapshotStore:
@@ -241,13 +267,16 @@ class SnapshotStore:
         for e in self._entries:
             if e.region in sizes:
                 sizes[e.region] = max(sizes[e.region], e.offset + e.numel)
-        self._half = torch.zeros(capacity, _align(sizes["half"], self.dtype), dtype=self.dtype,
-                                 device=self.device)
-        self._float = torch.zeros(capacity, _align(sizes["float"], torch.float32),
-                                  dtype=torch.float32, device=self.device)
-        self._exact: Dict[str, torch.Tensor] = {
-            e.name: torch.zeros((capacity,) + e.shape, dtype=e.dtype, device=self.device)
-            for e in self._entries if e.region == "exact"}
+        # Not inference tensors even when the store is built under torch.inference_mode():
+        # those could never be captured into outside it.
+        with torch.inference_mode(False):
+            self._half = torch.zeros(capacity, _align(sizes["half"], self.dtype),
+                                     dtype=self.dtype, device=self.device)
+            self._float = torch.zeros(capacity, _align(sizes["float"], torch.float32),
+                                      dtype=torch.float32, device=self.device)
+            self._exact: Dict[str, torch.Tensor] = {
+                e.name: torch.zeros((capacity,) + e.shape, dtype=e.dtype, device=self.device)
+                for e in self._entries if e.region == "exact"}
         # what capture() passes to the pack op, per region, in entry order
         self._order = {r: [i for i, e in enumerate(self._entries) if e.region == r]
                        for r in _REGIONS}
@@ -303,8 +332,7 @@ class SnapshotStore:
                 requires_grad=False)
         for _, b in model.named_buffers():
             memo[id(b)] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="meta")
-        skeleton = copy.deepcopy(model, memo)
-        drop_user_hooks(skeleton)
+        skeleton = copy_without_user_hooks(model, memo)
         tensors = dict(skeleton.named_parameters())
         tensors.update(dict(skeleton.named_buffers()))
         return skeleton, tensors
@@ -545,10 +573,16 @@ class SnapshotStore:
         ours = self._structure()
         if state["format_version"] == 1:
             ours = [entry[:5] for entry in ours]  # no layouts recorded: those are taken on trust
-        if state["structure"] != ours:
-            theirs_s = state["structure"]
+
+        def comparable(entry):
+            # a floating-point tensor's bytes in a slot are the store's dtype (or float32),
+            # whatever the model's: only integer buffers, kept as they are, must agree on it
+            return entry[:4] + [entry[4] if entry[2] == "exact" else "floating"] + entry[5:]
+
+        theirs_s = state["structure"]
+        if [comparable(e) for e in theirs_s] != [comparable(e) for e in ours]:
             for a, b in zip(theirs_s, ours):
-                if a[:5] != b[:5]:
+                if comparable(a)[:5] != comparable(b)[:5]:
                     raise ValueError(f"the checkpoint's snapshots are of another model: it has "
                                      f"{a[1]} '{a[0]}' {tuple(a[3])} ({a[4]}) where this store "
                                      f"has {b[1]} '{b[0]}' {tuple(b[3])} ({b[4]}); build the "
@@ -561,7 +595,7 @@ class SnapshotStore:
             def layout(perm):
                 return "contiguous" if perm is None else f"dims in memory order {perm}"
 
-            a, b = next((a, b) for a, b in zip(theirs_s, ours) if a != b)
+            a, b = next((a, b) for a, b in zip(theirs_s, ours) if comparable(a) != comparable(b))
             raise ValueError(f"the checkpoint's snapshots hold {a[1]} '{a[0]}' in another memory "
                              f"layout ({layout(a[5])}) than this store ({layout(b[5])}): build "
                              f"the store from the model in the checkpoint's layout (e.g. "

@@ -6,6 +6,7 @@ CPU tests run everywhere; the CUDA variants are marked ``gpu`` and skipped witho
 import copy
 import io
 import struct
+import warnings
 
 import pytest
 import torch
@@ -324,6 +325,79 @@ def test_teachers_do_not_run_the_students_hooks(small):
                                    atol=0.05, rtol=0.05)
 
 
+def _weight_hooked_models():
+    """Models whose weight a forward pre-hook computes, each after a training step (which makes
+    that weight a non-leaf attribute): the old weight_norm, spectral_norm, pruning."""
+    from torch.nn.utils import prune
+
+    def trained(model):
+        model.train()
+        model(torch.randn(4, 6)).sum().backward()
+        return model.eval()
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # deprecated for parametrizations, which need no hook
+        warnings.simplefilter("ignore", FutureWarning)
+        weight_norm = nn.Sequential(nn.utils.weight_norm(nn.Linear(6, 5)), nn.ReLU(),
+                                    nn.Linear(5, 3))
+    spectral = nn.Sequential(nn.utils.spectral_norm(nn.Linear(6, 5)), nn.ReLU(), nn.Linear(5, 3))
+    pruned = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    prune.l1_unstructured(pruned[0], "weight", amount=0.4)
+    return {"weight_norm": trained(weight_norm), "spectral_norm": trained(spectral),
+            "prune": trained(pruned)}
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "prune"])
+def test_models_whose_weight_a_hook_computes(kind):
+    """The store builds for them (deepcopy refuses the computed weight, no graph leaf), the
+    teacher keeps the hook and runs the captured weights, and the trainer's float32 teacher
+    (Teachers) does too."""
+    from fastsd.train.teachers import Teachers
+
+    model = _weight_hooked_models()[kind]
+    x = torch.randn(3, 6)
+    store = SnapshotStore(model, capacity=1, dtype=torch.bfloat16)
+    bank = Teachers(model, 1, "fp32", "cpu")
+    with torch.no_grad():
+        for p in model.parameters():  # trained on after the store was built
+            p.mul_(-1.5)
+        expected = model(x)
+        store.capture(model)
+        bank.capture(model, 0)
+        torch.testing.assert_close(store.teacher(0)(x.bfloat16()).float(), expected,
+                                   atol=0.05, rtol=0.05)
+        # widened from the float16 slot: float16's rounding of the weights only
+        torch.testing.assert_close(bank.module(0)(x), expected, atol=5e-3, rtol=5e-3)
+
+
+def test_frozen_batchnorm_statistics_stay_float32():
+    """torchvision's FrozenBatchNorm2d keeps running_var as a plain buffer; above 65504 float16
+    would make it inf and the channel's output 0."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_var.copy_(torch.tensor([1e5, 7e4, 1.0, 1e-7]))
+        model[1].running_mean.copy_(torch.tensor([300.0, -2.0, 0.5, 0.0]))
+    store = SnapshotStore(model, capacity=1, dtype=torch.float16)
+    store.capture(model)
+    teacher = store.teacher(0)
+    assert teacher[1].running_var.dtype == torch.float32
+    torch.testing.assert_close(teacher[1].running_var, model[1].running_var, rtol=0, atol=0)
+    x = torch.randn(2, 3, 5, 5) * 100
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x.half()).float(), model(x), rtol=2e-2, atol=2e-2)
+
+
+def test_a_store_built_under_inference_mode_takes_captures_outside_it(small):
+    with torch.inference_mode():
+        store = SnapshotStore(small, capacity=1, dtype=torch.bfloat16)
+    store.capture(small)
+    ref = SnapshotStore(small, capacity=1, dtype=torch.bfloat16)
+    ref.capture(small)
+    assert torch.equal(store.state_dict()["half"], ref.state_dict()["half"])
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_teacher_is_a_view_of_its_slot(small, dtype):
     store = SnapshotStore(small, capacity=2, dtype=dtype)
@@ -459,6 +533,24 @@ def test_state_dict_round_trip_is_exact(small):
         assert torch.equal(built(x.half()), store.logits(x, 2))
     with pytest.raises(RuntimeError, match="slot 1 is empty"):
         fresh.teacher(1)
+
+
+def test_state_dict_loads_into_a_store_built_from_the_model_in_another_float_dtype(small):
+    """A slot's bytes are the store's dtype whatever the model's (capture takes a float64
+    model into a float32-built store), so a checkpoint loads into a store built from
+    model.double(); an integer buffer of another dtype is still another model."""
+    store = SnapshotStore(small, capacity=1, dtype=torch.float16)
+    store.capture(small)
+    state = store.state_dict()
+    wide = SnapshotStore(copy.deepcopy(small).double(), capacity=1, dtype=torch.float16)
+    wide.load_state_dict(state)
+    assert torch.equal(wide.state_dict()["half"].view(torch.int16),
+                       state["half"].view(torch.int16))
+    renamed = copy.deepcopy(small)
+    tracked = renamed.bn.num_batches_tracked
+    renamed.bn.num_batches_tracked = tracked.int()
+    with pytest.raises(ValueError, match="num_batches_tracked.*torch.int64.*torch.int32"):
+        SnapshotStore(renamed, capacity=1, dtype=torch.float16).load_state_dict(state)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

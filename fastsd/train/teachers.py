@@ -7,7 +7,6 @@ in fp32 one float32 copy of the architecture is loaded from the slot when a stag
 weights are still exactly the stored half-precision values, widened).
 """
 
-import copy
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -36,10 +35,9 @@ class Teachers:
         self._shell: Optional[nn.Module] = None
         self._shell_slot: Optional[int] = None
         if not half:
-            from fastsd.snapshots import drop_user_hooks
+            from fastsd.snapshots import copy_without_user_hooks
 
-            self._shell = copy.deepcopy(model).eval()
-            drop_user_hooks(self._shell)
+            self._shell = copy_without_user_hooks(model).eval()
             for p in self._shell.parameters():
                 p.requires_grad_(False)
 
