@@ -571,3 +571,22 @@ def test_resume_of_an_image_folder_run_from_before_the_crop_followed_the_model(t
     assert config_from_args(["--resume", str(tmp_path)]).image_size == 224
     (tmp_path / "config.yaml").write_text(text)
     assert config_from_args(["--resume", str(tmp_path)]).image_size == 32
+
+
+def test_dali_flag_without_dali_is_refused_before_the_images_are_checked(tmp_path, capsys,
+                                                                         monkeypatch):
+    """The install command, exit status 2, and before the pre-flight decode of the folder
+    (minutes on ImageNet): dali.py imports DALI lazily, so the trainer asks up front."""
+    import fastsd.train.preflight as preflight
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the image folder was checked before DALI was")
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # what `import nvidia.dali` sees
+    monkeypatch.setattr(preflight, "check_image_folder", must_not_run)
+    _image_folder(tmp_path / "data", 2)
+    out = tmp_path / "r"
+    err = _fails(capsys, ["--dataset", "imagefolder", "--data", str(tmp_path / "data"), "--dali",
+                          "--arch", "resnet20", "--out", str(out)],
+                 'pip install "fastsd[dali]"', "or drop --dali", out=str(out))
+    assert "Traceback" not in err

@@ -225,12 +225,14 @@ class Trainer:
                       world_size=self.world_size,
                       eval_crop_fraction=get_model_info(cfg.arch).eval_crop_fraction)
         if cfg.dali:
+            from fastsd.data.dali import build_dali_loaders, require_dali
+
             try:
-                from fastsd.data.dali import build_dali_loaders
+                # dali.py imports DALI lazily: ask now, before the folder's pre-flight check
+                # (minutes on ImageNet) and before anything is read
+                require_dali()
             except ImportError as e:
-                raise SetupError(f"--dali: the DALI pipeline cannot be loaded ({e}); install "
-                                 f"nvidia-dali-cuda130 (pip install 'fastsd[dali]') or drop "
-                                 f"--dali") from None
+                raise SetupError(str(e)) from None
             build = build_dali_loaders
         else:
             from fastsd.data import build_loaders as build
