@@ -734,3 +734,22 @@ def test_trainer_runs_a_short_sd_run_with_dali(cifar_jpeg, tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as fh:
         rows = [json.loads(line) for line in fh]
     assert any(row.get("kl", 0) > 0 for row in rows)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_gif_named_jpg_is_named_with_what_it_holds(imagenet_like, tmp_path, cached):
+    """PIL (so the torch path) reads GIF data in a .jpg file, DALI does not: its own reason is
+    a codec error number, so the message says what the file holds."""
+    import shutil
+
+    from fastsd.data.dali import DEFAULT_CACHE_BYTES
+
+    root = tmp_path / "data"
+    shutil.copytree(imagenet_like, root)
+    gif = root / "train" / "b" / "gif.jpg"
+    Image.effect_noise((90, 70), 40).convert("RGB").save(gif, format="GIF")
+    dl = build_dali_loaders("imagefolder", root, batch_size=3, eval_batch_size=3, workers=1,
+                            cache_bytes=DEFAULT_CACHE_BYTES if cached else 0)
+    with pytest.raises(UnreadableImageError, match=f"{gif}.*it holds GIF data, which DALI does "
+                                                   f"not decode: convert it to JPEG"):
+        list(dl.train)

@@ -488,6 +488,27 @@ def _tiny_image_folder(root):
                 Image.new("RGB", (8, 8), (40 * i, 9, 90)).save(root / split / c / f"{i}.png")
 
 
+@pytest.mark.parametrize("mode", ["full", "header"])
+def test_check_images_for_dali_refuses_formats_dali_does_not_decode(tmp_path, mode):
+    """A GIF named .jpg passes PIL's check (the torch path reads it); for --dali the pre-flight
+    names it and what it holds, instead of the run failing on it in the first epoch."""
+    from PIL import Image
+
+    from fastsd.data.dali import DALI_IMAGE_FORMATS
+    from fastsd.train.preflight import check_image_folder
+
+    _tiny_image_folder(tmp_path / "imgs")
+    gif = tmp_path / "imgs" / "train" / "b" / "gif.jpg"
+    Image.effect_noise((16, 16), 40).convert("RGB").save(gif, format="GIF")
+    assert check_image_folder(str(tmp_path / "imgs"), None, mode, 2) == 17
+    with pytest.raises(ValueError, match=f"{gif}.* holds GIF data, which the DALI pipeline does "
+                                         f"not decode .*JPEG.*PNG.*: convert it to JPEG"):
+        check_image_folder(str(tmp_path / "imgs"), None, mode, 2, formats=DALI_IMAGE_FORMATS)
+    gif.unlink()
+    assert check_image_folder(str(tmp_path / "imgs"), None, mode, 2,
+                              formats=DALI_IMAGE_FORMATS) == 16
+
+
 def test_evaluation_images_are_resized_as_the_models_recipe(tmp_path):
     """mnasnet0_75's recipe resizes to 232 before its 224 crop: at 72 px the trainer's test
     images are the centre 72 of a 75-pixel shorter side (0.875's 82 would show a wider view)."""

@@ -71,6 +71,9 @@ __all__ = ["build_dali_loaders", "DaliEpochLoader", "dali_available", "require_d
 DALI_INSTALL = 'pip install "fastsd[dali]"'
 
 DALI_DEVICES = ("auto", "gpu", "cpu")
+#: the image formats DALI's decoder reads, as PIL names them (PPM covers PBM and PGM; MPO is the
+#: JPEG of cameras that add a preview): PIL also reads GIF, ICO, PSD, ..., which DALI refuses
+DALI_IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
 #: image folder splits up to this size are held in memory, encoded (see build_dali_loaders)
 DEFAULT_CACHE_BYTES = 512 << 20
 _LOG_RATIO = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
@@ -515,8 +518,23 @@ def _find_bad_file(paths: Sequence[str], peek: bool) -> Optional[Tuple[str, str]
         except RuntimeError as e:
             lines = [line for line in str(e).splitlines()
                      if line.strip() and "no longer valid" not in line]
-            return path, f"DALI: {lines[-1].strip() if lines else 'cannot decode'}"
+            why = f"DALI: {lines[-1].strip() if lines else 'cannot decode'}"
+            return path, why + _what_the_file_holds(path)
     return None
+
+
+def _what_the_file_holds(path: str) -> str:
+    """"; it holds GIF data, which DALI does not decode" where PIL reads a format DALI does not
+    (DALI's own reason is a codec error number), else ""."""
+    from .folders import UnreadableImageError, read_image_header
+
+    try:
+        kind, _ = read_image_header(path)
+    except UnreadableImageError:
+        return ""
+    if kind in DALI_IMAGE_FORMATS:
+        return ""
+    return f"; it holds {kind} data, which DALI does not decode: convert it to JPEG"
 
 
 # --------------------------------------------------------------------------------------------

@@ -191,16 +191,22 @@ def _errors_of_pil():
     return OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 
-def read_image_size(path: str) -> Tuple[int, int]:
-    """``(width, height)`` from the image's header alone (fast: no decoding);
-    UnreadableImageError names a file that is no image."""
+def read_image_header(path: str) -> Tuple[str, Tuple[int, int]]:
+    """``(format, (width, height))`` from the image's header alone (fast: no decoding), the
+    format as PIL names it ("JPEG", "PNG", "GIF", ...); UnreadableImageError names a file that
+    is no image."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.size
+            return img.format, img.size
     except _errors_of_pil() as e:
         raise _unreadable(path, e) from e
+
+
+def read_image_size(path: str) -> Tuple[int, int]:
+    """``(width, height)`` from the image's header alone; see :func:`read_image_header`."""
+    return read_image_header(path)[1]
 
 
 def read_rgb_image(path: str):

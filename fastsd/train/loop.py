@@ -225,7 +225,7 @@ class Trainer:
                       world_size=self.world_size,
                       eval_crop_fraction=get_model_info(cfg.arch).eval_crop_fraction)
         if cfg.dali:
-            from fastsd.data.dali import build_dali_loaders, require_dali
+            from fastsd.data.dali import DALI_IMAGE_FORMATS, build_dali_loaders, require_dali
 
             try:
                 # dali.py imports DALI lazily: ask now, before the folder's pre-flight check
@@ -241,7 +241,8 @@ class Trainer:
                 from .preflight import check_image_folder
 
                 check_image_folder(cfg.data, cfg.num_classes, cfg.check_images,
-                                   max(cfg.workers, os.cpu_count() or 1))
+                                   max(cfg.workers, os.cpu_count() or 1),
+                                   formats=DALI_IMAGE_FORMATS if cfg.dali else None)
             if not (cfg.download and self.world_size > 1):
                 return build(cfg.dataset, cfg.data, **kwargs)
             # --download: one process fetches the files, the others read them once whole (all
