@@ -37,6 +37,18 @@ int32_t src_type_of(const at::Tensor& src, size_t i) {
   return kSrcFloat;
 }
 
+// Whether the bytes a non-empty src spans (from its first element to its last; torch's strides
+// are never negative) meet those of dst, which is contiguous.
+bool bytes_overlap(const at::Tensor& src, const at::Tensor& dst) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < src.dim(); ++d) last += (src.size(d) - 1) * src.stride(d);
+  const auto* src_begin = static_cast<const char*>(src.const_data_ptr());
+  const auto* src_end = src_begin + (last + 1) * src.element_size();
+  const auto* dst_begin = static_cast<const char*>(dst.const_data_ptr());
+  const auto* dst_end = dst_begin + dst.numel() * dst.element_size();
+  return src_begin < dst_end && dst_begin < src_end;
+}
+
 // Merges dims that are contiguous with each other and drops size-1 dims, so that a contiguous
 // tensor becomes one dim of stride 1 and e.g. a transposed matrix stays two dims. Returns false
 // when more than kMaxDims dims remain.
@@ -105,9 +117,11 @@ std::vector<PackItem> plan_pack(const at::TensorList& srcs, const at::Tensor& ds
                 "fastsd::pack_tensors: srcs[", i, "] (", numel, " elements) at offset ", offset,
                 " does not fit in dst of ", dst.numel(), " elements");
     next = offset + numel;
-    if (numel > 0) {
-      TORCH_CHECK(!src.is_alias_of(dst), "fastsd::pack_tensors: srcs[", i,
-                  "] shares memory with dst; pack from a separate tensor");
+    if (numel > 0 && src.is_alias_of(dst)) {
+      // The same storage is fine where the bytes differ (a store's slot 0 captured into its
+      // slot 1, through a teacher's views); reading bytes the launch writes is a race.
+      TORCH_CHECK(!bytes_overlap(src, dst), "fastsd::pack_tensors: srcs[", i,
+                  "] reads memory that dst holds; pack from a separate tensor (e.g. a clone)");
     }
     if (src.is_neg()) {  // a lazily negated view: materialise, the kernels read raw memory
       src = src.resolve_neg();

@@ -228,10 +228,39 @@ def test_pack_bad_arguments(bad, match):
         bad()
 
 
-def test_pack_rejects_a_source_aliasing_dst():
-    dst = torch.zeros(8, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="shares memory"):
+def test_pack_rejects_a_source_reading_the_memory_of_dst():
+    """Refused where the bytes meet (a race on the GPU), not merely the storage: another row of
+    the same buffer is a separate source."""
+    rows = torch.zeros(3, 8, dtype=torch.float32)
+    dst = rows[1]
+    with pytest.raises(RuntimeError, match="reads memory that dst holds"):
         pack_tensors([dst[:4]], dst, [4])
+    with pytest.raises(RuntimeError, match="reads memory that dst holds"):
+        pack_tensors([rows[:, 0]], dst)                 # strided: spans rows 0 to 2
+    rows[0] = torch.arange(8.0)
+    rows[2] = -torch.arange(8.0)
+    pack_tensors([rows[0, :5], rows[2, :3]], dst, [0, 5])
+    assert dst.tolist() == [0, 1, 2, 3, 4, 0, -1, -2]
+
+
+def test_fake_kernel_refuses_what_the_kernels_refuse():
+    """Under tracing (fake tensors) the bad shapes and offsets fail at trace time too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for make, match in [
+            (lambda: ([torch.randn(3)], torch.zeros(8, dtype=torch.float16)[::2], None),
+             "contiguous 1-D"),
+            (lambda: ([torch.randn(3), torch.randn(3)], torch.zeros(9, dtype=torch.float16),
+                      [0, 2]), r"srcs\[0\] and srcs\[1\] overlap"),
+            (lambda: ([torch.randn(3), torch.randn(2)], torch.zeros(9, dtype=torch.float16),
+                      [4, 0]), None)]:
+        srcs, dst, offsets = make()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            if match is None:
+                torch.ops.fastsd.pack_tensors(srcs, dst, offsets)
+            else:
+                with pytest.raises(RuntimeError, match=match):
+                    torch.ops.fastsd.pack_tensors(srcs, dst, offsets)
 
 
 # ------------------------------------------------------------------------------ models
@@ -451,6 +480,18 @@ def test_capture_after_training_changes_teacher_and_leaves_other_slots_alone(sma
     assert store.teacher(0) is teacher0 and [p.data_ptr() for p in teacher0.parameters()] == ptrs
     assert torch.equal(store.logits(_inputs(size=12), 0), store.logits(_inputs(size=12), 1))
     assert store.filled_slots == [0, 1]
+
+
+def test_a_teacher_of_the_store_captured_into_another_slot(small):
+    """Its weights are views of slot 0 of the same buffers: another slot is other memory."""
+    store = SnapshotStore(small, capacity=2, dtype=torch.float16)
+    store.capture(small, slot=0)
+    store.capture(store.teacher(0), slot=1)
+    state = store.state_dict()
+    assert torch.equal(state["half"][0].view(torch.int16), state["half"][1].view(torch.int16))
+    assert torch.equal(state["float"][0], state["float"][1])
+    with pytest.raises(RuntimeError, match="reads memory that dst holds"):
+        store.capture(store.teacher(0), slot=0)
 
 
 def test_capture_ring_and_explicit_slots(small):

@@ -11,7 +11,8 @@ kernels) and registers the op's fake kernel, so that ``torch.compile(fullgraph=T
 - ``dst``: a contiguous 1-D float16, bfloat16 or float32 tensor; mutated in place.
 - ``offsets``: where each source starts in ``dst``; without it the sources are laid out back to
   back from 0. Ranges must fit in ``dst`` and must not overlap; elements of ``dst`` outside them
-  are left untouched.
+  are left untouched. No source may read memory that ``dst`` holds (another part of the same
+  storage is fine).
 
 Source ``i`` lands in ``dst[offsets[i] : offsets[i] + srcs[i].numel()]`` in its logical row-major
 order, each value equal bit for bit to ``srcs[i].to(dst.dtype)`` (round to nearest even; NaNs
@@ -38,8 +39,12 @@ PACK_SRC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 @torch.library.register_fake("fastsd::pack_tensors")
 def _pack_tensors_fake(srcs, dst, offsets=None):
-    # The same checks as the C++ kernels, on shapes only, so a traced program fails at trace time.
-    torch._check(dst.dim() == 1, lambda: f"fastsd::pack_tensors: dst must be 1-D, got {dst.shape}")
+    # The C++ kernels' checks of shapes, dtypes and offsets, so that a traced program fails at
+    # trace time; whether a source reads memory that dst holds needs addresses, so only the
+    # kernels check that.
+    torch._check(dst.dim() == 1 and dst.is_contiguous(),
+                 lambda: f"fastsd::pack_tensors: dst must be a contiguous 1-D (flat) buffer, got "
+                         f"shape {tuple(dst.shape)} and strides {dst.stride()}")
     torch._check(dst.dtype in PACK_DST_DTYPES,
                  lambda: f"fastsd::pack_tensors: dst must be float16, bfloat16 or float32, "
                          f"got {dst.dtype}")
@@ -60,6 +65,13 @@ def _pack_tensors_fake(srcs, dst, offsets=None):
         torch._check(start + src.numel() <= dst.numel(),
                      lambda: f"fastsd::pack_tensors: srcs[{i}] does not fit in dst")
         start = start + src.numel()
+    if offsets is not None and all(isinstance(o, int) for o in offsets):  # not symbolic
+        ranges = sorted((o, src.numel(), i) for i, (o, src) in enumerate(zip(offsets, srcs))
+                        if src.numel() > 0)
+        for (a, n, i), (b, _, j) in zip(ranges, ranges[1:]):
+            torch._check(a + n <= b, lambda: f"fastsd::pack_tensors: the ranges of srcs[{i}] "
+                                             f"and srcs[{j}] overlap in dst (offsets {a} and "
+                                             f"{b}); give every source its own range")
     return None
 
 
