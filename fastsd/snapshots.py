@@ -199,12 +199,13 @@ class SnapshotStore:
     - the parameters and running statistics of BatchNorm-type layers (any
       ``nn.modules.batchnorm._NormBase``: BatchNorm*d, SyncBatchNorm, tracked InstanceNorm; and
       any layer with ``running_mean`` and ``running_var`` buffers, such as torchvision's
-      FrozenBatchNorm2d) in **float32**. Why: ``running_var`` can exceed float16's range (65504) or fall below its
-      normal range, and bfloat16 keeps only 8 bits of it; these tensors are 0.5 % (ResNet-152)
-      to 1 % (ResNet-20) of a ResNet's elements, so float32 costs little. Keeping the layer's
-      weight and bias in float32 too is what lets the teacher run: BatchNorm kernels accept
-      half activations with all-float32 parameters (the mode autocast uses, on CPU and CUDA),
-      but the CPU kernel rejects half weights with float32 statistics;
+      FrozenBatchNorm2d) in **float32**. Why: ``running_var`` can exceed float16's range
+      (65504) or fall below its normal range, and bfloat16 keeps only 8 bits of it; these
+      tensors are 0.5 % (ResNet-152) to 1 % (ResNet-20) of a ResNet's elements, so float32
+      costs little. Keeping the layer's weight and bias in float32 too is what lets the teacher
+      run: BatchNorm kernels accept half activations with all-float32 parameters (the mode
+      autocast uses, on CPU and CUDA), but the CPU kernel rejects half weights with float32
+      statistics;
     - non-floating buffers (``num_batches_tracked``) unchanged.
 
     Weights that a forward pre-hook computes from parameters (the old ``weight_norm``,
