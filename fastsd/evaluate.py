@@ -23,7 +23,6 @@ differ. Weights outside a run directory are evaluated in float32 unless ``--amp`
 
 import argparse
 import glob
-import json
 import os
 import re
 import sys
@@ -432,11 +431,11 @@ def _main(args) -> Dict[str, Any]:
     out.update(checkpoint=args.checkpoint, dataset=dataset, temperature=temperature,
                amp=amp, channels_last=channels_last, files=[f for _, f in files])
     if args.json:
-        from fastsd.train.checkpoint import atomic_write_text
+        from fastsd.train.checkpoint import atomic_write_text, json_text
 
         clean = {**out, "models": [{k: v for k, v in m.items() if k != "second_confusion"}
                                    for m in out["models"]]}
-        atomic_write_text(args.json, json.dumps(clean, indent=2) + "\n")
+        atomic_write_text(args.json, json_text(clean) + "\n")
     return out
 
 

@@ -644,3 +644,33 @@ def test_tables_without_matplotlib(runs, tmp_path, monkeypatch):
     md = open(done["report"]).read()
     assert done["images"] == [] and "| M#L2 | M#L1 |" in md and ".png" not in md
     assert list((tmp_path / "rep").iterdir()) == [tmp_path / "rep" / "report.md"]
+
+
+def test_a_diverged_model_is_written_as_strict_json(runs, tmp_path, capsys):
+    """A model whose outputs are NaN has NaN confidences: evaluate --json writes them as null,
+    never Python's bare NaN token, which strict JSON readers refuse."""
+    from safetensors.torch import load_file, save_file
+
+    from fastsd.evaluate import main
+    from fastsd.train.checkpoint import json_text
+
+    root, out = runs
+    cfg, _ = out["sd"]
+    weights = load_file(os.path.join(cfg.out, "model.safetensors"))
+    bias = next(k for k in weights if k.endswith("bias") and weights[k].shape == (CLASSES,))
+    weights[bias] = torch.full_like(weights[bias], float("nan"))
+    run = tmp_path / "diverged"
+    shutil.copytree(cfg.out, run)
+    save_file(weights, str(run / "model.safetensors"))
+    path = str(tmp_path / "eval.json")
+    assert main(["--checkpoint", str(run / "model.safetensors"), "--device", "cpu", "--json",
+                 path]) == 0, capsys.readouterr().err
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    with open(path) as fh:
+        model = json.load(fh, parse_constant=refuse)["models"][0]
+    assert model["confidence_top4"] == [None] * 4 and model["entropy_T"] is None
+    assert json.loads(json_text({"a": [1.5, float("inf")], "b": (float("-inf"),)}),
+                      parse_constant=refuse) == {"a": [1.5, None], "b": [None]}

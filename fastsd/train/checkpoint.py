@@ -94,6 +94,25 @@ def atomic_write_text(path: str, text: str) -> None:
     _atomic(path, lambda fh: fh.write(text.encode()))
 
 
+def json_text(obj: Any, indent: Optional[int] = 2) -> str:
+    """``obj`` as strict JSON: a float that is not finite (the confidences of a diverged
+    model) becomes null, as Python's bare NaN / Infinity tokens are no JSON and strict
+    readers (jq, JavaScript, serde) refuse the whole file."""
+    import json
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
     _atomic(path, lambda fh: torch.save(obj, fh))
 

@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
+from .checkpoint import json_text
+
 
 def silence_stream(stream) -> None:
     """Point ``stream`` (sys.stdout, sys.stderr) at /dev/null: its reader has gone (a closed
@@ -47,12 +49,6 @@ def print_results(text: str) -> None:
         print(text, flush=True)
     except BrokenPipeError:
         silence_stream(sys.stdout)
-
-
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class Monitor:
@@ -118,9 +114,10 @@ class Monitor:
         resume's purge of a killed attempt's events goes by)."""
         if not self.enabled:
             return
-        row = {"kind": kind, **{k: _clean(v) for k, v in row.items()}}
+        row = {"kind": kind, **row}
         try:
-            self._fh.write(json.dumps(row) + "\n")
+            # strict JSON: a non-finite loss (the step was skipped) is null
+            self._fh.write(json_text(row, indent=None) + "\n")
         except OSError as e:
             from .errors import WriteError
 
@@ -129,6 +126,7 @@ class Monitor:
             step = row.get("iteration")
             for key, value in row.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and math.isfinite(value) \
                         and key not in ("iteration", "epoch", "stage", "kind"):
                     self._writer.add_scalar(f"{tb_prefix}/{key}", value, step)
 

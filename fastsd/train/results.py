@@ -19,7 +19,6 @@ softmax outputs of the stored snapshots: every cycle for se/sd, generations 1..N
 and, for se/sd, of cycles 1..c); null for bl and kd.
 """
 
-import json
 from typing import Any, Dict, List, Optional, Sequence
 
 from .config import CYCLIC_METHODS, GENERATION_METHODS
@@ -139,7 +138,7 @@ def format_markdown(results: Dict[str, Any]) -> str:
 def write_results(results: Dict[str, Any], run_dir: str) -> None:
     import os
 
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_text, json_text
 
-    atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    atomic_write_text(os.path.join(run_dir, "results.json"), json_text(results) + "\n")
     atomic_write_text(os.path.join(run_dir, "results.md"), format_markdown(results))
