@@ -192,10 +192,11 @@ def secondary_table(runs: Sequence[Dict[str, Any]]) -> str:
 
 
 # Settings in which repeats of one experiment may differ: the seed, and where a run ran and how
-# it was fed and watched (what --resume may change, the device and the speed settings).
+# it was fed and watched (what --resume may change, the device and the speed settings, how
+# often it evaluated, whether it fetched its data set).
 REPEAT_FREE_SETTINGS = frozenset(RESUME_OVERRIDABLE) | {
     "seed", "device", "threads", "compile", "compile_mode", "deterministic", "dali",
-    "channels_last"}
+    "channels_last", "eval_every", "download"}
 
 
 def repeat_groups(runs: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:

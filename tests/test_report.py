@@ -243,6 +243,10 @@ def test_runs_on_different_image_folders_are_not_repeats():
     # the same seed twice is no repeat (a copy of a run, or the run again)
     assert repeat_groups([run("a", "/data/cats", 0), run("b", "/data/cats", 0)]) == []
     assert repeat_groups([*same, run("c", "/data/cats", 0)]) == [same]
+    # how often a run evaluated and whether it fetched its data change nothing it trains
+    watched = [{**cifar[0], "config": {**cifar[0]["config"], "eval_every": 1, "download": True}},
+               {**cifar[1], "config": {**cifar[1]["config"], "eval_every": 4}}]
+    assert repeat_groups(watched) == [watched]
 
 
 def test_evaluate_prints_the_same_numbers(runs, capsys):
