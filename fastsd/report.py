@@ -59,8 +59,10 @@ def load_run(run_dir: str) -> Dict[str, Any]:
                           f"holds {', '.join(REQUIRED_FILES)})")
     missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(run_dir, f))]
     if missing:
-        hint = ("the run has not finished (results.json is written at its end; continue it with "
-                "python -m fastsd.train --resume " + run_dir + ")"
+        from fastsd.train.checkpoint import how_to_go_on
+
+        hint = ("the run has not finished (results.json is written at its end): "
+                + how_to_go_on(run_dir, "python -m fastsd.train")
                 if missing == ["results.json"] else "this is not a complete fastsd run directory")
         raise ReportError(f"{run_dir}: missing {', '.join(missing)}: {hint}")
     try:

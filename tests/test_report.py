@@ -622,11 +622,21 @@ def test_missing_files_are_named(runs, tmp_path, capsys):
     text = capsys.readouterr().err
     assert "missing results.json, metrics.jsonl" in text and "is not a directory" in text
     # Only the results missing: the run has not finished; say how to continue it.
-    unfinished = tmp_path / "unfinished"
+    # The command is quoted for a shell, and --resume is offered only where a checkpoint is.
+    import shlex
+
+    unfinished = tmp_path / "un finished"
     shutil.copytree(os.path.join(root, "bl"), unfinished)
     os.remove(unfinished / "results.json")
-    with pytest.raises(ReportError, match="missing results.json: the run has not finished"):
+    with pytest.raises(ReportError, match="missing results.json: the run has not finished") as e:
         build_report([str(unfinished)], str(tmp_path / "rep"))
+    assert f"continue with python -m fastsd.train --resume {shlex.quote(str(unfinished))} " \
+        in str(e.value)
+    shutil.rmtree(unfinished / "checkpoints")  # stopped before its first checkpoint
+    with pytest.raises(ReportError, match="start the run again \\(python -m fastsd.train "
+                                          "--config .* --out NEW_DIR\\)") as e:
+        build_report([str(unfinished)], str(tmp_path / "rep"))
+    assert "--resume" not in str(e.value)
     # A missing diagnostics file is a note in the report, not an error.
     partial = tmp_path / "partial"
     shutil.copytree(os.path.join(root, "sd"), partial)

@@ -181,6 +181,19 @@ def checkpoint_path(run_dir: str) -> str:
     return os.path.join(run_dir, CHECKPOINT)
 
 
+def how_to_go_on(run_dir: str, program: str = "") -> str:
+    """What to do about a run that stopped: ``--resume`` where a checkpoint was written, else
+    the run again (it stopped before its first checkpoint). ``program``: the command to name
+    ("python -m fastsd.train"), where the reader is not at fastsd.train's prompt already."""
+    import shlex
+
+    if os.path.isfile(checkpoint_path(run_dir)):
+        command = f"{program} --resume {shlex.quote(run_dir)}".strip()
+        return f"continue with {command} (its last checkpoint is intact)"
+    again = f" ({program} --config {shlex.quote(run_dir)} --out NEW_DIR)" if program else ""
+    return f"start the run again{again} (it stopped before its first checkpoint)"
+
+
 def find_checkpoint(run_dir: str) -> str:
     """The checkpoint of a run directory, or a SetupError that says what is there instead."""
     if not os.path.isdir(run_dir):

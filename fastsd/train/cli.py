@@ -214,29 +214,21 @@ def _run(argv: Optional[List[str]]) -> int:
         return 130
     from fastsd.data.folders import UnreadableImageError
 
+    from .checkpoint import how_to_go_on
+
     try:
         trainer.run()
     except TrainError as e:
         from .errors import Interrupted, WriteError
 
         stopped = isinstance(e, Interrupted)
-        then = f", then {_how_to_go_on(trainer.run_dir)}" if isinstance(e, WriteError) else ""
+        then = f", then {how_to_go_on(trainer.run_dir)}" if isinstance(e, WriteError) else ""
         if trainer.is_main or not stopped:  # every process stops: one message is enough
             print(f"fastsd.train: {'stopped' if stopped else 'error'}: {e}{then}",
                   file=sys.stderr)
         return e.exit_code
     except UnreadableImageError as e:  # a file that broke after the pre-flight check
         print(f"fastsd.train: error: {e}; once the file is fixed, "
-              f"{_how_to_go_on(trainer.run_dir)}", file=sys.stderr)
+              f"{how_to_go_on(trainer.run_dir)}", file=sys.stderr)
         return 2
     return 0
-
-
-def _how_to_go_on(run_dir: str) -> str:
-    """After an error: --resume where a checkpoint was written, else the same command again (the
-    run stopped before its first checkpoint)."""
-    from .checkpoint import checkpoint_path
-
-    if os.path.isfile(checkpoint_path(run_dir)):
-        return f"continue with --resume {run_dir} (its last checkpoint is intact)"
-    return "start the run again (it stopped before its first checkpoint)"
