@@ -70,6 +70,9 @@ def load_run(run_dir: str) -> Dict[str, Any]:
             results = json.load(fh)
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"{run_dir}: cannot read results.json ({e})") from None
+    if not isinstance(results, dict):
+        raise ReportError(f"{run_dir}: results.json holds no mapping: not written by "
+                          f"fastsd.train")
     for key in ("method", "snapshots", "best"):
         if key not in results:
             raise ReportError(f"{run_dir}: results.json has no {key!r}: "
@@ -81,6 +84,9 @@ def load_run(run_dir: str) -> Dict[str, Any]:
             config = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ReportError(f"{run_dir}: cannot read config.yaml ({e})") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{run_dir}: config.yaml holds no mapping of settings: not written "
+                          f"by fastsd.train")
     config.pop(AUTO_KEY, None)  # which settings were auto: not a setting
     metrics = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
@@ -108,16 +114,38 @@ def load_run(run_dir: str) -> Dict[str, Any]:
 
 
 def load_runs(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
-    """Every run, or one ReportError listing every directory's problem."""
-    runs, problems = [], []
+    """Every run once (a directory given twice, as ``sd`` and ``sd/``, counts once), or one
+    ReportError listing every directory's problem. Runs of the same directory name (``a/sd``,
+    ``b/sd``) are named by as much of their path as tells them apart."""
+    runs, problems, seen = [], [], set()
     for d in run_dirs:
+        where = os.path.realpath(d)
+        if where in seen:
+            continue
+        seen.add(where)
         try:
             runs.append(load_run(d))
         except ReportError as e:
             problems.append(str(e))
     if problems:
         raise ReportError("\n".join(problems))
+    for run, name in zip(runs, distinct_names([r["dir"] for r in runs])):
+        run["name"] = name
     return runs
+
+
+def distinct_names(paths: Sequence[str]) -> List[str]:
+    """The last part of each path, with as many parts before it as make it unique."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(p[-k:]) for p, k in zip(parts, depth)]
+        clashing = [i for i, n in enumerate(names)
+                    if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            return names
+        for i in clashing:
+            depth[i] += 1
 
 
 def rows(run: Dict[str, Any], kind: str) -> List[Dict[str, Any]]:

@@ -688,3 +688,24 @@ def test_a_diverged_model_is_written_as_strict_json(runs, tmp_path, capsys):
     assert model["confidence_top4"] == [None] * 4 and model["entropy_T"] is None
     assert json.loads(json_text({"a": [1.5, float("inf")], "b": (float("-inf"),)}),
                       parse_constant=refuse) == {"a": [1.5, None], "b": [None]}
+
+
+def test_runs_are_listed_once_and_told_apart(runs, tmp_path):
+    """``sd`` and ``sd/`` are one run; ``a/sd`` and ``b/sd`` are two, named by their paths; a
+    results.json or config.yaml that holds no mapping is refused by name."""
+    from fastsd.report import ReportError, distinct_names, load_runs
+
+    root, _ = runs
+    for parent in ("a", "b"):
+        shutil.copytree(os.path.join(root, "sd"), tmp_path / parent / "sd")
+    a, b = str(tmp_path / "a" / "sd"), str(tmp_path / "b" / "sd")
+    loaded = load_runs([a, a + "/", b, os.path.join(root, "bl")])
+    assert [r["name"] for r in loaded] == ["a/sd", "b/sd", "bl"]
+    assert distinct_names(["/x/y/run", "/z/y/run", "/w/other"]) == ["x/y/run", "z/y/run",
+                                                                     "other"]
+    (tmp_path / "b" / "sd" / "results.json").write_text("null\n")
+    (tmp_path / "a" / "sd" / "config.yaml").write_text("- a\n")
+    with pytest.raises(ReportError) as e:
+        load_runs([a, b])
+    assert f"{a}: config.yaml holds no mapping" in str(e.value)
+    assert f"{b}: results.json holds no mapping" in str(e.value)
