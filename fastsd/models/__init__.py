@@ -49,11 +49,18 @@ class ModelInfo:
         return self.input_size / self.eval_resize_size if self.family == "imagenet" else None
 
 
-# Models that do not run on every side, found by forwards on the meta device (torchvision 0.29):
-# every classifier at 32 px fails for these only, and these at every side from 16 to 700 px gave
-# the bounds. AlexNet's and Inception-v3's pooling leaves nothing below 63 / 75 px; the ViTs check
-# for their one size; MaxViT's 7x7 windows fit 221-224 px only (up to 700).
-_MIN_INPUT_SIZE = {"alexnet": 63, "inception_v3": 75}
+# The smallest side each model runs on, found by forwards on the meta device at every side from
+# 1 to 80 px (torchvision 0.29; each runs on every side above its bound): their pooling or
+# strided stages leave nothing below it. Models not listed run on any side. The ViTs check for
+# their one size; MaxViT's 7x7 windows fit 221-224 px only (up to 700).
+_MIN_INPUT_SIZE = {
+    "alexnet": 63, "inception_v3": 75, "googlenet": 15, "squeezenet1_0": 21,
+    "squeezenet1_1": 17, "densenet_bc_100": 4, "densenet_bc_190": 4,
+    **{f"densenet{depth}": 29 for depth in (121, 161, 169, 201)},
+    **{f"convnext_{size}": 32 for size in ("tiny", "small", "base", "large")},
+    **{f"vgg{depth}{bn}": 32 for depth in (11, 13, 16, 19) for bn in ("", "_bn")},
+    **{f"swin_{v2}{size}": 4 for v2 in ("", "v2_") for size in "tsb"},
+}
 
 
 def _fixed_input_size(name: str) -> bool:
@@ -158,7 +165,7 @@ def get_model_info(name: str) -> ModelInfo:
     """Family and expected input size of a model name (raises ValueError if unknown)."""
     key = _canonical(name)
     if key in _CIFAR_BUILDERS:
-        return ModelInfo(key, "cifar", 32, 32, "fastsd")
+        return ModelInfo(key, "cifar", 32, 32, "fastsd", min_input_size=_MIN_INPUT_SIZE.get(key, 1))
     size, resize = _torchvision_eval_sizes(key)
     fixed = _fixed_input_size(key)
     return ModelInfo(key, "imagenet", size, resize, "torchvision",
