@@ -590,3 +590,15 @@ def test_dali_flag_without_dali_is_refused_before_the_images_are_checked(tmp_pat
                           "--arch", "resnet20", "--out", str(out)],
                  'pip install "fastsd[dali]"', "or drop --dali", out=str(out))
     assert "Traceback" not in err
+
+
+def test_a_kd_teacher_that_cannot_run_on_the_images_is_refused():
+    """The teacher sees the student's images: an Inception-v3 teacher of a ResNet-18 on the
+    32-pixel synthetic default is refused up front, not at the first teacher forward."""
+    with pytest.raises(ConfigError, match="--teacher-arch.*teacher cannot run on the training "
+                                          "images: inception_v3 needs images of at least 75x75"):
+        TrainConfig(method="kd", teacher_checkpoint="x", arch="resnet18",
+                    teacher_arch="inception_v3", **CPU)
+    cfg = TrainConfig(method="kd", teacher_checkpoint="x", arch="resnet18",
+                      teacher_arch="inception_v3", image_size=75, **CPU)
+    assert cfg.teacher_arch == "inception_v3"

@@ -481,6 +481,12 @@ class TrainConfig:
             if self.teacher_arch is None:
                 self.teacher_arch = self.arch
             self._check_arch("teacher_arch", self.teacher_arch)
+            from fastsd.models import check_input_size
+
+            try:  # the teacher sees the student's images
+                check_input_size(self.teacher_arch, self.image_size or 32)
+            except ValueError as e:
+                bad("teacher_arch", f"the teacher cannot run on the training images: {e}")
         elif self.teacher_checkpoint or self.teacher_arch:
             bad("teacher_checkpoint" if self.teacher_checkpoint else "teacher_arch",
                 f"a separate teacher is used by --method kd only, not {self.method}")
