@@ -373,10 +373,15 @@ def _main(args) -> Dict[str, Any]:
             raise SetupError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.workers is not None and args.workers < 0:
         raise SetupError(f"--workers must be >= 0, got {args.workers}")
+    if device.type == "cuda":
+        from fastsd.train.loop import configure_cuda_kernels
+
+        # the trainer's kernels (TF32 matmuls unless --deterministic): its evaluation's numbers
+        configure_cuda_kernels(bool(cfg.get("deterministic", False)))
     amp = _eval_amp(args.amp, cfg.get("amp"), device)
     channels_last = (args.channels_last if args.channels_last is not None
                      else bool(cfg.get("channels_last", False)))
-    models = []
+    models, archs = [], []
     arch = num_classes = None
     for label, file in files:
         # --arch / --num-classes where given, else each file's own record (a KD student beside
@@ -389,6 +394,7 @@ def _main(args) -> Dict[str, Any]:
                              f"{num_classes}: models evaluated together must score the same "
                              f"classes")
         arch = arch or file_arch  # the first model's: default image size, evaluation resize
+        archs.append(file_arch)
         num_classes = file_classes
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -406,6 +412,13 @@ def _main(args) -> Dict[str, Any]:
                                  f"got {args.synthetic_size!r}") from None
     batch = _first(args.batch_size, cfg.get("eval_batch_size"), 256)
     image_size = _first(args.image_size, cfg.get("image_size")) or auto_image_size(dataset, arch)
+    from fastsd.models import check_input_size
+
+    for name in dict.fromkeys(archs):  # now, not as a traceback of the first forward
+        try:
+            check_input_size(name, image_size or 32)  # None: CIFAR's native 32
+        except ValueError as e:
+            raise SetupError(f"--image-size: {e}") from None
     try:
         # Only the test split is read: an image folder needs no train/ beside its val/.
         loaders = build_loaders(dataset, data, batch_size=batch, eval_only=True,

@@ -320,6 +320,14 @@ def test_evaluate_builds_each_model_from_its_own_file(runs, tmp_path, capsys):
     assert main(["--checkpoint", out["bl"][0].out, "--snapshots", student, other,
                  "--device", "cpu"]) == 2
     assert "five.safetensors scores 5 classes but" in capsys.readouterr().err
+    # a model that cannot run on the run's 16-pixel images: refused by name before any forward
+    small = str(tmp_path / "squeeze.safetensors")
+    save_safetensors(model_weights(create_model("squeezenet1_1", CLASSES)), small,
+                     {"arch": "squeezenet1_1", "num_classes": str(CLASSES)})
+    assert main(["--checkpoint", out["bl"][0].out, "--snapshots", student, small,
+                 "--device", "cpu"]) == 2
+    assert "--image-size: squeezenet1_1 needs images of at least 17x17" in \
+        capsys.readouterr().err
 
 
 def test_evaluate_names_a_model_given_twice_and_labels_another_runs_file(runs, tmp_path,
