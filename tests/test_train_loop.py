@@ -1434,3 +1434,8 @@ def test_secondary_meter_against_numpy_and_independent_of_batching():
         np.testing.assert_allclose(means[-1], want_conf, rtol=1e-6)
         np.testing.assert_array_equal(meter.second_confusion().numpy(), want_second)
     np.testing.assert_allclose(means[0], means[1], rtol=1e-14, atol=0)
+    # two classes: two confidences, not two more of 0 for classes that do not exist
+    two = SecondaryMeter("cpu", 2)
+    two(logits[:, :2], labels.clamp(-100, 1))
+    np.testing.assert_allclose(two.mean(), np.sort(torch.softmax(logits[:, :2].double(), -1)
+                                                   .numpy(), 1)[:, ::-1].mean(0), rtol=1e-6)

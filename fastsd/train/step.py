@@ -445,6 +445,7 @@ class SecondaryMeter:
         # evaluation batch size (the order of the additions), which --eval-batch-size must not do
         self.total = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.count = 0
+        self.ranks = 4  # top-1 .. top-k: fewer where there are fewer than 4 classes
         self.num_classes = num_classes
         self.second: Optional[torch.Tensor] = None
         if num_classes is not None and num_classes >= 2:
@@ -454,6 +455,7 @@ class SecondaryMeter:
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         probs = torch.softmax(logits.float(), dim=-1)
         k = min(4, probs.shape[-1])
+        self.ranks = k
         top = probs.topk(k, dim=-1)
         self.total[:k] += top.values.double().sum(0)
         self.count += labels.shape[0]
@@ -467,14 +469,14 @@ class SecondaryMeter:
 
     def mean(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
              ) -> "list[float]":
-        """Mean confidence of the top-1 … top-4 classes (one host sync); ``reduce`` sums the
-        totals over processes."""
+        """Mean confidence of the top-1 … top-4 classes (one host sync), as many as there are
+        classes where that is fewer than 4; ``reduce`` sums the totals over processes."""
         total = torch.cat([self.total, torch.tensor([float(self.count)], dtype=torch.float64,
                                                      device=self.device)])
         if reduce is not None:
             total = reduce(total)
         *sums, count = total.tolist()
-        return [v / max(count, 1) for v in sums]
+        return [v / max(count, 1) for v in sums[:self.ranks]]
 
     def second_confusion(self) -> Optional[torch.Tensor]:
         """``[C, C]`` counts (rows: ground truth, columns: second-highest class), or None."""
