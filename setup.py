@@ -23,7 +23,9 @@ if int(setuptools.__version__.split(".")[0]) < 77:
              f"pip install -U 'setuptools>=77', then install fastsd again")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CUDA_ARCHS = ["80", "86", "89", "90"]  # A100, A10/A40/RTX 30, L4/L40/RTX 40, H100/H200
+# T4/RTX 20, A100, A10/A40/RTX 30, L4/L40/RTX 40, H100/H200 as machine code; the PTX of the last
+# (+PTX below) lets newer chips (Blackwell) compile it at load time
+CUDA_ARCHS = ["75", "80", "86", "89", "90"]
 
 
 def _has_cudart(root):

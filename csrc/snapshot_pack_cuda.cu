@@ -27,6 +27,11 @@ pack_tensors_kernel(const BlockTask* __restrict__ tasks, const DeviceItem* __res
 
 void pack_tensors_cuda(at::TensorList srcs, const at::Tensor& dst,
                        at::OptionalIntArrayRef offsets) {
+  // The dispatcher comes here when any tensor is on CUDA; a guard on a CPU dst would fail with
+  // a message about guard implementations that names neither the argument nor the fix.
+  TORCH_CHECK(dst.is_cuda(), "fastsd::pack_tensors: the sources are on CUDA but dst is on ",
+              dst.device(), ": allocate dst on the sources' GPU (or copy the sources to ",
+              dst.device(), " first)");
   // The destination's device first: the temporaries and the pinned table below belong to it.
   const c10::cuda::CUDAGuard guard(dst.device());
   // The table reaches the device by a copy from a pinned host block that is recycled once the
