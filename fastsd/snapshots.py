@@ -72,6 +72,24 @@ class _Entry:
                 None if self.perm is None else list(self.perm)]
 
 
+def _check_pack_kernel_runs(device: torch.device, dtype: torch.dtype) -> None:
+    """Packs one element on ``device``. A registered CUDA kernel may still hold no machine code
+    for this GPU (fastsd._C built for other chips), and the launch is what says so: better at the
+    store's construction than at its first capture, a cycle's end hours into a run."""
+    try:
+        pack_tensors([torch.zeros(1, device=device)], torch.empty(1, dtype=dtype, device=device),
+                     [0])
+    except RuntimeError as err:
+        if "no kernel image" not in str(err):
+            raise
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(
+            f"fastsd._C holds no CUDA kernel for this GPU ({torch.cuda.get_device_name(device)}, "
+            f"sm_{major}{minor}), so snapshots cannot be kept on {device}: rebuild it for this "
+            f"GPU, e.g. TORCH_CUDA_ARCH_LIST={major}.{minor} FASTSD_BUILD=cuda pip install "
+            f"--no-build-isolation -e .") from err
+
+
 def _unwrap(model):
     """The module whose parameters are the model's: looks through torch.compile, DDP and DP."""
     if not isinstance(model, nn.Module):
@@ -266,6 +284,8 @@ class SnapshotStore:
                 f"cannot be kept on {self.device}: rebuild it with the CUDA toolkit, e.g. "
                 f"FASTSD_BUILD=cuda CUDA_HOME=/usr/local/cuda pip install --no-build-isolation "
                 f"-e .")
+        if self.device.type == "cuda":
+            _check_pack_kernel_runs(self.device, self.dtype)
 
         self._entries = self._plan(model)
         self._params = [e for e in self._entries if e.kind == "parameter"]
@@ -565,9 +585,15 @@ class SnapshotStore:
         if not isinstance(state, dict) or "format_version" not in state:
             raise ValueError("not a SnapshotStore state dict (no 'format_version' key): pass "
                              "what SnapshotStore.state_dict() returned")
-        if state["format_version"] not in (1, _FORMAT_VERSION):
+        if state["format_version"] == 1:
+            # Format 1 kept each tensor in its model's memory layout without saying which, so
+            # its bytes would land scrambled, without an error, in a store of another layout.
+            raise ValueError("SnapshotStore state dict format 1 recorded no memory layouts, so "
+                             "its slots cannot be placed safely: capture the snapshots again "
+                             "with this version of fastsd")
+        if state["format_version"] != _FORMAT_VERSION:
             raise ValueError(f"SnapshotStore state dict format {state['format_version']} is not "
-                             f"supported (this version reads 1 and {_FORMAT_VERSION})")
+                             f"supported (this version reads format {_FORMAT_VERSION})")
         theirs = _HALF_DTYPES.get(state["dtype"])
         if theirs != self.dtype:
             raise ValueError(f"the checkpoint's snapshots are {state['dtype']} but this store "
@@ -578,8 +604,6 @@ class SnapshotStore:
                              f"{self.capacity}: build the store with "
                              f"capacity={state['capacity']}")
         ours = self._structure()
-        if state["format_version"] == 1:
-            ours = [entry[:5] for entry in ours]  # no layouts recorded: those are taken on trust
 
         def comparable(entry):
             # a floating-point tensor's bytes in a slot are the store's dtype (or float32),

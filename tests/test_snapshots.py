@@ -677,6 +677,32 @@ def test_a_store_on_a_device_the_extension_was_not_built_for_is_refused_up_front
         SnapshotStore(nn.Linear(2, 2), device="meta")
 
 
+def test_a_store_on_a_gpu_the_extension_holds_no_code_for_is_refused_up_front(monkeypatch):
+    """A CUDA build for other chips: the kernel is registered but its launch fails with 'no
+    kernel image'. The check at construction turns that into the rebuild line for this GPU; it
+    is stood in for here by a pack that raises what CUDA says."""
+    import fastsd.snapshots as snapshots
+
+    def no_kernel_image(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    snapshots._check_pack_kernel_runs(torch.device("cpu"), torch.float16)  # the real pack runs
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(snapshots, "pack_tensors", no_kernel_image)
+    with pytest.raises(RuntimeError, match=r"no CUDA kernel for this GPU \(Tesla T4, sm_75\).*"
+                                           r"TORCH_CUDA_ARCH_LIST=7\.5 FASTSD_BUILD=cuda"):
+        snapshots._check_pack_kernel_runs(torch.device("cpu"), torch.float16)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    # any other error passes as it is
+    monkeypatch.setattr(snapshots, "pack_tensors", out_of_memory)
+    with pytest.raises(RuntimeError, match="^CUDA error: out of memory$"):
+        snapshots._check_pack_kernel_runs(torch.device("cpu"), torch.float16)
+
+
 def test_bad_slots(small):
     store = SnapshotStore(small, capacity=2)
     with pytest.raises(ValueError, match="slot 2 is out of range.*capacity"):
@@ -731,11 +757,12 @@ def test_bad_state_dicts(small):
                                          r"in memory order \[0, 2, 3, 1\]\) than this store "
                                          r"\(contiguous\).*channels_last"):
         SnapshotStore(nchw, capacity=2).load_state_dict(state)
-    # A checkpoint of format 1 (which recorded no layouts) still loads, on trust.
+    # Format 1 recorded no layouts: its bytes could be of either, so it is refused, not guessed.
     old = dict(state, format_version=1, structure=[e[:5] for e in state["structure"]])
-    again = SnapshotStore(small, capacity=2)
-    again.load_state_dict(old)
-    assert torch.equal(again.state_dict()["half"], state["half"])
+    with pytest.raises(ValueError, match="format 1 recorded no memory layouts.*capture"):
+        SnapshotStore(small, capacity=2).load_state_dict(old)
+    with pytest.raises(ValueError, match="format 3 is not supported.*reads format 2"):
+        SnapshotStore(small, capacity=2).load_state_dict(dict(state, format_version=3))
 
 
 def test_ensemble_of_no_slot_says_so(small):
@@ -782,6 +809,12 @@ def test_cuda_pack_resnet50_parameter_list():
     dst = torch.empty(sum(s.numel() for s in srcs), dtype=torch.float16, device="cuda")
     pack_tensors(srcs, dst)
     _assert_bits_equal(dst, torch.cat([s.half().reshape(-1) for s in srcs]))
+
+
+@pytest.mark.gpu
+def test_cuda_pack_into_a_cpu_dst_names_the_argument():
+    with pytest.raises(RuntimeError, match="sources are on CUDA but dst is on cpu"):
+        pack_tensors([torch.randn(8, device="cuda")], torch.empty(8, dtype=torch.float16))
 
 
 @pytest.mark.gpu
