@@ -15,9 +15,10 @@ kernels) and registers the op's fake kernel, so that ``torch.compile(fullgraph=T
   storage is fine).
 
 Source ``i`` lands in ``dst[offsets[i] : offsets[i] + srcs[i].numel()]`` in its logical row-major
-order, each value equal bit for bit to ``srcs[i].to(dst.dtype)`` (round to nearest even; NaNs
-stay NaN). On CUDA the whole list is one kernel launch on the current stream; on the CPU the work
-is split into equal pieces over ATen's thread pool.
+order, each finite or infinite value equal bit for bit to ``srcs[i].to(dst.dtype)`` (round to
+nearest even); a NaN stays a NaN, but its sign and payload bits may differ from torch's and between
+the CPU and CUDA kernels (no arithmetic reads them). On CUDA the whole list is one kernel launch
+on the current stream; on the CPU the work is split into equal pieces over ATen's thread pool.
 
 For tests, ``torch.ops.fastsd._pack_tensors_cuda_emulated`` (same arguments, CPU tensors) runs the
 CUDA kernel's own code on the CPU, every block and thread of the launch in turn
