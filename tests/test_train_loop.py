@@ -509,6 +509,44 @@ def test_check_images_for_dali_refuses_formats_dali_does_not_decode(tmp_path, mo
                               formats=DALI_IMAGE_FORMATS) == 16
 
 
+def test_check_images_auto_decodes_the_evaluation_split_whole(tmp_path, monkeypatch):
+    """auto: a training split above FULL_CHECK_LIMIT images gets header checks, the evaluation
+    split is decoded whole (a file cut short there would stop the run at its first evaluation,
+    an ImageNet epoch in)."""
+    import io
+
+    from PIL import Image
+
+    import fastsd.train.preflight as preflight
+
+    _tiny_image_folder(tmp_path / "imgs")
+    jpeg = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(jpeg, "JPEG")
+    cut = jpeg.getvalue()[:len(jpeg.getvalue()) // 2]               # a whole header, no pixels
+    (tmp_path / "imgs" / "train" / "a" / "cut.jpg").write_bytes(cut)   # 9 training images
+    monkeypatch.setattr(preflight, "FULL_CHECK_LIMIT", 9)
+    with pytest.raises(ValueError, match="train/a/cut.jpg"):
+        preflight.check_image_folder(str(tmp_path / "imgs"), None, "auto", 2)
+    monkeypatch.setattr(preflight, "FULL_CHECK_LIMIT", 8)
+    assert preflight.check_image_folder(str(tmp_path / "imgs"), None, "auto", 2) == 17
+    (tmp_path / "imgs" / "val" / "b" / "cut.jpg").write_bytes(cut)
+    with pytest.raises(ValueError, match="val/b/cut.jpg"):
+        preflight.check_image_folder(str(tmp_path / "imgs"), None, "auto", 2)
+
+
+def test_which_runs_read_image_files_while_training(tmp_path):
+    from fastsd.train.preflight import reads_image_files_while_training as reads
+
+    (tmp_path / "jpegs" / "train").mkdir(parents=True)
+    (tmp_path / "binary" / "cifar-10-batches-py").mkdir(parents=True)
+    assert reads("imagefolder", str(tmp_path / "jpegs"), dali=False, download=False)
+    assert reads("cifar10", str(tmp_path / "jpegs"), dali=True, download=False)
+    assert not reads("cifar10", str(tmp_path / "jpegs"), dali=False, download=False)  # in memory
+    assert not reads("cifar10", str(tmp_path / "binary"), dali=True, download=False)
+    assert not reads("cifar10", str(tmp_path / "jpegs"), dali=True, download=True)
+    assert not reads("synthetic", None, dali=True, download=False)
+
+
 def test_evaluation_images_are_resized_as_the_models_recipe(tmp_path):
     """mnasnet0_75's recipe resizes to 232 before its 224 crop: at 72 px the trainer's test
     images are the centre 72 of a 75-pixel shorter side (0.875's 82 would show a wider view)."""

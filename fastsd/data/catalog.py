@@ -6,6 +6,7 @@ cut epochs and shards the same way: the names, statistics, seeds and argument ch
 are defined here, once.
 """
 
+from pathlib import Path
 from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -18,7 +19,7 @@ __all__ = ["DATASETS", "list_datasets", "CIFAR_SETS", "CIFAR10_MEAN", "CIFAR10_S
            "SMALL_IMAGE_MAX", "IMAGENET_CROP_RATIO", "RRC_SCALE", "RRC_RATIO", "TRAIN_STREAM",
            "DALI_AUG_STREAM", "PROCESS_RNG_STREAM", "derive_seed", "check_epoch", "check_start",
            "eval_range", "check_int", "check_shard", "eval_resize_size", "LoaderArgs",
-           "check_loader_args"]
+           "check_loader_args", "cifar_source"]
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 _ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "imagenet": "imagefolder",
@@ -45,6 +46,20 @@ RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  #: RandomResizedCrop: aspect ratio (w / h) r
 TRAIN_STREAM = 1        #: the training order and the torch path's augmentation
 DALI_AUG_STREAM = 2     #: the DALI pipelines' augmentation parameters
 PROCESS_RNG_STREAM = 3  #: each DDP process's global generators (dropout, other in-model noise)
+
+
+def cifar_source(name: str, data_dir) -> str:
+    """Where a CIFAR set's images come from: "binary" (torchvision's layout, DATA_DIR/<its
+    folder>/, or nothing there yet) or "folder" (DATA_DIR/train/ and test/ of image files)."""
+    folder = CIFAR_SETS[name][1]
+    if data_dir is None or str(data_dir) == "":
+        return "binary"               # the loaders raise the error that says what to pass
+    root = Path(data_dir).expanduser()
+    if (root.name == folder and root.is_dir()) or (root / folder).is_dir():
+        return "binary"
+    if any((root / s).is_dir() for s in ("train", "test", "val")):
+        return "folder"
+    return "binary"
 
 
 def list_datasets() -> List[str]:

@@ -58,8 +58,8 @@ import torch
 from .base import DataLoaders, DatasetInfo
 from .catalog import (CIFAR_PAD, CIFAR_SETS, IMAGENET_MEAN, IMAGENET_STD, DALI_AUG_STREAM,
                       RRC_RATIO, RRC_SCALE, SMALL_IMAGE_MAX, TRAIN_STREAM, check_epoch, check_int,
-                      check_loader_args, check_shard, check_start, derive_seed, eval_range,
-                      eval_resize_size)
+                      check_loader_args, check_shard, check_start, cifar_source, derive_seed,
+                      eval_range, eval_resize_size)
 from .folders import (ImageFolderSplit, UnreadableImageError, check_image_sizes,
                       scan_train_and_eval)
 from .torch_data import load_in_memory
@@ -519,8 +519,21 @@ def _find_bad_file(paths: Sequence[str], peek: bool) -> Optional[Tuple[str, str]
             lines = [line for line in str(e).splitlines()
                      if line.strip() and "no longer valid" not in line]
             why = f"DALI: {lines[-1].strip() if lines else 'cannot decode'}"
-            return path, why + _what_the_file_holds(path)
+            return path, why + _why_pil_fails(path) + _what_the_file_holds(path)
     return None
+
+
+def _why_pil_fails(path: str) -> str:
+    """"; PIL: <its reason>" where PIL cannot decode the file either, else "". DALI's own reason
+    for a truncated or corrupt JPEG is often a codec error number ("nvImageCodec failure:
+    '#3'"); PIL's says what is wrong ("image file is truncated (75 bytes not processed)")."""
+    from .folders import UnreadableImageError, read_rgb_image
+
+    try:
+        read_rgb_image(path)
+    except UnreadableImageError as e:
+        return f"; PIL: {e.__cause__ if e.__cause__ is not None else e}"
+    return ""
 
 
 def _what_the_file_holds(path: str) -> str:
@@ -539,19 +552,6 @@ def _what_the_file_holds(path: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Data sets.
-
-def _cifar_source(name: str, data_dir) -> str:
-    """"binary" (torchvision's layout, held in memory) or "folder" (JPEGs decoded by DALI)."""
-    folder = CIFAR_SETS[name][1]
-    if data_dir is None or str(data_dir) == "":
-        return "binary"               # _load_cifar raises the error that says what to pass
-    root = Path(data_dir).expanduser()
-    if (root.name == folder and root.is_dir()) or (root / folder).is_dir():
-        return "binary"
-    if any((root / s).is_dir() for s in ("train", "test", "val")):
-        return "folder"
-    return "binary"
-
 
 def build_dali_loaders(dataset: str = "synthetic",
                        data_dir: Optional[Union[str, os.PathLike]] = None,
@@ -642,7 +642,7 @@ def build_dali_loaders(dataset: str = "synthetic",
         return folder_loaders(train_split, eval_split, size, small, IMAGENET_MEAN, IMAGENET_STD,
                               name, pre_resize=small)
 
-    if name in CIFAR_SETS and _cifar_source(name, data_dir) == "folder" and not download:
+    if name in CIFAR_SETS and cifar_source(name, data_dir) == "folder" and not download:
         classes, _, _, mean, std = CIFAR_SETS[name]
         if num_classes is not None and num_classes != classes:
             raise ValueError(f"{name} has {classes} classes but num_classes is {num_classes}: drop "

@@ -159,9 +159,11 @@ class TrainConfig:
                                         "batch size]", "data")
     workers: Optional[int] = _f(None, "data loading worker processes [auto: min(8, CPUs - 1) on "
                                 "CUDA, 0 on CPU]", "data")
-    check_images: str = _f("auto", "imagefolder: open every image before training so a broken "
-                           "file is named up front: full (decode), header, none [auto: full up "
-                           "to 50,000 images, header beyond]", "data",
+    check_images: str = _f("auto", "image folders (imagefolder; CIFAR's under --dali): open "
+                           "every image before training so a broken file is named up front: "
+                           "full (decode), header, none [auto: full for the evaluation split, "
+                           "and for a training split of up to 50,000 images; header beyond]",
+                           "data",
                            choices=("auto", "full", "header", "none"))
     dali: bool = _f(False, "use the NVIDIA DALI input pipeline instead of torch's DataLoader",
                     "data")

@@ -237,12 +237,14 @@ class Trainer:
         else:
             from fastsd.data import build_loaders as build
         try:
-            if cfg.dataset == "imagefolder" and cfg.check_images != "none":
-                from .preflight import check_image_folder
+            from .preflight import check_image_folder, reads_image_files_while_training
 
+            if cfg.check_images != "none" and reads_image_files_while_training(
+                    cfg.dataset, cfg.data, cfg.dali, cfg.download):
                 check_image_folder(cfg.data, cfg.num_classes, cfg.check_images,
                                    max(cfg.workers, os.cpu_count() or 1),
-                                   formats=DALI_IMAGE_FORMATS if cfg.dali else None)
+                                   formats=DALI_IMAGE_FORMATS if cfg.dali else None,
+                                   dataset=cfg.dataset)
             if not (cfg.download and self.world_size > 1):
                 return build(cfg.dataset, cfg.data, **kwargs)
             # --download: one process fetches the files, the others read them once whole (all
