@@ -7,8 +7,8 @@ file-open per image, minutes for ImageNet on a local disk), ``auto`` decodes the
 whole (a bad file there would stop the run at its first evaluation, an epoch in; ImageNet's 50,000
 images take a minute or two) and the training split too when it holds up to ``FULL_CHECK_LIMIT``
 images, checking only headers of a larger one. Under DALI that matters more than elsewhere: DALI
-2.4's CPU decoder ended the process with a segmentation fault, not an error, on most batches of 20
-or more images that held a corrupt JPEG (README, "Training").
+2.4's CPU decoder ended the process with a segmentation fault, not an error, in most runs whose
+batch of 20 to 100 images held a corrupt JPEG (README, "Training").
 """
 
 from concurrent.futures import ThreadPoolExecutor
