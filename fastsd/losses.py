@@ -137,7 +137,8 @@ def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
             switches the penalty off. t2_scaling: multiply the KL term by T² (classic KD).
         topk: K of the tolerant-teacher penalty, 2..16 (used when tolerance_weight > 0).
         ignore_index: rows with this label contribute nothing, to any term.
-        reduction: "mean" (over the rows that count; 0 if none does), "sum" or "none".
+        reduction: "mean" (over the rows that count; 0 if none does, also in a batch of no
+            rows), "sum" or "none".
         return_terms: also return :class:`LossTerms` (unweighted CE, KL, penalty, reduced like the
             loss) from the same pass, for logging.
         check_labels: check that every label lies in [0, C) (or is ignore_index) first. On CUDA
@@ -163,6 +164,8 @@ def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
                          "GPU (the kernels compute in float32 anyway)")
     if target is not None and target.dtype != torch.int64:
         target = target.long()
+    if logits.numel() == 0:
+        return _loss_of_no_rows(logits, reduction, return_terms)
     if logits.requires_grad and not torch.is_grad_enabled():
         # Under no_grad nothing will call backward: detached, the kernels skip the gradient
         # (needs_input_grad inside the Function does not see the grad mode).
@@ -173,6 +176,19 @@ def distill_loss(logits, target=None, teacher_logits=None, *, temperature=1.0,
     if return_terms:
         return loss, LossTerms(*parts.unbind(0))
     return loss
+
+
+def _loss_of_no_rows(logits, reduction, return_terms):
+    """A batch of no rows (``logits[mask]`` where no row is selected): what ``reduction`` makes of
+    nothing, 0 ("mean" of no row that counts, as with ignored rows; "sum") or an empty tensor
+    ("none"), tied to ``logits`` so that backward gives its (empty) gradient. No kernel runs."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = logits.sum(dim=-1, dtype=dtype)                       # [*rows], of no element
+    loss = rows if reduction == "none" else rows.sum()
+    if not return_terms:
+        return loss
+    terms = torch.zeros((3, *loss.shape), dtype=dtype, device=logits.device)
+    return loss, LossTerms(*terms.unbind(0))
 
 
 class DistillLoss(nn.Module):

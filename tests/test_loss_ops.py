@@ -101,12 +101,15 @@ BAD_INPUTS = [
     (dict(teacher_logits=torch.randn(3, 5).to(torch.float8_e5m2)),
      "teacher_logits must be a float32, .* got torch.float8_e5m2"),
     (dict(logits=torch.randn(5)), "shape \\[batch, classes\\]"),
-    (dict(logits=torch.randn(0, 5)), "empty"),
-    (dict(logits=torch.randn(3, 0)), "empty"),
+    (dict(logits=torch.randn(3, 0)), "logits have no classes"),
     (dict(target=torch.tensor([0, 1, 5])), "label 5 at index 2, outside \\[0, 5\\)"),
     (dict(target=torch.tensor([0, -3, 1])), "label -3"),
     (dict(target=torch.tensor([0, 1])), "target has shape"),
     (dict(target=torch.tensor([0.0, 1.0, 2.0])), "integer tensor"),
+    # a NumPy array's dtype alone ("int64") would read as if the value were fine
+    (dict(target=np.array([0, 1, 2])), "integer tensor of class indices, got numpy.ndarray"),
+    (dict(teacher_logits=np.ones((3, 5), np.float32)), "tensor of the same shape as logits, got "
+                                                        "numpy.ndarray"),
     (dict(teacher_logits=torch.randn(3, 4)), "teacher_logits has shape"),
     (dict(teacher_logits=torch.randn(3, 5, requires_grad=True)), "constant of the loss"),
     (dict(temperature=0.0), "temperature must be a finite number > 0"),
@@ -161,9 +164,32 @@ def test_module_rejects_bad_options_at_construction():
 def test_numpy_scalars_are_numbers():
     x, y, t = inputs()
     got = distill_loss(x, y, t, temperature=np.float32(2.0), ce_weight=np.float64(1.5),
-                       t2_scaling=np.bool_(True))
+                       t2_scaling=np.bool_(True), tolerance_weight=0.5, topk=np.int64(3))
     torch.testing.assert_close(got, distill_loss_ref(x, y, t, temperature=2.0, ce_weight=1.5,
-                                                     t2_scaling=True))
+                                                     t2_scaling=True, tolerance_weight=0.5,
+                                                     topk=3))
+    with pytest.raises(ValueError, match="topk must be an integer"):
+        distill_loss(x, y, t, topk=np.bool_(True))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_batch_of_no_rows(reduction):
+    """logits[mask] with no row selected: 0 for "sum" and an empty tensor for "none", as
+    F.cross_entropy gives, and 0 for "mean" (no row counts, as when all are ignored; there
+    F.cross_entropy gives NaN); backward an empty gradient. The reference computes the same
+    from its formula."""
+    x = torch.randn(0, 7, requires_grad=True)
+    y, t = torch.zeros(0, dtype=torch.long), torch.randn(0, 7)
+    kw = dict(temperature=2.0, tolerance_weight=0.5, topk=3, reduction=reduction)
+    loss, terms = distill_loss(x, y, t, return_terms=True, **kw)
+    expected = distill_loss_ref(x, y, t, **kw)
+    assert loss.dtype == expected.dtype == torch.float32 and loss.shape == expected.shape
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(
+        x, y, reduction=reduction).nan_to_num(0.0), rtol=0, atol=0, check_dtype=False)
+    assert all(term.shape == loss.shape and not term.any() for term in terms)
+    loss.sum().backward()
+    assert x.grad.shape == (0, 7)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

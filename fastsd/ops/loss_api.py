@@ -68,6 +68,15 @@ def check_labels_in_range(target, classes, ignore_index):
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _kind(value) -> str:
+    """A tensor's dtype, else the value's type: a NumPy array's dtype alone ("float32") would
+    read as if the value were fine."""
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype)
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
 def check_distill_args(logits, target, teacher_logits, *, temperature, student_temperature,
                        ce_weight, kd_weight, tolerance_weight, topk, ignore_index, reduction,
                        check_labels, label_smoothing=0.0, t2_scaling=False):
@@ -83,16 +92,15 @@ def check_distill_args(logits, target, teacher_logits, *, temperature, student_t
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape [batch, classes] (or [..., classes]), got a "
                          f"{logits.dim()}-D tensor of shape {tuple(logits.shape)}")
-    if logits.numel() == 0:
-        raise ValueError(f"logits is empty (shape {tuple(logits.shape)}): the loss needs at least "
-                         f"one row and one class")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits have no classes (shape {tuple(logits.shape)}): the last dim "
+                         f"holds each row's class scores")
     classes = logits.shape[-1]
     rows_shape = logits.shape[:-1]
     if teacher_logits is not None:
         if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dtype not in LOGIT_DTYPES:
             raise ValueError(f"teacher_logits must be a float32, bfloat16, float16 or float64 "
-                             f"tensor of the same shape as logits, got "
-                             f"{getattr(teacher_logits, 'dtype', type(teacher_logits).__name__)}")
+                             f"tensor of the same shape as logits, got {_kind(teacher_logits)}")
         if teacher_logits.shape != logits.shape:
             raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)} but logits "
                              f"have {tuple(logits.shape)}: the teacher must score the same rows "
@@ -108,7 +116,7 @@ def check_distill_args(logits, target, teacher_logits, *, temperature, student_t
         if not isinstance(target, torch.Tensor) or target.is_floating_point() \
                 or target.is_complex() or target.dtype == torch.bool:
             raise ValueError(f"target must be an integer tensor of class indices, got "
-                             f"{getattr(target, 'dtype', type(target).__name__)}")
+                             f"{_kind(target)}")
         if target.shape != rows_shape:
             raise ValueError(f"target has shape {tuple(target.shape)} but logits of shape "
                              f"{tuple(logits.shape)} need one label per row, shape "
@@ -133,7 +141,8 @@ def check_distill_args(logits, target, teacher_logits, *, temperature, student_t
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     # topk is checked even while the penalty is off, so that a bad value is not found only once
     # the penalty is switched on (a tolerant-teacher generation late in a run).
-    if not isinstance(topk, int) or isinstance(topk, bool) or not 2 <= topk <= MAX_TOPK:
+    if (not isinstance(topk, numbers.Integral) or isinstance(topk, (bool, np.bool_))
+            or not 2 <= topk <= MAX_TOPK):
         raise ValueError(f"topk must be an integer in [2, {MAX_TOPK}] (the K of the tolerance "
                          f"penalty), got {topk!r}")
     if tolerance_weight > 0:
