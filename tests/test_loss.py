@@ -425,6 +425,29 @@ def test_logged_terms_recombine_to_the_loss(backend):
     assert not any(term.requires_grad for term in terms)
 
 
+@pytest.mark.parametrize("backend", ["native", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_bf16_gradient_is_rounded_to_nearest(backend):
+    """With "sum" and an upstream gradient of 1 backward's scale is exact, so the bf16 gradient
+    is the kernel's float32 one rounded once: within half a bf16 ulp of the exact value. Truncation, which Triton's interpreter does (so "triton" is left out),
+    would be up to a whole ulp off."""
+    logits, target, teacher = make_inputs(64, 300, dtype=torch.bfloat16, seed=3)
+    kw = TERM_SETS["all"]["kw"]
+    ref_x = logits.double().requires_grad_()
+    distill_loss_ref(ref_x, target, teacher.double(), reduction="sum", **kw).backward()
+    x, y, t = on_backend(backend, logits, target, teacher)
+    x.requires_grad_()
+    with cpu_backend(backend if backend != "cuda" else "auto"):
+        distill_loss(x, y, t, reduction="sum", **kw).backward()
+    exact, got = ref_x.grad, x.grad.cpu().double()
+    # Entries far below the row's largest carry float32's cancellation error (a difference of
+    # probabilities near 1), itself up to a bf16 ulp of theirs: they are left out.
+    large = exact.abs() >= 1e-3 * exact.abs().amax()
+    ulp = torch.exp2(torch.floor(torch.log2(exact[large].abs())) - 7)   # bf16: 8 bits
+    error_in_ulps = (got[large] - exact[large]).abs() / ulp
+    assert error_in_ulps.max().item() <= 0.51, error_in_ulps.max().item()
+    assert int(large.sum()) > 0.5 * exact.numel()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_kernels_run_on_the_logits_gpu_not_the_current_one():
