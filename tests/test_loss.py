@@ -428,8 +428,9 @@ def test_logged_terms_recombine_to_the_loss(backend):
 @pytest.mark.parametrize("backend", ["native", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_the_bf16_gradient_is_rounded_to_nearest(backend):
     """With "sum" and an upstream gradient of 1 backward's scale is exact, so the bf16 gradient
-    is the kernel's float32 one rounded once: within half a bf16 ulp of the exact value. Truncation, which Triton's interpreter does (so "triton" is left out),
-    would be up to a whole ulp off."""
+    is the kernel's float32 one rounded once: within half a bf16 ulp of the exact value.
+    Truncation, which Triton's interpreter does (so "triton" is left out), would be up to a
+    whole ulp off."""
     logits, target, teacher = make_inputs(64, 300, dtype=torch.bfloat16, seed=3)
     kw = TERM_SETS["all"]["kw"]
     ref_x = logits.double().requires_grad_()
